@@ -7,6 +7,7 @@ reach a manifest, and tests assert the declared types.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import pyarrow as pa
 
@@ -110,13 +111,17 @@ def arrow_schema(names: list[str]) -> pa.Schema:
     return pa.schema([pa.field(n, ALL[n].type) for n in names])
 
 
-def conform(table: pa.Table) -> pa.Table:
-    """Cast a table to the declared types; unknown columns are an error, not a silent extra."""
+def conform(table: pa.Table, extra: Iterable[str] = ()) -> pa.Table:
+    """Cast a table to the declared types; `extra` names the input columns carried as they are.
+
+    Any other undeclared column is an error, not a silent extra.
+    """
+    extra = set(extra)
     fields = []
     for name in table.column_names:
         if name in ALL:
             fields.append(pa.field(name, ALL[name].type))
-        elif name.startswith("extra_"):
+        elif name in extra:
             fields.append(table.schema.field(name))
         else:
             raise KeyError(f"column {name!r} is not declared in manifests/schema.py")

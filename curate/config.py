@@ -1,0 +1,159 @@
+"""One validated config drives every phase; the defaults live here and nowhere else.
+
+Loading is strict (unknown keys are errors) and fails before Ray starts, with a message
+that names the key, what was expected and what was given.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from filters.models import ModelOptions
+from filters.text import TextOptions
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is meant for the user, as is."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    paths: list[str] = Field(description="URL manifests (files or globs): parquet, csv, tsv or jsonl")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
+        "auto", description="input format; auto picks it from each file's extension")
+    url_col: str = Field("url", description="column holding the image URL")
+    caption_col: str = Field("caption", description="column holding the caption")
+    extra_cols: list[str] = Field(default_factory=list, description="input columns carried into every manifest")
+    shard_rows: int = Field(10_000, ge=1, description="rows per input shard (one download task each)")
+
+
+class DownloadConfig(_Section):
+    thread_count: int = Field(32, ge=1, description="concurrent fetches per download task")
+    timeout: float = Field(10.0, gt=0, description="seconds before a fetch is abandoned")
+    retries: int = Field(0, ge=0, description="extra attempts per URL")
+    image_size: int = Field(1024, ge=64, description="images whose shorter side is larger are resized to this")
+    encode_quality: int = Field(95, ge=50, le=100, description="JPEG quality of the stored image")
+    max_pixels: int = Field(100_000_000, ge=1, description="images claiming more pixels are refused undecoded")
+    user_agent_token: str | None = Field(None, description="token added to the User-Agent, for opt-out lists")
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that make a row count as opted out")
+    max_bytes: int = Field(20_000_000, ge=1, description="responses larger than this are refused")
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs fetched even though private or loopback (e.g. 127.0.0.1/32 for a local server)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per download task")
+
+
+class ScoreConfig(_Section):
+    batch_size: int = Field(64, ge=1, description="rows per CPU scoring batch")
+    decode_size: int = Field(512, ge=32, description="JPEG draft target: decode no larger than needed")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per CPU scoring task")
+
+
+class FiltersConfig(_Section):
+    min_side: int = Field(200, ge=0, description="drop when the original's shorter side is smaller (too_small)")
+    max_aspect_ratio: float = Field(3.0, ge=1.0, description="drop when max/min side exceeds this (bad_aspect)")
+    min_entropy: float = Field(3.0, ge=0.0, le=8.0, description="gray-level entropy floor, bits (low_texture)")
+    min_edge_density: float = Field(0.0, ge=0.0, le=1.0, description="edge density floor (low_texture)")
+    nsfw_max: float = Field(0.5, ge=0.0, le=1.0, description="drop at or above this NSFW probability")
+    watermark_max: float = Field(0.8, ge=0.0, le=1.0, description="drop at or above this watermark probability")
+    clip_min: float | None = Field(None, description="drop below this image-caption cosine; null disables")
+    aesthetic_min: float | None = Field(None, description="drop below this aesthetic score; null disables")
+
+
+class DedupeConfig(_Section):
+    exact: bool = Field(True, description="drop exact duplicates (same sha256 of the served bytes)")
+    keep_order: list[str] = Field(
+        default_factory=lambda: ["aesthetic", "clip_score", "pixels"],
+        description="which member of a duplicate group is kept: best first by these, ties by key")
+
+
+class WriteConfig(_Section):
+    samples_per_shard: int = Field(1000, ge=1, description="samples per WebDataset shard; only the last is short")
+    prefix: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$", description="shard file name prefix")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="cluster to attach to; null uses RAY_ADDRESS or starts a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray; null uses all")
+
+
+class Config(_Section):
+    run_dir: str = Field(description="run directory: every phase reads and writes under it")
+    input: InputConfig
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    text: TextOptions = Field(default_factory=TextOptions)
+    models: ModelOptions = Field(default_factory=ModelOptions)
+    filters: FiltersConfig = Field(default_factory=FiltersConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+    write: WriteConfig = Field(default_factory=WriteConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    given = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}: {err['msg'].lower()} (got {given!r})"
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config, turning pydantic's errors into one readable ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"{source} is not valid:\n{lines}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings; values are parsed as YAML scalars (5.5, true, null, [a, b])."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        dotted, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config with the safe loader, apply --set overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return resolve(validate(apply_overrides(data, list(overrides)), str(path)))
+
+
+def resolve(cfg: Config) -> Config:
+    """Make run_dir and input paths absolute, so a saved config re-runs from anywhere."""
+    cfg.run_dir = str(Path(cfg.run_dir).expanduser().resolve())
+    cfg.input.paths = [p if "://" in p else str(Path(p).expanduser().resolve()) for p in cfg.input.paths]
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    """The resolved config as YAML, every default spelled out."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
