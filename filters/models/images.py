@@ -1,0 +1,86 @@
+"""Image conversion and batched model inputs.
+
+The CPU stage decodes each image once and calls `to_rgb_array`; the model stage only ever sees
+RGB uint8 arrays and turns a whole batch into one tensor per tower.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+_TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale high-bit-depth gray ('I;16*', 'I', 'F') to 'L' by its value range instead of clipping at 255."""
+    arr = np.asarray(img).astype(np.float64)
+    top = float(arr.max()) if arr.size else 0.0
+    if img.mode == "F":
+        scale = 255.0 if top <= 1.0 else (1.0 if top <= 255.0 else 255.0 / top)
+    else:
+        scale = 1.0 if top <= 255 else (255.0 / 65535.0 if top <= 65535 else 255.0 / top)
+    return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb_array(img: Image.Image, short_side: int | None = None) -> np.ndarray:
+    """Any PIL mode -> RGB uint8 HxWx3, transparency composited on white; optionally downsized.
+
+    `short_side` shrinks the image (never enlarges) so its shorter side is that many pixels, which
+    is all the model stage needs (`ModelOptions.image_size`).
+    """
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    if img.mode in _TRANSPARENT_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if short_side and min(img.size) > short_side:
+        w, h = img.size
+        scale = short_side / min(w, h)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _fit(arr: np.ndarray, size: int, mode: str, resample: Image.Resampling, fill: int) -> np.ndarray:
+    """One image to size x size: 'shortest' = resize + centre crop, 'squash' = stretch, 'longest' = pad."""
+    img = Image.fromarray(arr)
+    w, h = img.size
+    if mode == "squash":
+        return np.asarray(img.resize((size, size), resample))
+    if mode == "longest":
+        scale = size / max(w, h)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+        canvas = Image.new("RGB", (size, size), (fill, fill, fill))
+        canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+        return np.asarray(canvas)
+    if mode != "shortest":
+        raise ValueError(f"unknown resize mode {mode!r}")
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)  # truncated, as torchvision's Resize does
+    img = img.resize((size, new_long) if w <= h else (new_long, size), resample)
+    left = int(round((img.width - size) / 2.0))
+    top = int(round((img.height - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def batch_tensor(images: Sequence[np.ndarray], size: int, mean: Sequence[float], std: Sequence[float],
+                 resize_mode: str = "shortest", interpolation: str = "bicubic", fill: int = 0) -> torch.Tensor:
+    """RGB uint8 arrays of any sizes -> one normalised float32 NCHW batch."""
+    resample = _RESAMPLE[interpolation]
+    stacked = np.stack([_fit(a, size, resize_mode, resample, fill) for a in images])
+    x = torch.from_numpy(stacked).permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t

@@ -1,0 +1,63 @@
+"""Model-stage options: the one place where model defaults live (the pipeline config embeds it as `models:`)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCORERS: tuple[str, ...] = ("clip_score", "aesthetic", "nsfw", "watermark", "style")
+
+# Zero-shot style prompts, Chinese and English for each label. The labels are what the
+# `style` column holds; the prompts of a label are averaged into one text embedding.
+DEFAULT_STYLE_PROMPTS: dict[str, list[str]] = {
+    "photo": ["一张写实照片", "一张真实的摄影照片", "a photo", "a realistic photograph"],
+    "cartoon": ["一幅卡通画", "卡通风格的图片", "a cartoon", "a cartoon drawing"],
+    "anime": ["一幅动漫插图", "日本动漫风格的画", "an anime illustration", "an anime style drawing"],
+    "illustration": ["一幅插画", "数字插画作品", "an illustration", "a digital illustration"],
+    "ink_painting": ["一幅水墨国画", "中国传统水墨画", "a Chinese ink painting", "a traditional ink wash painting"],
+    "game_art": ["一张游戏原画", "电子游戏画面", "video game art", "a screenshot of a video game"],
+    "3d_render": ["一张3D渲染图", "三维渲染的图像", "a 3D render", "a computer generated 3D rendering"],
+    "screenshot_text": ["一张带文字的截图", "文字海报或屏幕截图", "a screenshot with text", "an image of text"],
+}
+
+
+class ModelOptions(BaseModel):
+    """Which scorers run, with which weights, and how the model stage is scheduled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: list[str] = Field(default_factory=list, description="scorers to run, a subset of SCORERS")
+    weights: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: real architectures with random init; scores are meaningless")
+    models_dir: str | None = Field(None, description="None: $CURATE_MODELS_DIR, else ~/.cache/curate/models")
+    clip_model: str = Field("xlm-roberta-large-ViT-H-14",
+                            description="open_clip name, 'hf-hub:org/repo', or a local checkpoint path")
+    clip_pretrained: str = Field("frozen_laion5b_s13b_b90k", description="open_clip pretrained tag or file")
+    l14_model: str = Field("ViT-L-14-quickgelu", description="tower the LAION aesthetic and NSFW heads read")
+    l14_pretrained: str = "openai"
+    nsfw_backend: Literal["laion", "open_nsfw"] = "laion"
+    style_prompts: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_STYLE_PROMPTS.items()})
+    batch_size: int = Field(64, ge=1, description="images per forward pass (halved on CUDA OOM)")
+    num_actors: int = Field(1, ge=1, description="model actors in the Ray actor pool")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor; fractions pack several actors on one GPU")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="autocast dtype on CUDA; auto = bf16 where supported else fp16; CPU always fp32")
+    keep_embeddings: bool = Field(False, description="also return image_embedding (float16) for semantic dedup")
+    image_size: int = Field(256, ge=32, description=(
+        "shorter side the CPU stage downsizes images to (to_rgb_array(img, image_size)); 256 keeps every "
+        "model input (224 crops for the towers and open_nsfw, 256x256 squash for watermark) at full detail"))
+
+    @field_validator("enabled")
+    @classmethod
+    def _known_scorers(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(SCORERS))
+        if unknown:
+            raise ValueError(f"unknown scorers {unknown}; choose from {list(SCORERS)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("style_prompts")
+    @classmethod
+    def _prompts_present(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not v or any(not prompts for prompts in v.values()):
+            raise ValueError("style_prompts needs at least one label with at least one prompt each")
+        return v
