@@ -48,10 +48,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve(folder: Path, slow_seconds: float = 30.0) -> Iterator[str]:
-    """Serve `folder` on 127.0.0.1 at a free port for the duration of the block; yields the base URL."""
+def serve(folder: Path, slow_seconds: float = 30.0, port: int = 0) -> Iterator[str]:
+    """Serve `folder` on 127.0.0.1 for the duration of the block; yields the base URL.
+
+    `port` asks for a port (a re-run reuses the one its URL manifest names); a busy one
+    falls back to a free port.
+    """
     handler = partial(_Handler, folder=folder, slow_seconds=slow_seconds)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

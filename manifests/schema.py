@@ -7,7 +7,7 @@ reach a manifest, and tests assert the declared types.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import pyarrow as pa
 
@@ -85,6 +85,7 @@ ALL: dict[str, Column] = {**IDENTITY, **DOWNLOAD, **IMAGE, **TEXT, **MODEL, **DE
 # Reasons, in the order decide applies them: a row's reason is the first that fires.
 # Names are short snake_case words; stats, inspect and the report use this order.
 REASONS: dict[str, str] = {
+    "shard_failed": "the row's shard could not be processed (stats.json lists the error)",
     "download_failed": "the image could not be fetched (status is not success)",
     "decode_error": "the fetched bytes could not be decoded as an image",
     "too_small": "the original image's shorter side is below filters.min_side",
@@ -109,6 +110,11 @@ REASONS: dict[str, str] = {
 def arrow_schema(names: list[str]) -> pa.Schema:
     """Arrow schema for the given declared columns, in the given order."""
     return pa.schema([pa.field(n, ALL[n].type) for n in names])
+
+
+def build(columns: dict[str, Any]) -> pa.Table:
+    """A table from plain columns, each converted straight to its declared type (no inference)."""
+    return pa.table({name: pa.array(values, type=ALL[name].type) for name, values in columns.items()})
 
 
 def conform(table: pa.Table, extra: Iterable[str] = ()) -> pa.Table:

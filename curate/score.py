@@ -1,0 +1,137 @@
+"""Phase 2, score: a Ray Data stream over the raw shards that computes every score column.
+
+read raw shard (tar + parquet) -> CPU stage (decode once: image metrics, caption metrics,
+model view) -> model actors (when models are enabled) -> the driver gathers the small score
+columns per shard and writes scores/{shard}.parquet when the shard is complete.
+Scoring never decides anything; per-row failures become `score_error`, never exceptions.
+"""
+from __future__ import annotations
+
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data.extensions import ArrowTensorArray
+
+from curate.config import Config
+from curate.rundir import RunDir, write_parquet
+from curate.runtime import Progress, log
+from filters.image import aspect_ratio, image_columns
+from filters.text import caption_columns
+from manifests.schema import IMAGE, MODEL, TEXT, build, conform
+
+RAW_FIELDS = ["key", "shard", "caption", "status", "original_width", "original_height"]
+SCORE_COLUMNS = ["key", "shard", *IMAGE, *TEXT]
+
+
+def read_raw(batch: dict[str, np.ndarray], run_dir: str, rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Yield a raw shard's rows with their image bytes, `rows` at a time.
+
+    An unreadable shard yields its keys with `_shard_error` set, so the driver can record
+    the failure and leave the shard unscored (a re-run retries it) without failing the run.
+    """
+    run = RunDir(Path(run_dir))
+    for shard in batch["shard"]:
+        meta = pq.read_table(run.raw / f"{shard}.parquet", columns=RAW_FIELDS)
+        error = None
+        try:
+            images = _tar_images(run.raw / f"{shard}.tar")
+        except Exception as exc:
+            images, error = {}, f"raw shard {shard} unreadable: {exc}"
+        for start in range(0, meta.num_rows, rows):
+            part = meta.slice(start, rows).to_pydict()
+            out = {k: np.array(v, dtype=object) for k, v in part.items()}
+            out["_image"] = np.array([images.get(k) for k in part["key"]], dtype=object)
+            out["_shard_error"] = np.array([error or ""] * len(part["key"]), dtype=object)
+            yield out
+
+
+def _tar_images(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name.rsplit(".", 1)[0]: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None) -> pa.Table:
+    """Image and caption metrics for a batch, from one decode per image, typed by the schema."""
+    image_cols, views = image_columns(list(batch["_image"]), decode_side=cfg.score.decode_size,
+                                      max_pixels=cfg.download.max_pixels, model_side=model_side)
+    ratio = aspect_ratio(batch["original_width"].astype(float), batch["original_height"].astype(float))
+    table = build({
+        "key": batch["key"].tolist(), "shard": batch["shard"].tolist(), "aspect_ratio": ratio,
+        **image_cols, **caption_columns(list(batch["caption"]), cfg.text),
+    })
+    table = table.append_column("_shard_error", pa.array(batch["_shard_error"].tolist(), type=pa.string()))
+    if model_side:
+        empty = np.zeros((0, 0, 3), dtype=np.uint8)
+        table = table.append_column("_view", ArrowTensorArray.from_numpy(
+            [v if v is not None else empty for v in views]))
+    return table
+
+
+class ModelStage:
+    """Ray actor: loads every enabled model once, then scores batches of model views."""
+
+    def __init__(self, cfg: Config):
+        from filters.models import ModelScorer
+
+        self.scorer = ModelScorer(cfg.models)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        views = [v if v.size else None for v in batch.pop("_view")]
+        batch.update(self.scorer(views, [c or "" for c in batch["caption_norm"]]))
+        return batch
+
+
+def _done(run: RunDir, shard: str) -> bool:
+    return (run.scores / f"{shard}.parquet").exists()
+
+
+def run_score(cfg: Config, shards: list[str]) -> list[dict]:
+    """Score every shard without a scores file; return failures (shard, error) for the caller."""
+    import ray
+
+    run = RunDir(Path(cfg.run_dir))
+    todo = [s for s in shards if not _done(run, s)]
+    if not todo:
+        log.info("score: all %d shards already scored, nothing to do", len(shards))
+        return []
+    expected = {s: pq.ParquetFile(run.raw / f"{s}.parquet").metadata.num_rows for s in todo}
+    models_on = bool(cfg.models.enabled)
+    model_side = cfg.models.image_size if models_on else None
+    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+    # Reading is light: its own small CPU share keeps it from fusing with scoring, so one
+    # shard's batches spread over every scoring task.
+    ds = ds.map_batches(read_raw, batch_size=1, num_cpus=0.25,
+                        fn_kwargs={"run_dir": cfg.run_dir, "rows": cfg.score.batch_size})
+    ds = ds.map_batches(score_cpu, batch_size=cfg.score.batch_size, num_cpus=cfg.score.num_cpus,
+                        fn_kwargs={"cfg": cfg, "model_side": model_side})
+    if models_on:
+        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.models.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.models.num_actors),
+                            num_gpus=cfg.models.num_gpus or None, num_cpus=0.5)
+    keep_cols = SCORE_COLUMNS + ([c for c in MODEL] if models_on else [])
+    pending: dict[str, list[pa.Table]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    failures: dict[str, str] = {}
+    progress = Progress("score", sum(expected.values()))
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        progress.add(batch.num_rows)
+        for shard in pc.unique(batch.column("shard")).to_pylist():
+            part = batch.filter(pc.equal(batch.column("shard"), shard))
+            error = part.column("_shard_error")[0].as_py()
+            if error:
+                failures[shard] = error
+            else:
+                pending[shard].append(part.select([c for c in keep_cols if c in part.column_names]))
+            counts[shard] += part.num_rows
+            if counts[shard] == expected[shard] and shard not in failures:
+                table = pa.concat_tables(pending.pop(shard), promote_options="permissive")
+                write_parquet(conform(table.sort_by("key")), run.scores / f"{shard}.parquet")
+    seconds = progress.finish()
+    log.info("score: %d shards in %.1fs", len(todo) - len(failures), seconds)
+    return [{"phase": "score", "shard": s, "error": e} for s, e in sorted(failures.items())]
