@@ -199,17 +199,16 @@ def test_mixed_batch_goes_through_every_scorer_with_random_weights(tiny_configs,
 
 
 def test_towers_are_shared_and_run_once_per_image(tiny_configs, tmp_path, monkeypatch):
-    opts = _opts(tmp_path, weights="random", enabled=["clip_score", "aesthetic", "style"],
-                 l14_model=TINY_CLIP, l14_pretrained=str(tmp_path / f"{TINY_CLIP}.pt"))
-    opts = opts.model_copy(update={"l14_pretrained": opts.clip_pretrained})
-    scorer = ModelScorer(opts.model_copy(update={"enabled": ["clip_score", "style"]}))
-    assert len(scorer._towers) == 1
+    """With the L/14 role pointed at the CLIP tower, one model serves clip_score, style and aesthetic."""
+    opts = _opts(tmp_path, weights="random", enabled=["clip_score", "aesthetic", "style"], l14_model=TINY_CLIP)
+    scorer = ModelScorer(opts.model_copy(update={"l14_pretrained": opts.clip_pretrained}))
+    assert len(scorer._towers) == 1 and scorer._aesthetic is not None
     calls = []
     tower = scorer._towers[0]
     original = tower.model.encode_image
     monkeypatch.setattr(tower.model, "encode_image", lambda x, **kw: calls.append(len(x)) or original(x, **kw))
     scorer(_images(5), ["a"] * 5)
-    assert calls == [4, 1]  # one pass per batch of 4 for both heads
+    assert calls == [4, 1]  # one image pass per batch of 4, shared by all three heads
 
 
 def test_cuda_oom_halves_the_batch_and_retries(tiny_configs, tmp_path, monkeypatch):
