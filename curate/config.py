@@ -60,7 +60,8 @@ class ScoreConfig(_Section):
 class FiltersConfig(_Section):
     min_side: int = Field(200, ge=0, description="drop when the original's shorter side is smaller (too_small)")
     max_aspect_ratio: float = Field(3.0, ge=1.0, description="drop when max/min side exceeds this (bad_aspect)")
-    min_entropy: float = Field(3.0, ge=0.0, le=8.0, description="gray-level entropy floor, bits (low_texture)")
+    min_entropy: float = Field(1.0, ge=0.0, le=8.0,
+                               description="gray-level entropy floor, bits: blank and two-tone images (low_texture)")
     min_edge_density: float = Field(0.0, ge=0.0, le=1.0, description="edge density floor (low_texture)")
     nsfw_max: float = Field(0.5, ge=0.0, le=1.0, description="drop at or above this NSFW probability")
     watermark_max: float = Field(0.8, ge=0.0, le=1.0, description="drop at or above this watermark probability")

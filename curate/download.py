@@ -6,6 +6,7 @@ every input row, fetched or not, lands in raw/{shard}.parquet with its status an
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tarfile
@@ -17,10 +18,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones 
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from curate.config import Config, DownloadConfig
 from curate.fetch import Fetcher, scheme_error
 from curate.rundir import RunDir, atomic_path, write_parquet
+from filters.image import to_rgb
 from manifests.schema import conform
 
 RAW_COLUMNS = ["status", "error", "width", "height", "original_width", "original_height", "sha256"]
@@ -47,6 +50,37 @@ class _RawShardWriter:
         pq.write_table(pa.Table.from_pylist(self.meta), self.folder / "meta.parquet")
 
 
+class _GuardedResizer:
+    """img2dataset's resizer behind two checks its OpenCV decode lacks.
+
+    The header is read first (PIL, no pixel decode): an image claiming more than max_pixels
+    is refused before any allocation, and 16-bit images, which OpenCV would store as
+    black JPEGs, are brought to 8 bits.
+    """
+
+    def __init__(self, resizer, max_pixels: int):
+        self.resizer = resizer
+        self.max_pixels = max_pixels
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        try:
+            img = Image.open(img_stream)
+            width, height = img.size
+        except Image.DecompressionBombError as exc:
+            return None, None, None, None, None, f"image too large: {exc}"
+        except Exception:  # not for PIL: let OpenCV try, and say why it fails
+            img_stream.seek(0)
+            return self.resizer(img_stream, blurring_bbox_list)
+        if width * height > self.max_pixels:
+            return None, None, None, None, None, f"image too large: {width}x{height} pixels"
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            buf = io.BytesIO()
+            to_rgb(img).save(buf, format="PNG")
+            img_stream = buf
+        img_stream.seek(0)
+        return self.resizer(img_stream, blurring_bbox_list)
+
+
 def _downloader(cfg: DownloadConfig, folder: Path, n_rows: int):
     from img2dataset import downloader as i2d
     from img2dataset.resizer import Resizer
@@ -54,8 +88,9 @@ def _downloader(cfg: DownloadConfig, folder: Path, n_rows: int):
     # img2dataset looks its fetch function up at call time; ours adds the address guard,
     # the redirect check and the size cap.
     i2d.download_image = Fetcher(cfg.allow_networks, cfg.max_bytes)
-    resizer = Resizer(image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=True,
-                      encode_quality=cfg.encode_quality, encode_format="jpg")
+    resizer = _GuardedResizer(Resizer(image_size=cfg.image_size, resize_mode="keep_ratio",
+                                      resize_only_if_bigger=True, encode_quality=cfg.encode_quality,
+                                      encode_format="jpg"), cfg.max_pixels)
     return i2d.Downloader(
         sample_writer_class=_RawShardWriter, resizer=resizer, thread_count=cfg.thread_count,
         save_caption=False, extract_exif=False, output_folder=str(folder),
@@ -95,7 +130,6 @@ def _merge(rows: pa.Table, meta: pa.Table | None, extra: list[str]) -> pa.Table:
 def download_shard(cfg: Config, shard: str) -> dict:
     """Fetch one input shard; write raw/{shard}.tar then raw/{shard}.parquet (the marker)."""
     run = RunDir(Path(cfg.run_dir))
-    os.environ["CV_IO_MAX_IMAGE_PIXELS"] = str(cfg.download.max_pixels)  # refuse bombs undecoded
     started = time.time()
     rows = pq.read_table(run.input_shards / f"{shard}.parquet")
     tmp = run.raw / f".work-{shard}-{uuid.uuid4().hex[:8]}"
