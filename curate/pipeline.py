@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate import config as config_mod
-from curate.config import Config
+from curate.config import Config, ConfigError
 from curate.download import download_shard
 from curate.rundir import RunDir, write_json, write_text
 from curate.runtime import Progress, init_ray, log
@@ -77,13 +77,40 @@ def failed_shards(run: RunDir, shards: list[str]) -> set[str]:
     return {s for s in shards if not (run.scores / f"{s}.parquet").exists()}
 
 
-def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = False) -> Outcome:
+def check_models(cfg: Config, run: RunDir, skip_missing: bool) -> None:
+    """Before Ray starts: stop on missing weights, or (demo) drop the scorers that lack them.
+
+    What ran, what was skipped and whether the weights were random is recorded in models.json,
+    which stats.json and the report repeat.
+    """
+    info: dict = {"enabled": list(cfg.models.enabled), "skipped": {}, "weights": cfg.models.weights}
+    if cfg.models.enabled:
+        from filters.models import skipped_when_offline
+
+        skipped = skipped_when_offline(cfg.models)
+        if skipped and not skip_missing:
+            lines = "\n".join(f"  - {why}" for why in dict.fromkeys(skipped.values()))
+            raise ConfigError(f"models: weights for {sorted(skipped)} are missing:\n{lines}")
+        cfg.models.enabled = [s for s in cfg.models.enabled if s not in skipped]
+        info.update(enabled=list(cfg.models.enabled), skipped=skipped)
+        for scorer, why in skipped.items():
+            log.warning("score: skipping %s: %s", scorer, why)
+    if cfg.models.weights == "random" and cfg.models.enabled:
+        info["warning"] = "models ran with RANDOM weights: every model score is meaningless"
+        log.warning(info["warning"])
+    write_json(info, run.root / "models.json")
+
+
+def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = False,
+               skip_missing_models: bool = False) -> Outcome:
     """Run the given phases in order on one config; Ray starts only if a phase needs it."""
     from curate.decide import run_decide
     from curate.score import run_score
     from curate.write import run_write
 
     run = prepare(cfg)
+    if "score" in phases:
+        check_models(cfg, run, skip_missing_models)
     if set(phases) & {"download", "score", "write"}:
         init_ray(cfg.ray)
     out = Outcome()

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from ray.data.extensions import ArrowTensorArray
 
 from curate.config import Config
-from curate.rundir import RunDir, write_parquet
+from curate.rundir import RunDir, atomic_path, write_json, write_parquet
 from curate.runtime import Progress, log
 from filters.image import aspect_ratio, image_columns
 from filters.text import caption_columns
@@ -67,9 +67,9 @@ def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None)
     })
     table = table.append_column("_shard_error", pa.array(batch["_shard_error"].tolist(), type=pa.string()))
     if model_side:
-        empty = np.zeros((0, 0, 3), dtype=np.uint8)
-        table = table.append_column("_view", ArrowTensorArray.from_numpy(
-            [v if v is not None else empty for v in views]))
+        column = np.empty(len(views), dtype=object)  # ragged: one array per image, empty when none
+        column[:] = [v if v is not None else np.zeros((0, 0, 3), dtype=np.uint8) for v in views]
+        table = table.append_column("_view", ArrowTensorArray.from_numpy(column))
     return table
 
 
@@ -81,10 +81,27 @@ class ModelStage:
 
         self.scorer = ModelScorer(cfg.models)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        views = [v if v.size else None for v in batch.pop("_view")]
-        batch.update(self.scorer(views, [c or "" for c in batch["caption_norm"]]))
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Arrow in, Arrow out: the score columns pass through untouched (pHash stays uint64)."""
+        views = [v if v.size else None for c in batch.column("_view").chunks for v in c.to_numpy()]
+        scores = self.scorer(views, batch.column("caption_norm").to_pylist())
+        batch = batch.drop_columns(["_view"])
+        for name, values in scores.items():
+            column = ArrowTensorArray.from_numpy(values) if name == "image_embedding" else \
+                pa.array(values.tolist() if values.dtype == object else values, type=MODEL[name].type)
+            batch = batch.append_column(name, column)
         return batch
+
+
+def _write_scores(run: RunDir, shard: str, parts: list[pa.Table]) -> None:
+    """Write a complete shard: scores/{shard}.parquet, and embeddings/{shard}.npy in key order if kept."""
+    table = pa.concat_tables(parts, promote_options="permissive").sort_by("key")
+    if "image_embedding" in table.column_names:
+        emb = np.concatenate([np.asarray(c.to_numpy()) for c in table.column("image_embedding").chunks])
+        with atomic_path(run.root / "embeddings" / f"{shard}.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, emb.astype(np.float16))
+        table = table.drop_columns(["image_embedding"])
+    write_parquet(conform(table), run.scores / f"{shard}.parquet")
 
 
 def _done(run: RunDir, shard: str) -> bool:
@@ -112,9 +129,11 @@ def run_score(cfg: Config, shards: list[str]) -> list[dict]:
                         fn_kwargs={"cfg": cfg, "model_side": model_side})
     if models_on:
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.models.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.models.num_actors),
+                            compute=ray.data.ActorPoolStrategy(size=cfg.models.num_actors), batch_format="pyarrow",
                             num_gpus=cfg.models.num_gpus or None, num_cpus=0.5)
-    keep_cols = SCORE_COLUMNS + ([c for c in MODEL] if models_on else [])
+    keep_cols = SCORE_COLUMNS + (list(MODEL) if models_on else [])
+    if models_on and cfg.models.keep_embeddings:
+        keep_cols.append("image_embedding")
     pending: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     failures: dict[str, str] = {}
@@ -130,8 +149,7 @@ def run_score(cfg: Config, shards: list[str]) -> list[dict]:
                 pending[shard].append(part.select([c for c in keep_cols if c in part.column_names]))
             counts[shard] += part.num_rows
             if counts[shard] == expected[shard] and shard not in failures:
-                table = pa.concat_tables(pending.pop(shard), promote_options="permissive")
-                write_parquet(conform(table.sort_by("key")), run.scores / f"{shard}.parquet")
+                _write_scores(run, shard, pending.pop(shard))
     seconds = progress.finish()
     log.info("score: %d shards in %.1fs", len(todo) - len(failures), seconds)
     return [{"phase": "score", "shard": s, "error": e} for s, e in sorted(failures.items())]

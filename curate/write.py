@@ -117,10 +117,13 @@ def run_write(cfg: Config, shards: list[str], failures: list[dict]) -> dict:
     out_shard = {s["key"]: name for name, samples, _ in plan for s in samples}
     manifest = table.append_column("out_shard", pa.array([out_shard.get(k) for k in table.column("key").to_pylist()],
                                                         type=pa.string()))
+    models = json.loads((run.root / "models.json").read_text()) if (run.root / "models.json").exists() else {}
     manifest = conform(manifest, cfg.input.extra_cols)
+    manifest = manifest.replace_schema_metadata({"curate.models": json.dumps(models, ensure_ascii=False)})
     with atomic_path(run.manifest) as tmp:
         pq.write_table(manifest, tmp, compression="zstd")
     stats = _stats(manifest, plan, failures)
+    stats["models"] = models
     write_json(stats, run.stats)
     return stats
 

@@ -11,46 +11,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from filters.image import shrink, to_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
-_TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Scale high-bit-depth gray ('I;16*', 'I', 'F') to 'L' by its value range instead of clipping at 255."""
-    arr = np.asarray(img).astype(np.float64)
-    top = float(arr.max()) if arr.size else 0.0
-    if img.mode == "F":
-        scale = 255.0 if top <= 1.0 else (1.0 if top <= 255.0 else 255.0 / top)
-    else:
-        scale = 1.0 if top <= 255 else (255.0 / 65535.0 if top <= 65535 else 255.0 / top)
-    return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
-
-
 def to_rgb_array(img: Image.Image, short_side: int | None = None) -> np.ndarray:
-    """Any PIL mode -> RGB uint8 HxWx3, transparency composited on white; optionally downsized.
+    """Any PIL mode -> RGB uint8 HxWx3, optionally shrunk so its shorter side is `short_side`.
 
-    `short_side` shrinks the image (never enlarges) so its shorter side is that many pixels, which
-    is all the model stage needs (`ModelOptions.image_size`).
+    The score phase's CPU stage does exactly this (filters.image.to_rgb and shrink) from its one
+    decode; the model stage only ever sees such arrays.
     """
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode.startswith("I") or img.mode == "F":
-        img = _to_8bit(img)
-    if img.mode in _TRANSPARENT_MODES:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    if short_side and min(img.size) > short_side:
-        w, h = img.size
-        scale = short_side / min(w, h)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(shrink(to_rgb(img), short_side), dtype=np.uint8)
 
 
 def _fit(arr: np.ndarray, size: int, mode: str, resample: Image.Resampling, fill: int) -> np.ndarray:
