@@ -14,7 +14,7 @@ from curate.config import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Curate Chinese image-text pairs: download, score, decide, write.")
-console = Console()
+console = Console(soft_wrap=True)
 
 SET_HELP = "Override a config key, e.g. --set filters.min_side=256 (repeatable)."
 
@@ -125,6 +125,90 @@ def inspect(target: str = typer.Argument(..., help="Run directory or manifest pa
         sys.stdout.write(json.dumps(summary, ensure_ascii=False, indent=2, default=str) + "\n")
     else:
         render(summary, console)
+
+
+def _options(config: Optional[Path]):
+    """The config's sections when one is given, else every default (no run directory needed)."""
+    if config is not None:
+        return _load(config, [])
+    from filters.models import SCORERS, ModelOptions
+    from filters.text import TextOptions
+
+    return config_mod.Config.model_construct(models=ModelOptions(enabled=list(SCORERS)), text=TextOptions())
+
+
+CONFIG_OPT = typer.Option(None, "--config", help="Config whose settings to use (default: built-in defaults).")
+
+
+@app.command()
+def text(caption: Optional[str] = typer.Argument(None, help="One caption (omit with --file)."),
+         file: Optional[Path] = typer.Option(None, "--file", help="Captions, one per line; prints JSON lines."),
+         config: Optional[Path] = CONFIG_OPT) -> None:
+    """Normalise captions and apply the text rules, exactly as the pipeline does; prints JSON."""
+    from filters.text import explain
+
+    opts = _options(config).text
+    if (caption is None) == (file is None):
+        console.print("[red]error:[/red] give one CAPTION or --file FILE")
+        raise typer.Exit(2)
+    if caption is not None:
+        sys.stdout.write(json.dumps(explain(caption, opts), ensure_ascii=False, indent=2) + "\n")
+        return
+    if not file.is_file():
+        console.print(f"[red]error:[/red] no such file: {file}", highlight=False)
+        raise typer.Exit(2)
+    with file.open(encoding="utf-8") as lines:
+        for line in lines:
+            sys.stdout.write(json.dumps(explain(line.rstrip("\r\n"), opts), ensure_ascii=False) + "\n")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Model weights: what each scorer needs, fetch it, verify it.")
+app.add_typer(models_app, name="models")
+
+
+def _weights_table(rows: list[dict], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("scorer", "file", "present", "checksum", "source"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.get("scorer", "")), str(r.get("file", r.get("name", ""))),
+                      "yes" if r.get("present") else "[red]no[/red]", str(r.get("checksum") or ""),
+                      str(r.get("source", r.get("url", ""))))
+    console.print(table)
+
+
+@models_app.command("list")
+def models_list(config: Optional[Path] = CONFIG_OPT,
+                verify: bool = typer.Option(False, help="Also verify checksums (reads every file).")) -> None:
+    """Show what each enabled scorer needs and whether it is present."""
+    from curate import weights
+
+    opts = _options(config).models
+    _weights_table(weights.list_weights(opts, verify=verify), f"weights in {weights.models_dir(opts)}")
+
+
+@models_app.command("pull")
+def models_pull(config: Optional[Path] = CONFIG_OPT) -> None:
+    """Download (and convert) the weights the enabled scorers lack. Needs internet."""
+    from curate import weights
+
+    undone = weights.pull(_options(config).models, log=lambda line: console.print(line, highlight=False))
+    for line in undone:
+        console.print(f"[yellow]not done:[/yellow] {line}", highlight=False)
+    raise typer.Exit(1 if undone else 0)
+
+
+@models_app.command("check")
+def models_check(config: Optional[Path] = CONFIG_OPT) -> None:
+    """Verify the checksum of every weights file present; exit 1 on a mismatch."""
+    from curate import weights
+
+    rows = weights.check(_options(config).models)
+    _weights_table(rows, "checksums")
+    if any(r.get("checksum") == "mismatch" for r in rows):
+        raise typer.Exit(1)
 
 
 def main() -> None:

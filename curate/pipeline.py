@@ -77,7 +77,7 @@ def failed_shards(run: RunDir, shards: list[str]) -> set[str]:
     return {s for s in shards if not (run.scores / f"{s}.parquet").exists()}
 
 
-def check_models(cfg: Config, run: RunDir, skip_missing: bool) -> None:
+def check_models(cfg: Config, skip_missing: bool) -> dict:
     """Before Ray starts: stop on missing weights, or (demo) drop the scorers that lack them.
 
     What ran, what was skipped and whether the weights were random is recorded in models.json,
@@ -98,7 +98,7 @@ def check_models(cfg: Config, run: RunDir, skip_missing: bool) -> None:
     if cfg.models.weights == "random" and cfg.models.enabled:
         info["warning"] = "models ran with RANDOM weights: every model score is meaningless"
         log.warning(info["warning"])
-    write_json(info, run.root / "models.json")
+    return info
 
 
 def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = False,
@@ -108,9 +108,10 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
     from curate.score import run_score
     from curate.write import run_write
 
+    models = check_models(cfg, skip_missing_models) if "score" in phases else None
     run = prepare(cfg)
-    if "score" in phases:
-        check_models(cfg, run, skip_missing_models)
+    if models is not None:
+        write_json(models, run.root / "models.json")
     if set(phases) & {"download", "score", "write"}:
         init_ray(cfg.ray)
     out = Outcome()
