@@ -1,0 +1,99 @@
+"""A misbehaving HTTP server on a loopback address, for the fetch, hostile-input and fault tests.
+
+Routes: /img/NAME serves a file; /noai/NAME adds `X-Robots-Tag: noai` (or the header given
+by ?tag=); /slow/NAME waits `delay` seconds first; /redirect?to=URL answers 302;
+/big?mb=N streams N MB of zeros in 1 MB chunks (never held in memory), with
+Content-Length only when ?declare=1. Every request is counted in `hits`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import urllib.parse
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+CHUNK = b"\0" * (1 << 20)
+
+
+@dataclass
+class Served:
+    base: str
+    hits: list[str] = field(default_factory=list)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    folder: Path
+    delay: float
+    served: Served
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _file(self, name: str, headers: dict[str, str]) -> None:
+        path = self.folder / name
+        if "/" in name or not path.is_file():
+            self.send_error(404)
+            return
+        body = path.read_bytes()
+        self.send_response(200)
+        for k, v in {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)), **headers}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _big(self, mb: int, declare: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if declare:
+            self.send_header("Content-Length", str(mb * len(CHUNK)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            for _ in range(mb):
+                self.wfile.write(CHUNK)
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: as intended
+            pass
+
+    def do_GET(self) -> None:
+        self.served.hits.append(self.path)
+        parts = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        route, _, name = parts.path.lstrip("/").partition("/")
+        if route == "img":
+            self._file(name, {})
+        elif route == "noai":
+            self._file(name, {"X-Robots-Tag": query.get("tag", "noai")})
+        elif route == "slow":
+            time.sleep(self.delay)
+            self._file(name, {})
+        elif route == "redirect":
+            self.send_response(302)
+            self.send_header("Location", query["to"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif route == "big":
+            self._big(int(query.get("mb", "100")), query.get("declare") == "1")
+        else:
+            self.send_error(404)
+
+
+@contextmanager
+def serve(folder: Path, host: str = "127.0.0.1", delay: float = 0.0) -> Iterator[Served]:
+    """Serve `folder` on host:<free port> for the block; only loopback hosts are accepted."""
+    assert host.startswith("127."), "test servers stay on 127.0.0.0/8"
+    served = Served("")
+    handler = type("Handler", (_Handler,), {"folder": folder, "delay": delay, "served": served})
+    server = ThreadingHTTPServer((host, 0), handler)
+    server.daemon_threads = True
+    served.base = f"http://{host}:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield served
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,114 @@
+"""The fetch guard: schemes, private addresses (decided without connecting), redirects, size cap, opt-outs.
+
+Nothing here sends traffic beyond 127.0.0.0/8: the address guard is checked on literal
+addresses, and the end-to-end cases fetch from test servers on loopback addresses.
+"""
+from __future__ import annotations
+
+import ipaddress
+import tracemalloc
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from curate.fetch import Fetcher, Refused, address_blocked, check_url, scheme_error
+from tests.servers import serve
+
+BLOCKED = ["10.1.2.3", "172.16.0.1", "172.31.255.254", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+           "100.127.255.254", "127.0.0.1", "127.0.0.2", "0.0.0.0", "224.0.0.1", "::1", "::", "fc00::1",
+           "fd12:3456::1", "fe80::1", "fe80::1%eth0", "::ffff:10.0.0.1", "::ffff:127.0.0.1",
+           "::ffff:169.254.169.254"]
+PUBLIC = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2001:4860:4860::8888", "::ffff:8.8.8.8"]
+MB = 1_000_000
+
+
+@pytest.mark.parametrize("address", BLOCKED)
+def test_private_loopback_metadata_and_local_ranges_are_blocked(address):
+    assert address_blocked(address)
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_addresses_pass(address):
+    assert not address_blocked(address)
+
+
+def test_allow_list_opens_exactly_the_named_networks():
+    only_one = [ipaddress.ip_network("127.0.0.1/32")]
+    assert not address_blocked("127.0.0.1", only_one)
+    assert not address_blocked("::ffff:127.0.0.1", only_one)  # the mapped form is the same host
+    assert address_blocked("127.0.0.2", only_one)
+    assert address_blocked("10.0.0.1", only_one)
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/a.jpg", "data:image/png;base64,iVBORw0KGgo=",
+                                 "gopher://127.0.0.1/", "javascript:alert(1)", "//127.0.0.1/a.jpg", "", None])
+def test_only_http_and_https_are_fetched(url):
+    assert scheme_error(url)
+    with pytest.raises(Refused):
+        check_url(url or "")
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1/a.jpg", "https://169.254.169.254/latest/meta-data/",
+                                 "http://[::ffff:10.0.0.1]/a.jpg", "http://[fd00::1]:8080/", "http://100.64.1.1/",
+                                 "http://2130706433/", "http://0x7f.1/", "http://localhost/", "http://[::1]/"])
+def test_check_url_refuses_private_targets_by_resolved_address(url):
+    # Literal and numeric hosts resolve without a lookup; localhost comes from the hosts file.
+    with pytest.raises(Refused, match="address not allowed"):
+        check_url(url)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("fetch")
+    (folder / "a.jpg").write_bytes(b"\xff\xd8 not decoded here \xff\xd9")
+    return folder
+
+
+def _fetch(fetcher: Fetcher, url: str, token: str | None = None, directives=("noai", "noimageai")):
+    _, stream, error = fetcher((0, url), 5, token, list(directives))
+    return (stream.read() if stream else None), error
+
+
+def test_loopback_is_refused_while_the_switch_is_off(images):
+    with serve(images) as srv:
+        body, error = _fetch(Fetcher([], 20 * MB), f"{srv.base}/img/a.jpg")
+        assert body is None and "address not allowed" in error
+        assert srv.hits == []  # refused before connecting
+        body, error = _fetch(Fetcher(["127.0.0.1/32"], 20 * MB), f"{srv.base}/img/a.jpg")
+        assert error is None and body == (images / "a.jpg").read_bytes()
+
+
+def test_redirect_to_a_loopback_address_not_allowed_is_refused(images):
+    with serve(images) as front, serve(images, host="127.0.0.2") as other:
+        fetcher = Fetcher(["127.0.0.1/32"], 20 * MB)
+        body, error = _fetch(fetcher, f"{front.base}/redirect?to={other.base}/img/a.jpg")
+        assert body is None and "127.0.0.2" in error
+        assert other.hits == []
+        body, error = _fetch(fetcher, f"{front.base}/redirect?to=file:///etc/passwd")
+        assert body is None and "not allowed" in error
+        body, error = _fetch(fetcher, f"{front.base}/redirect?to={front.base}/img/a.jpg")
+        assert error is None and body  # a redirect within the allowed network is followed
+
+
+@pytest.mark.parametrize("tag,token,opted_out", [
+    ("noai", None, True), ("noimageai, nofollow", None, True), ("curatebot: noai", "curatebot", True),
+    ("otherbot: noai", "curatebot", False), ("nofollow", None, False)])
+def test_x_robots_tag_opt_outs_are_honoured(images, tag, token, opted_out):
+    with serve(images) as srv:
+        body, error = _fetch(Fetcher(["127.0.0.1/32"], 20 * MB), f"{srv.base}/noai/a.jpg?tag={urllib.parse.quote(tag)}", token)
+    assert (error == "opted out by X-Robots-Tag") == opted_out
+    assert (body is None) == opted_out
+
+
+@pytest.mark.parametrize("declare", ["1", "0"])
+def test_a_100_mb_response_is_refused_within_the_cap(images, declare):
+    tracemalloc.start()
+    try:
+        with serve(images) as srv:
+            body, error = _fetch(Fetcher(["127.0.0.1/32"], 20 * MB), f"{srv.base}/big?mb=100&declare={declare}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert body is None and error == f"response larger than {20 * MB} bytes"
+    assert peak < 30 * MB  # at most the cap plus one byte was read; the other 80 MB never arrived
