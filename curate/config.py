@@ -5,11 +5,12 @@ that names the key, what was expected and what was given.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from filters.models import ModelOptions
 from filters.text import TextOptions
@@ -70,10 +71,42 @@ class FiltersConfig(_Section):
 
 
 class DedupeConfig(_Section):
-    exact: bool = Field(True, description="drop exact duplicates (same sha256 of the served bytes)")
+    exact: bool = Field(True, description="group exact duplicates (same sha256 of the served bytes)")
+    phash_max_distance: int | None = Field(
+        4, ge=0, le=8, description="group images whose 64-bit pHashes differ in at most this many bits; null disables")
+    semantic_threshold: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="group images whose embeddings have cosine >= this (needs models.keep_embeddings); null disables")
+    semantic_cluster_size: int = Field(10_000, ge=2, description="average rows per k-means cluster for semantic dedup")
+    captions_per_image: int = Field(
+        1, ge=1, description="rows kept per duplicate group, each with a different caption (1: one row per image)")
+    partitions: int = Field(16, ge=1, description="Ray partitions the pair search is split into")
     keep_order: list[str] = Field(
         default_factory=lambda: ["aesthetic", "clip_score", "pixels"],
         description="which member of a duplicate group is kept: best first by these, ties by key")
+
+
+class StyleTarget(_Section):
+    max_share: float | None = Field(None, ge=0.0, le=1.0, description="cap on the style's share of labelled rows")
+    min_share: float | None = Field(None, ge=0.0, le=1.0,
+                                    description="floor on the style's share, met by down-sampling the others")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "StyleTarget":
+        if None not in (self.min_share, self.max_share) and self.min_share > self.max_share:
+            raise ValueError("min_share is larger than max_share")
+        return self
+
+
+class RebalanceConfig(_Section):
+    styles: dict[str, StyleTarget] = Field(
+        default_factory=dict, description="share targets per style label among labelled survivors; empty disables")
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "RebalanceConfig":
+        if sum(t.min_share or 0.0 for t in self.styles.values()) > 1.0:
+            raise ValueError("the min_share values add up to more than 1")
+        return self
 
 
 class WriteConfig(_Section):
@@ -95,6 +128,7 @@ class Config(_Section):
     models: ModelOptions = Field(default_factory=ModelOptions)
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+    rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -158,3 +192,22 @@ def resolve(cfg: Config) -> Config:
 def dump(cfg: Config) -> str:
     """The resolved config as YAML, every default spelled out."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def reference(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every config key: the README's table is made from it."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
+            else None
+        if sub is not None:
+            rows += reference(sub, key + ".")
+            continue
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = json.dumps(value, ensure_ascii=False) if not isinstance(value, dict) else "(see below)"
+        rows.append((key, default, field.description or ""))
+    return rows

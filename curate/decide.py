@@ -14,21 +14,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import Config
+from curate.config import Config, DedupeConfig
+from curate.dedupe import near_edges, same_value_edges, semantic_edges
+from curate.rebalance import rebalance
 from curate.rundir import RunDir, write_json, write_parquet
-from curate.runtime import log
+from curate.runtime import init_ray, log
+from filters.phash import roots
 from filters.text import text_reasons
 from manifests.io import run_table
 from manifests.schema import REASONS, TEXT, conform
 
 DECIDE_INPUTS = ["key", "shard", "status", "original_width", "original_height", "width", "height", "sha256",
                  "score_error", "aspect_ratio", "entropy", "edge_density", *TEXT,
-                 "clip_score", "aesthetic", "nsfw", "watermark", "style"]
+                 "phash", "clip_score", "aesthetic", "nsfw", "watermark", "style"]
 
 
 def fingerprint(cfg: Config, shards: list[str]) -> str:
     """Hash of everything a decision depends on: the rule settings and the scored shards."""
-    relevant = {k: cfg.model_dump(mode="json")[k] for k in ("filters", "text", "dedupe")}
+    relevant = {k: cfg.model_dump(mode="json")[k] for k in ("filters", "text", "dedupe", "rebalance")}
     relevant["shards"] = shards
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -83,54 +86,109 @@ def _common_captions(t: pa.Table, reason: np.ndarray, limit: int) -> np.ndarray:
     return pc.is_in(t.column("caption_norm"), value_set=common).to_numpy(zero_copy_only=False)
 
 
-def _rank_columns(t: pa.Table, order: list[str]) -> list[tuple[str, str]]:
-    """Sort keys that put the preferred member of a duplicate group first."""
-    keys = []
-    for name in order:
-        if name == "pixels" or name in t.column_names:
-            keys.append((f"_rank_{name}", "descending"))
-    return keys + [("key", "ascending")]
-
-
-def exact_duplicates(t: pa.Table, reason: np.ndarray, order: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Mark all but the best row of each sha256 group among surviving rows as duplicates."""
-    dup_of = np.full(t.num_rows, None, dtype=object)
-    alive = np.flatnonzero(reason == None)  # noqa: E711
-    if not len(alive):
-        return reason, dup_of
-    sub = t.take(pa.array(alive))
-    ranks = {"_idx": pa.array(alive), "key": sub.column("key"), "sha256": sub.column("sha256")}
+def preference(t: pa.Table, order: list[str]) -> np.ndarray:
+    """Row positions, best first by dedupe.keep_order (missing scores last), ties by key."""
+    ranks: dict[str, pa.Array] = {"key": t.column("key")}
+    sort_keys = []
     for name in order:
         if name == "pixels":
-            ranks["_rank_pixels"] = pa.array(_num(sub, "original_width", 0) * _num(sub, "original_height", 0))
-        elif name in sub.column_names:
-            ranks[f"_rank_{name}"] = pa.array(np.nan_to_num(_num(sub, name), nan=-np.inf))
-    table = pa.table(ranks).sort_by([("sha256", "ascending"), *_rank_columns(t, order)])
-    sha = table.column("sha256").to_pylist()
-    keys = table.column("key").to_pylist()
-    idx = table.column("_idx").to_numpy()
-    start = 0
-    for i in range(1, len(sha)):
-        if sha[i] is None or sha[i] != sha[i - 1]:
-            start = i
+            values = _num(t, "original_width", 0) * _num(t, "original_height", 0)
+        elif name in t.column_names:
+            values = _num(t, name)
+        else:
             continue
-        reason[idx[i]] = "duplicate"
-        dup_of[idx[i]] = keys[start]
-    return reason, dup_of
+        ranks[f"_rank_{name}"] = pa.array(np.nan_to_num(values, nan=-np.inf))
+        sort_keys.append((f"_rank_{name}", "descending"))
+    return pc.sort_indices(pa.table(ranks), sort_keys=[*sort_keys, ("key", "ascending")]).to_numpy()
 
 
-def decide_table(t: pa.Table, cfg: Config, failed_shards: set[str] = frozenset()) -> pa.Table:
-    """keep / reason / dup_of for every row of a joined raw+scores table (the pure core)."""
+def _codes(column: pa.ChunkedArray) -> np.ndarray:
+    """Integer code per distinct value (-1 for null), for grouping without Python objects."""
+    return pc.dictionary_encode(column.combine_chunks()).indices.fill_null(-1) \
+        .to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _embedding_rows(t: pa.Table, ranked: np.ndarray, embeddings: dict[str, Path]) -> list[tuple]:
+    """Per shard with embeddings: its file, the ranked rows' positions in it, and their ranks."""
+    shard = _codes(t.column("shard"))
+    names = pc.unique(t.column("shard")).to_pylist()
+    starts = {names[c]: int(np.argmax(shard == c)) for c in range(len(names))}
+    rank_shard = shard[ranked]
+    out = []
+    for c, name in enumerate(names):
+        if name in embeddings:
+            ranks = np.flatnonzero(rank_shard == c)
+            out.append((embeddings[name], ranked[ranks] - starts[name], ranks))
+    return out
+
+
+def duplicate_groups(t: pa.Table, ranked: np.ndarray, cfg: DedupeConfig,
+                     embeddings: dict[str, Path] | None = None) -> np.ndarray:
+    """For each ranked row (best first), the rank of its group's best row (itself when alone).
+
+    Groups are the connected components of exact (sha256), near (pHash) and semantic
+    (embedding) edges; see curate/dedupe.py for how each is found without comparing all pairs.
+    """
+    sub = t.take(pa.array(ranked))
+    edges = [np.empty((2, 0), np.int64)]
+    if cfg.exact:
+        edges.append(same_value_edges(_codes(sub.column("sha256"))))
+    if cfg.phash_max_distance is not None and "phash" in sub.column_names:
+        phash = sub.column("phash").combine_chunks()
+        valid = phash.is_valid().to_numpy(zero_copy_only=False)
+        edges.append(near_edges(phash.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64), valid,
+                                cfg.phash_max_distance, cfg.partitions))
+    if cfg.semantic_threshold is not None and embeddings:
+        edges.append(semantic_edges(_embedding_rows(t, ranked, embeddings), cfg.semantic_threshold,
+                                    cfg.semantic_cluster_size, cfg.partitions))
+    root = np.arange(len(ranked))
+    nodes, best = roots(np.concatenate(edges, axis=1))
+    root[nodes] = best
+    return root
+
+
+def group_keepers(root: np.ndarray, captions: np.ndarray, per_group: int) -> np.ndarray:
+    """Which ranked rows stay: per group, the best row of each distinct caption, the best `per_group` of those."""
+    _, first = np.unique(np.stack([root, captions]), axis=1, return_index=True)
+    distinct = np.zeros(len(root), bool)
+    distinct[first] = True
+    picks = np.flatnonzero(distinct)
+    by_group = picks[np.argsort(root[picks], kind="stable")]   # stable: rank order inside a group
+    group = root[by_group]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    ordinal = np.zeros(len(root), np.int64)
+    ordinal[by_group] = np.arange(len(by_group)) - np.repeat(starts, np.diff(np.r_[starts, len(by_group)]))
+    return distinct & (ordinal < per_group)
+
+
+def decide_table(t: pa.Table, cfg: Config, failed_shards: set[str] = frozenset(),
+                 embeddings: dict[str, Path] | None = None) -> tuple[pa.Table, dict]:
+    """keep / reason / dup_of for every row of a joined raw+scores table, and the style counts.
+
+    Duplicates are looked for among rows that passed every per-row rule, so the kept member
+    of a group is the best surviving one; rebalance then samples the rows still in.
+    """
     reason = row_reasons(t, cfg, set(failed_shards))
-    dup_of = np.full(t.num_rows, None, dtype=object)
-    if cfg.dedupe.exact:
-        reason, dup_of = exact_duplicates(t, reason, cfg.dedupe.keep_order)
-    return conform(pa.table({
+    dup_idx = np.full(t.num_rows, -1, np.int64)
+    alive = np.flatnonzero(reason == None)  # noqa: E711
+    if len(alive):
+        ranked = alive[preference(t.take(pa.array(alive)), cfg.dedupe.keep_order)]
+        root = duplicate_groups(t, ranked, cfg.dedupe, embeddings)
+        captions = _codes(t.column("caption_norm").take(pa.array(ranked)))
+        dropped = ~group_keepers(root, captions, cfg.dedupe.captions_per_image)
+        reason[ranked[dropped]] = "duplicate"
+        dup_idx[ranked[dropped]] = ranked[root[dropped]]
+    style = t.column("style") if "style" in t.column_names else pa.nulls(t.num_rows, pa.string())
+    rebalanced, styles = rebalance(style, t.column("key"), reason == None, cfg.rebalance)  # noqa: E711
+    reason[rebalanced] = "rebalanced"
+    assert set(reason[reason != None]) <= set(REASONS)  # noqa: E711
+    decisions = conform(pa.table({
         "key": t.column("key"),
         "keep": pa.array(reason == None),  # noqa: E711
         "reason": pa.array(reason.tolist(), type=pa.string()),
-        "dup_of": pa.array(dup_of.tolist(), type=pa.string()),
+        "dup_of": t.column("key").take(pa.array(dup_idx, mask=dup_idx < 0)),
     }))
+    return decisions, styles
 
 
 def funnel(decisions: pa.Table) -> dict:
@@ -153,13 +211,19 @@ def run_decide(cfg: Config, shards: list[str], failed: set[str], dry_run: bool =
     if failed >= set(shards):
         raise FileNotFoundError(f"no shard of {run.root} has scores yet: run `curate score` first")
     table = run_table(run.root, shards, DECIDE_INPUTS, stages=("raw", "scores"))
-    decisions = decide_table(table, cfg, failed)
+    init_ray(cfg.ray)
+    embeddings = {s: run.root / "embeddings" / f"{s}.npy" for s in shards
+                  if (run.root / "embeddings" / f"{s}.npy").exists()}
+    if cfg.dedupe.semantic_threshold is not None and not embeddings:
+        log.warning("decide: dedupe.semantic_threshold is set but no embeddings were kept "
+                    "(models.keep_embeddings): semantic dedup skipped")
+    decisions, styles = decide_table(table, cfg, failed, embeddings)
     result = funnel(decisions)
     if dry_run:
         return result
     shard_col = table.column("shard")
     for shard in shards:
         write_parquet(decisions.filter(pc.equal(shard_col, shard)), run.decisions / f"{shard}.parquet")
-    write_json({"fingerprint": fp, "funnel": result}, marker)
+    write_json({"fingerprint": fp, "funnel": result, "styles": styles}, marker)
     log.info("decide: %d rows, %d kept", result["rows_in"], result["kept"])
     return result

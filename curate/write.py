@@ -124,6 +124,8 @@ def run_write(cfg: Config, shards: list[str], failures: list[dict]) -> dict:
         pq.write_table(manifest, tmp, compression="zstd")
     stats = _stats(manifest, plan, failures)
     stats["models"] = models
+    decided = run.decisions / "_decided.json"   # style counts before and after rebalance
+    stats["styles"] = json.loads(decided.read_text()).get("styles") if decided.exists() else None
     write_json(stats, run.stats)
     return stats
 

@@ -1,0 +1,81 @@
+"""Near-duplicate search at scale: random pHashes with planted near copies, on a 2-CPU Ray.
+
+Prints JSON: seconds, peak memory (driver and Ray workers, PSS) and whether every planted
+pair ended in one group. Quick mode: 1M hashes; --full: 10M.
+
+    .venv/bin/python -m bench.bench_decide [--full]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from bench.common import PeakMemory, machine, versions
+
+PLANTED_SHARE = 0.01   # one row in a hundred is a near copy of another row
+MAX_DISTANCE = 4
+PARTITIONS = 16
+
+
+def planted_hashes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n hashes: random ones plus near copies (1..MAX_DISTANCE bits flipped); the (copy, original) rows."""
+    rng = np.random.default_rng(seed)
+    copies = int(n * PLANTED_SHARE)
+    hashes = rng.integers(0, 2**64, n, dtype=np.uint64, endpoint=False)
+    original = rng.choice(n - copies, copies, replace=False)
+    flips = np.zeros(copies, np.uint64)
+    distance = rng.integers(1, MAX_DISTANCE + 1, copies)
+    for d in range(1, MAX_DISTANCE + 1):
+        rows = np.flatnonzero(distance == d)
+        bits = np.argsort(rng.random((rows.size, 64)), axis=1)[:, :d].astype(np.uint64)
+        flips[rows] = np.bitwise_or.reduce(np.uint64(1) << bits, axis=1)
+    copy_rows = np.arange(n - copies, n)
+    hashes[copy_rows] = hashes[original] ^ flips
+    order = rng.permutation(n)                    # spread the copies among the rows
+    position = np.empty(n, np.int64)
+    position[order] = np.arange(n)
+    return hashes[order], np.stack([position[copy_rows], position[original]])
+
+
+def main(full: bool) -> dict:
+    """Run the benchmark once; the JSON dict it prints."""
+    import ray
+
+    from curate.dedupe import near_edges
+    from filters.phash import roots
+
+    n = 10_000_000 if full else 1_000_000
+    hashes, planted = planted_hashes(n)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with PeakMemory() as memory:
+            started = time.perf_counter()
+            edges = near_edges(hashes, np.ones(n, bool), MAX_DISTANCE, PARTITIONS)
+            root = np.arange(n)
+            nodes, best = roots(edges)
+            root[nodes] = best
+            seconds = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    found = int((root[planted[0]] == root[planted[1]]).sum())
+    return {
+        "benchmark": "decide_near_dedup",
+        "rows": n, "planted_pairs": planted.shape[1], "planted_found": found,
+        "max_distance": MAX_DISTANCE, "partitions": PARTITIONS, "ray_cpus": 2,
+        "grouped_rows": int((root != np.arange(n)).sum()),
+        "seconds": round(seconds, 2), "peak_memory_mb": memory.result(),
+        "ratios": {"planted_recall": round(found / planted.shape[1], 6),
+                   "rows_per_second": round(n / seconds, 1)},
+        "machine": machine(), "versions": versions(),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="10M hashes instead of 1M")
+    print(json.dumps(main(parser.parse_args().full), indent=2))

@@ -1,0 +1,107 @@
+"""Decide's duplicate logic on synthetic score tables: who is kept, why the rest dropped, dup_of."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from curate.config import validate
+from curate.decide import decide_table, group_keepers, preference
+from synthetic_scores import scores_table
+
+
+def _cfg(**sections):
+    return validate({"run_dir": "/tmp/unused", "input": {"paths": ["x.parquet"]}, **sections})
+
+
+def _rows(decisions: pa.Table) -> dict[str, tuple]:
+    return {r["key"]: (r["reason"], r["dup_of"]) for r in decisions.to_pylist()}
+
+
+def _hashes(n: int) -> np.ndarray:
+    return np.random.default_rng(5).integers(0, 2**63, n, dtype=np.uint64)
+
+
+def test_near_duplicates_keep_the_best_and_name_it(ray_session):
+    ph = _hashes(10)
+    ph[1] = ph[0] ^ np.uint64(0b111)          # 3 bits: duplicate of row 0
+    ph[3] = ph[2] ^ np.uint64(0b11111)        # 5 bits: distinct at the default distance
+    ph[5], ph[6] = ph[4] ^ np.uint64(0xF), ph[4] ^ np.uint64(0xF0)   # 5 and 6 are 8 apart, joined via 4
+    aesthetic = [5.0] * 10
+    aesthetic[1] = 6.0
+    aesthetic[6] = 7.0
+    rows = _rows(decide_table(scores_table(10, phash=ph, aesthetic=aesthetic), _cfg())[0])
+    assert rows["00000_000000"] == ("duplicate", "00000_000001")
+    assert rows["00000_000001"] == (None, None)
+    assert rows["00000_000003"] == (None, None)
+    assert rows["00000_000004"] == ("duplicate", "00000_000006")
+    assert rows["00000_000005"] == ("duplicate", "00000_000006")
+
+
+def test_ties_go_to_the_smaller_key_and_distance_is_configurable(ray_session):
+    ph = _hashes(4)
+    ph[1] = ph[0] ^ np.uint64(0b11)
+    t = scores_table(4, phash=ph)
+    assert _rows(decide_table(t, _cfg())[0])["00000_000001"] == ("duplicate", "00000_000000")
+    assert _rows(decide_table(t, _cfg(dedupe={"phash_max_distance": 1}))[0])["00000_000001"] == (None, None)
+    assert _rows(decide_table(t, _cfg(dedupe={"phash_max_distance": None}))[0])["00000_000001"] == (None, None)
+
+
+def test_rows_dropped_by_a_rule_do_not_win_a_group(ray_session):
+    """The better copy fails a rule; the surviving copy must stay, not be called its duplicate."""
+    ph = _hashes(3)
+    ph[1] = ph[0]
+    t = scores_table(3, phash=ph, aesthetic=[5.0, 9.0, 5.0])
+    t = t.set_column(t.schema.get_field_index("nsfw"), "nsfw", pa.array([0.0, 0.9, 0.0], pa.float32()))
+    rows = _rows(decide_table(t, _cfg())[0])
+    assert rows["00000_000001"] == ("nsfw", None) and rows["00000_000000"] == (None, None)
+
+
+def test_exact_duplicates_keep_n_captions_per_image(ray_session):
+    sha = ["a" * 64] * 5 + ["b" * 64]
+    captions = ["猫在窗台", "猫在窗台", "一只橘猫", "橘猫睡觉", "窗边的猫", "别的图片"]
+    t = scores_table(6, sha256=sha, captions=captions, aesthetic=[5.0, 6.0, 5.5, 5.2, 5.1, 5.0])
+    one = _rows(decide_table(t, _cfg())[0])
+    assert [k for k, r in one.items() if r[0] is None] == ["00000_000001", "00000_000005"]
+    assert one["00000_000000"] == ("duplicate", "00000_000001")
+    two = _rows(decide_table(t, _cfg(dedupe={"captions_per_image": 3}))[0])
+    # best by aesthetic: 1 (猫在窗台), 2 (一只橘猫), 3 (橘猫睡觉); 0 repeats 1's caption
+    assert [k for k, r in two.items() if r[0] is None] == ["00000_000001", "00000_000002", "00000_000003",
+                                                           "00000_000005"]
+    assert two["00000_000004"] == ("duplicate", "00000_000001")
+
+
+def test_group_keepers_counts_distinct_captions_per_group():
+    root = np.array([0, 1, 0, 1, 0, 0, 6])
+    captions = np.array([7, 8, 7, 9, 3, 4, -1])
+    assert group_keepers(root, captions, 2).tolist() == [True, True, False, True, True, False, True]
+
+
+def test_preference_puts_missing_scores_last_and_breaks_ties_by_key():
+    t = scores_table(4, aesthetic=[5.0, None, 7.0, 5.0])
+    assert preference(t, ["aesthetic", "clip_score", "pixels"]).tolist() == [2, 0, 3, 1]
+
+
+def test_semantic_duplicates_across_shards(ray_session, tmp_path):
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(8, 32)).astype(np.float32)
+    emb[5] = emb[1] + 0.01 * rng.normal(size=32)   # row 5 (shard 1) is a semantic copy of row 1 (shard 0)
+    emb[3] = np.nan                                 # no embedding: never grouped
+    t = scores_table(8, shards=2)
+    paths = {}
+    for shard, rows in (("00000", slice(0, 4)), ("00001", slice(4, 8))):
+        paths[shard] = tmp_path / f"{shard}.npy"
+        np.save(paths[shard], emb[rows].astype(np.float16))
+    cfg = _cfg(dedupe={"semantic_threshold": 0.95, "semantic_cluster_size": 4})
+    rows = _rows(decide_table(t, cfg, embeddings=paths)[0])
+    assert rows["00001_000001"] == ("duplicate", "00000_000001")
+    assert sum(r[0] == "duplicate" for r in rows.values()) == 1
+    assert _rows(decide_table(t, _cfg(), embeddings=paths)[0])["00001_000001"] == (None, None)
+
+
+def test_decisions_are_deterministic(ray_session):
+    ph = _hashes(300)
+    ph[100:150] = ph[:50] ^ np.uint64(1 << 17)
+    t = scores_table(300, phash=ph, shards=3)
+    first, second = decide_table(t, _cfg())[0], decide_table(t, _cfg(dedupe={"partitions": 5}))[0]
+    assert first.equals(second)
+    assert first.column("reason").to_pylist().count("duplicate") == 50
