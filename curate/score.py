@@ -30,36 +30,51 @@ SCORE_COLUMNS = ["key", "shard", *IMAGE, *TEXT]
 
 
 def read_raw(batch: dict[str, np.ndarray], run_dir: str, rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """Yield a raw shard's rows with their image bytes, `rows` at a time.
+    """Stream a raw shard's rows with their image bytes, `rows` at a time, in tar order.
 
-    An unreadable shard yields its keys with `_shard_error` set, so the driver can record
-    the failure and leave the shard unscored (a re-run retries it) without failing the run.
+    Memory holds one batch of images, not the shard. Rows without an image (failed downloads)
+    follow the tar's. An unreadable tar marks the rows not yet sent with `_shard_error`, so the
+    driver records the failure and leaves the shard unscored (a re-run retries it).
     """
     run = RunDir(Path(run_dir))
     for shard in batch["shard"]:
-        meta = pq.read_table(run.raw / f"{shard}.parquet", columns=RAW_FIELDS)
-        error = None
+        cols = pq.read_table(run.raw / f"{shard}.parquet", columns=RAW_FIELDS).to_pydict()
+        index = {key: i for i, key in enumerate(cols["key"])}
+        sent = np.zeros(len(index), dtype=bool)
+        pending: list[tuple[int, bytes | None]] = []
+        error = ""
         try:
-            images = _tar_images(run.raw / f"{shard}.tar")
+            with tarfile.open(run.raw / f"{shard}.tar") as tar:
+                for member in tar:
+                    i = index.get(member.name.rsplit(".", 1)[0]) if member.isfile() else None
+                    if i is None or sent[i]:
+                        continue
+                    pending.append((i, tar.extractfile(member).read()))
+                    sent[i] = True
+                    if len(pending) == rows:
+                        yield _raw_batch(cols, pending, error)
+                        pending = []
         except Exception as exc:
-            images, error = {}, f"raw shard {shard} unreadable: {exc}"
-        for start in range(0, meta.num_rows, rows):
-            part = meta.slice(start, rows).to_pydict()
-            out = {k: np.array(v, dtype=object) for k, v in part.items()}
-            out["_image"] = np.array([images.get(k) for k in part["key"]], dtype=object)
-            out["_shard_error"] = np.array([error or ""] * len(part["key"]), dtype=object)
-            yield out
+            error = f"raw shard {shard} unreadable: {exc}"
+        pending += [(int(i), None) for i in np.flatnonzero(~sent)]
+        for start in range(0, len(pending), rows):
+            yield _raw_batch(cols, pending[start:start + rows], error)
 
 
-def _tar_images(path: Path) -> dict[str, bytes]:
-    with tarfile.open(path) as tar:
-        return {m.name.rsplit(".", 1)[0]: tar.extractfile(m).read() for m in tar if m.isfile()}
+def _raw_batch(cols: dict[str, list], items: list[tuple[int, bytes | None]], error: str) -> dict[str, np.ndarray]:
+    out = {name: np.array([values[i] for i, _ in items], dtype=object) for name, values in cols.items()}
+    out["_image"] = np.array([data for _, data in items] + [None], dtype=object)[:-1]
+    out["_shard_error"] = np.array([error] * len(items), dtype=object)
+    return out
 
 
 def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None) -> pa.Table:
     """Image and caption metrics for a batch, from one decode per image, typed by the schema."""
     image_cols, views = image_columns(list(batch["_image"]), decode_side=cfg.score.decode_size,
                                       max_pixels=cfg.download.max_pixels, model_side=model_side)
+    for i, (status, data) in enumerate(zip(batch["status"], batch["_image"])):
+        if status == "success" and data is None:
+            image_cols["score_error"][i] = "image missing from the raw shard"
     ratio = aspect_ratio(batch["original_width"].astype(float), batch["original_height"].astype(float))
     table = build({
         "key": batch["key"].tolist(), "shard": batch["shard"].tolist(), "aspect_ratio": ratio,

@@ -55,8 +55,10 @@ def test_duplicates_name_a_kept_row(demo_run):
     kept = m.set_index("key")
     assert len(dups)
     for _, row in dups.iterrows():
-        assert kept.loc[row.dup_of, "keep"]
-        assert kept.loc[row.dup_of, "sha256"] == row.sha256
+        original = kept.loc[row.dup_of]
+        assert original.keep
+        same_bytes = original.sha256 == row.sha256
+        assert same_bytes or bin(int(original.phash) ^ int(row.phash)).count("1") <= 4  # dedupe.phash_max_distance
 
 
 def _shard_samples(run: Path) -> dict[str, dict[str, dict[str, bytes]]]:
