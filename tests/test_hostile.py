@@ -1,0 +1,152 @@
+"""Hostile input end to end: every nasty row ends in the manifest with a status and a reason.
+
+URLs point only at loopback test servers: 127.0.0.1 is allowed by the config, 127.0.0.2 is
+not (and must never be contacted, directly or by redirect). The download runs in a
+subprocess that reports its peak memory, so the 100 MB response and the decompression bomb
+are shown to be refused within bounded memory.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from curate.config import ConfigError, load
+from curate.demo_corpus import bomb_png, photo
+from manifests.schema import REASONS
+from tests.procs import ROOT, env
+from tests.servers import serve
+
+STATUSES = {"success", "failed_to_download", "failed_to_resize", "rejected"}
+CAPTION = "一只橘猫趴在窗台上晒太阳，高清摄影"
+MB = 1 << 20
+
+# Download in a fresh interpreter; peak RSS is measured after every import, around the work only.
+DOWNLOAD = """
+import json, resource, sys
+from pathlib import Path
+from curate.config import load
+from curate.download import _downloader, download_shard
+from curate.inputs import plan
+from curate.rundir import RunDir
+import img2dataset.downloader, img2dataset.resizer
+cfg = load(sys.argv[1])
+shards = plan(cfg.input, RunDir(Path(cfg.run_dir)))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for shard in shards:
+    download_shard(cfg, shard)
+print(json.dumps({"kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}))
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("hostile_files")
+    rng = np.random.default_rng(0)
+    for name in ("photo.jpg", "photo2.jpg", "photo3.jpg"):
+        photo(rng, 360, 480).save(folder / name, quality=90)
+    (folder / "bomb.png").write_bytes(bomb_png())
+    Image.new("RGB", (60000, 1), (90, 120, 150)).save(folder / "strip.png")
+    return folder
+
+
+def write_config(tmp: Path, urls: list[str], captions: list[str], **download) -> Path:
+    pq.write_table(pa.table({"url": urls, "caption": captions}), tmp / "urls.parquet")
+    cfg = {"run_dir": str(tmp / "run"), "input": {"paths": [str(tmp / "urls.parquet")], "shard_rows": 8},
+           "download": {"thread_count": 4, "timeout": 20, **download}, "write": {"samples_per_shard": 4}}
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+def test_hostile_rows_end_with_reasons_in_bounded_memory(files, tmp_path, ray_session):
+    from curate.pipeline import run_phases
+
+    marker = tmp_path / "pwned"
+    with serve(files) as srv, serve(files, host="127.0.0.2") as other:
+        rows = {  # label: (url, caption, status, reason, error fragment)
+            "ok": (f"{srv.base}/img/photo.jpg", CAPTION, "success", None, None),
+            "file": ("file:///etc/passwd", CAPTION, "rejected", "download_failed", "scheme"),
+            "ftp": ("ftp://127.0.0.1/photo.jpg", CAPTION, "rejected", "download_failed", "scheme"),
+            "data": ("data:image/png;base64,iVBORw0KGgo=", CAPTION, "rejected", "download_failed", "scheme"),
+            "other_loopback": (f"{other.base}/img/photo.jpg", CAPTION, "failed_to_download", "download_failed",
+                               "address not allowed"),
+            "redirect": (f"{srv.base}/redirect?to={other.base}/img/photo.jpg", CAPTION, "failed_to_download",
+                         "download_failed", "address not allowed"),
+            "noai": (f"{srv.base}/noai/photo3.jpg", CAPTION, "failed_to_download", "download_failed", "X-Robots-Tag"),
+            "bomb": (f"{srv.base}/img/bomb.png", CAPTION, "failed_to_resize", "download_failed", "too large"),
+            "100mb": (f"{srv.base}/big?mb=100", CAPTION, "failed_to_download", "download_failed", "larger than"),
+            "strip": (f"{srv.base}/img/strip.png", CAPTION, "success", "too_small", None),
+            "1mb_caption": (f"{srv.base}/img/photo2.jpg", (CAPTION * 40_000)[:MB // 3 + 1], "success",
+                            "caption_long", None),
+            "shell": (f"{srv.base}/img/x;touch${{IFS}}{marker}", f"$(touch {marker})`touch {marker}`",
+                      "failed_to_download", "download_failed", "404"),
+        }
+        cfg_path = write_config(tmp_path, [r[0] for r in rows.values()], [r[1] for r in rows.values()],
+                                allow_networks=["127.0.0.1/32"])
+        done = subprocess.run([sys.executable, "-c", DOWNLOAD, str(cfg_path)], cwd=ROOT, env=env(),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert other.hits == []  # 127.0.0.2 was never contacted, not even through the redirect
+    grown_mib = json.loads(done.stdout.strip().splitlines()[-1])["kib"] / 1024
+    assert grown_mib < 80, f"download grew by {grown_mib:.0f} MiB"  # the bomb alone would need 400 MB
+
+    assert run_phases(load(cfg_path)).ok  # score, decide, write on what was downloaded
+    run = tmp_path / "run"
+    manifest = pq.read_table(run / "manifest.parquet").to_pylist()
+    assert len(manifest) == len(rows)
+    for (label, (url, caption, status, reason, error)), row in zip(rows.items(), manifest):
+        assert row["url"] == url and row["caption"] == caption, label
+        assert (row["status"], row["reason"]) == (status, reason), (label, row["status"], row["reason"], row["error"])
+        assert error is None or error in row["error"], (label, row["error"])
+    assert {r["status"] for r in manifest} <= STATUSES
+    assert {r["reason"] for r in manifest} - {None} <= set(REASONS)
+    assert not marker.exists()
+    names = [m.name for tar in (run / "shards").glob("*.tar") for m in tarfile.open(tar)]
+    assert names and all(re.fullmatch(r"\d{5}_\d{6}\.(jpg|json|txt)", n) for n in names)
+
+
+def test_loopback_is_refused_end_to_end_when_not_allowed(files, tmp_path):
+    from curate.download import download_shard
+    from curate.inputs import plan
+    from curate.rundir import RunDir
+
+    with serve(files) as srv:
+        cfg = load(write_config(tmp_path, [f"{srv.base}/img/photo.jpg", f"{srv.base}/redirect?to=/img/photo.jpg"],
+                                [CAPTION, CAPTION]))
+        assert cfg.download.allow_networks == []  # the default
+        for shard in plan(cfg.input, RunDir(Path(cfg.run_dir))):
+            download_shard(cfg, shard)
+        assert srv.hits == []
+    raw = pq.read_table(tmp_path / "run" / "raw" / "00000.parquet").to_pylist()
+    assert [r["status"] for r in raw] == ["failed_to_download"] * 2
+    assert all("address not allowed: 127.0.0.1" in r["error"] for r in raw)
+
+
+def test_yaml_tags_that_build_python_objects_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"run_dir: !!python/object/apply:os.system ['touch {marker}']\ninput: {{paths: [x]}}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("prefix", ["../x", "a/b", "/abs", ""])
+def test_write_prefix_cannot_leave_the_shards_folder(tmp_path, prefix):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "input": {"paths": ["x"]},
+                                    "write": {"prefix": prefix}}))
+    with pytest.raises(ConfigError, match="write.prefix"):
+        load(path)
