@@ -38,7 +38,8 @@ def _finish(outcome, run_dir: str) -> None:
                       f"({outcome.stats['shards']['samples']:,} samples)")
         root = Path(run_dir)
         for label, path in (("shards", root / "shards"), ("manifest", root / "manifest.parquet"),
-                            ("stats", root / "stats.json"), ("config", root / "config.yaml")):
+                            ("stats", root / "stats.json"), ("config", root / "config.yaml"),
+                            ("report", root / "report.html")):
             console.print(f"  {label:9s} {path}", highlight=False)
     for f in outcome.failures:
         console.print(f"[red]failed:[/red] {f['phase']} shard {f['shard']}: {f['error']}", highlight=False)
@@ -209,6 +210,19 @@ def models_check(config: Optional[Path] = CONFIG_OPT) -> None:
     _weights_table(rows, "checksums")
     if any(r.get("checksum") == "mismatch" for r in rows):
         raise typer.Exit(1)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="Run directory with a manifest.parquet.")) -> None:
+    """Write RUN_DIR/report.html: funnel, score histograms with thresholds, styles, image grids."""
+    from curate.report import build_report
+
+    try:
+        path = build_report(run_dir)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"report: {path}", highlight=False)
 
 
 def main() -> None:

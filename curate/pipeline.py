@@ -134,7 +134,19 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
             out.stats["timings"] = timings
             write_json(out.stats, run.stats)
         write_json(timings, run.root / "timings.json")
+        if out.stats:
+            _report(run)
     return out
+
+
+def _report(run: RunDir) -> None:
+    """report.html only views files already written, so failing to draw it must not fail the run."""
+    from curate.report import build_report
+
+    try:
+        build_report(run.root)
+    except Exception:
+        log.exception("report: could not write %s; retry with `curate report %s`", run.root / "report.html", run.root)
 
 
 def _read_timings(run: RunDir) -> dict:
