@@ -1,0 +1,164 @@
+"""The report's HTML: one file, inline CSS, SVG and thumbnails, a few lines of script, no network."""
+from __future__ import annotations
+
+import platform
+from html import escape
+from importlib import metadata
+
+from curate.report import svg
+from curate.report.data import Histogram, Run
+from curate.report.samples import Grid
+from manifests.schema import REASONS
+
+VERSIONED = ("curate-zh", "ray", "torch", "open-clip-torch", "timm", "pyarrow", "pillow", "img2dataset")
+CARD_SCORES = ("aesthetic", "clip_score", "nsfw", "watermark", "style", "n_chars", "zh_ratio")
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:0 20px 40px;color:#222}
+h1{font-size:22px;margin:18px 0 6px} h2{margin-top:34px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.alert{padding:10px 14px;margin:8px 0;border-radius:6px;font-weight:600}
+.alert.danger{background:#c0392b;color:#fff;font-size:17px} .alert.warn{background:#fdebd0;border:1px solid #e67e22}
+table{border-collapse:collapse;margin:8px 0} td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+.charts{display:flex;flex-wrap:wrap;gap:14px} .chart-card{border:1px solid #ddd;border-radius:6px;padding:8px}
+.chart-card h3{font-size:14px;margin:0} .chart-card p{margin:2px 0;font-size:12px;color:#555;max-width:380px}
+svg.chart text{font-size:11px;fill:#333}
+.grid{display:flex;flex-wrap:wrap;gap:8px} figure{margin:0;width:136px;font-size:11px;position:relative}
+figure .frame{width:128px;height:128px;display:flex;align-items:center;justify-content:center;background:#f3f3f3;
+overflow:hidden;border:2px solid transparent} figure img{max-width:128px;max-height:128px}
+figure.group-start{margin-left:18px} figure.marked .frame{border-color:#2e9e5b}
+.badge{position:absolute;top:2px;left:2px;background:#2e9e5b;color:#fff;padding:0 4px;border-radius:3px}
+figcaption{overflow:hidden;display:-webkit-box;-webkit-line-clamp:3;-webkit-box-orient:vertical}
+.scores{color:#666} .missing{color:#999}
+figure.nsfw img{filter:blur(18px)} figure.nsfw .frame{cursor:pointer}
+figure.nsfw .frame::after{content:"NSFW: click to show";position:absolute;top:52px;left:6px;right:14px;
+text-align:center;background:#000a;color:#fff;padding:2px} figure.nsfw.revealed img{filter:none}
+figure.nsfw.revealed .frame::after{display:none}
+pre{background:#f6f6f6;padding:10px;overflow:auto;max-height:480px}
+"""
+SCRIPT = """document.addEventListener('click', function (e) {
+  var fig = e.target.closest('figure.nsfw'); if (fig) fig.classList.toggle('revealed');
+});"""
+
+
+def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, grids_html: str) -> str:
+    title = f"Curation report: {run.root.name}"
+    parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run, funnel),
+             "<h2>Funnel</h2>", funnel_section(funnel),
+             "<h2>Score distributions</h2>", histogram_section(hists),
+             styles_section(styles), "<h2>Images</h2>", grids_html]
+    return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<style>{CSS}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script></body></html>")
+
+
+def alerts(run: Run) -> str:
+    """Random weights, skipped scorers and failed shards, at the top in colour: impossible to miss."""
+    out = []
+    if run.models.get("warning"):
+        out.append(f'<div class="alert danger" id="random-weights">{escape(run.models["warning"])}</div>')
+    for scorer, why in run.models.get("skipped", {}).items():
+        out.append(f'<div class="alert warn">scorer skipped: {escape(scorer)}: {escape(str(why))}</div>')
+    if run.models and not run.models.get("enabled"):
+        out.append('<div class="alert warn">no model scorer ran: clip_score, aesthetic, nsfw, watermark '
+                   'and style are absent, and their rules did not apply</div>')
+    for f in run.stats.get("failures", []):
+        out.append(f'<div class="alert danger">failed: {escape(str(f.get("phase")))} shard '
+                   f'{escape(str(f.get("shard")))}: {escape(str(f.get("error")))}</div>')
+    return "".join(out)
+
+
+def funnel_section(funnel: dict) -> str:
+    labels = ["rows in", *funnel["dropped"], "kept"]
+    counts = [funnel["rows_in"], *funnel["dropped"].values(), funnel["kept"]]
+    chart = svg.hbars(labels, counts, funnel["rows_in"], "Funnel: rows dropped per reason", highlight="kept")
+    total = max(funnel["rows_in"], 1)
+    rows = "".join(f'<tr><td>{escape(label)}</td><td class="num">{count:,}</td>'
+                   f'<td class="num">{100 * count / total:.2f}%</td><td>{escape(REASONS.get(label, ""))}</td></tr>'
+                   for label, count in zip(labels, counts))
+    return (f'<div id="funnel">{chart}<table class="funnel"><tr><th>step</th><th class="num">rows</th>'
+            f'<th class="num">share of input</th><th>rule</th></tr>{rows}</table></div>')
+
+
+def histogram_section(hists: list[Histogram]) -> str:
+    if not hists:
+        return "<p>No scored rows.</p>"
+    cards = []
+    for h in hists:
+        lines = [f"<p>{escape(h.doc)}. {h.n:,} scored rows"
+                 + (f"; {h.outside:,} beyond the axis are counted in the end bins" if h.outside else "") + ".</p>"]
+        for rule, value, share in h.thresholds:
+            lines.append(f'<p class="threshold-note"><b>{escape(rule.key)} = {value:g}</b> drops values '
+                         f'{rule.drops.replace("_", " ")} it: <b>{100 * share:.1f}%</b> of scored rows</p>')
+        if not h.thresholds and h.metric.rules:
+            lines.append(f"<p>{escape(', '.join(r.key for r in h.metric.rules))}: not set, no rule applied</p>")
+        sides = [(value, "below" if rule.drops == "below" else "above") for rule, value, _ in h.thresholds]
+        chart = svg.histogram(h.counts, h.edges, h.metric.title, sides)
+        cards.append(f'<div class="chart-card" data-column="{escape(h.metric.column)}">'
+                     f"<h3>{escape(h.metric.title)}</h3>{chart}{''.join(lines)}</div>")
+    return f'<div class="charts" id="histograms">{"".join(cards)}</div>'
+
+
+def styles_section(styles: dict | None) -> str:
+    if not styles:
+        return ""
+    chart = svg.paired_bars(styles["labels"], styles["before"], styles["after"], "Styles before and after rebalance")
+    return (f'<h2>Styles</h2><p>Before rebalance: rows kept or dropped as <i>rebalanced</i>; after: kept rows.</p>'
+            f'<div id="styles">{chart}</div>')
+
+
+def grid_section(grid: Grid, cards: list[str]) -> str:
+    note = f" <small>({escape(grid.note)})</small>" if grid.note else ""
+    return f'<h3>{escape(grid.title)}{note}</h3><div class="grid">{"".join(cards)}</div>'
+
+
+def card(row: dict, thumb: str, mark: str | None, group_start: bool, blurred: bool) -> str:
+    """One thumbnail with its caption and scores beneath, and every score on hover."""
+    caption = row.get("caption_norm") or row.get("caption") or ""
+    scores = [f"{k} {_short(row[k])}" for k in CARD_SCORES if row.get(k) is not None]
+    hover = "\n".join([caption, f"key {row['key']}", f"reason {row.get('reason') or 'kept'}", *scores])
+    classes = " ".join(c for c, on in (("nsfw", blurred), ("marked", mark), ("group-start", group_start)) if on)
+    image = f'<img src="{thumb}" alt="{escape(row["key"])}">' if thumb else '<span class="missing">no image</span>'
+    badge = f'<span class="badge">{escape(mark)}</span>' if mark else ""
+    return (f'<figure class="{classes}" title="{escape(hover)}">{badge}<div class="frame">{image}</div>'
+            f'<figcaption>{escape(caption[:80])}</figcaption><div class="scores">{escape(" · ".join(scores[:3]))}'
+            f"</div></figure>")
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def run_section(run: Run, funnel: dict) -> str:
+    """Timings with rows/s, model settings, versions and the full config (collapsed)."""
+    rows_in = funnel["rows_in"]
+    timing_rows = "".join(
+        f'<tr><td>{escape(phase)}</td><td class="num">{sec:,.1f}</td>'
+        f'<td class="num">{f"{rows_in / sec:,.0f}" if sec else "-"}</td></tr>'
+        for phase, sec in run.timings.items())
+    models = "".join(f"<tr><td>{escape(k)}</td><td>{escape(_plain(v))}</td></tr>" for k, v in run.models.items())
+    versions = "".join(f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in _versions().items())
+    return (f'<h2>Run</h2><div class="charts"><div><h3>Timings per phase</h3><table id="timings"><tr><th>phase</th>'
+            f'<th class="num">seconds</th><th class="num">input rows/s</th></tr>{timing_rows}</table></div>'
+            f"<div><h3>Models</h3><table>{models}</table></div>"
+            f"<div><h3>Versions (of the environment that wrote this report)</h3><table>{versions}</table></div></div>"
+            f"<details><summary>config.yaml</summary><pre>{escape(run.config_text)}</pre></details>")
+
+
+def _plain(value) -> str:
+    """Lists and mappings from models.json as text a person reads, not Python reprs."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {v}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

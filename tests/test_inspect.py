@@ -1,0 +1,137 @@
+"""`curate inspect`: where-expressions, column pruning, row-group sampling, tables that fit, JSON, URLs."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from rich.console import Console
+
+from manifests import inspect as insp
+from manifests.schema import REASONS, build
+from manifests.where import WhereError, columns, compile_where
+from synthetic import manifest_columns
+
+N = 5000
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("inspect") / "manifest.parquet"
+    pq.write_table(build(manifest_columns(N, shards=5, seed=3)), path, row_group_size=700)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def frame(manifest):
+    return pq.read_table(manifest).to_pandas()
+
+
+@pytest.mark.parametrize("expr", [
+    "aesthetic < 5 and style == 'cartoon'",
+    "aesthetic < 5 & style == 'cartoon'",
+    "(nsfw >= 0.5) or not (clip_score > 0.25)",
+    "reason in ['too_small', 'duplicate']",
+    "reason not in ('too_small', 'duplicate') and keep == False",
+    "1.2 < aspect_ratio <= 2",
+    "original_width * original_height > 1e6",
+    "reason.isnull()",
+    "dup_of.notnull()",
+])
+def test_where_matches_pandas_query(manifest, frame, expr):
+    got = insp.summarize(manifest, where=expr)
+    assert got["rows"] == len(frame.query(expr, engine="python"))
+
+
+def test_where_none_and_string_methods(manifest, frame):
+    assert insp.summarize(manifest, where="reason == None")["rows"] == int(frame["reason"].isna().sum())
+    assert insp.summarize(manifest, where="reason != None")["rows"] == int(frame["reason"].notna().sum())
+    expected = int(frame["caption"].str.endswith("7").sum())
+    assert insp.summarize(manifest, where="caption.str.endswith('7')")["rows"] == expected
+
+
+def test_where_errors_name_the_problem():
+    with pytest.raises(WhereError, match="unknown column.*'aesthetics'"):
+        compile_where("aesthetics < 5", ["aesthetic"])
+    with pytest.raises(WhereError, match="not a valid expression"):
+        compile_where("aesthetic <", ["aesthetic"])
+    with pytest.raises(WhereError, match="unknown column"):
+        compile_where("__import__('os').system('true')", ["aesthetic"])
+    with pytest.raises(WhereError, match="unsupported syntax"):
+        compile_where("aesthetic.mean() > 1", ["aesthetic"])
+    assert columns("aesthetic < 5 and style == 'cartoon' or aesthetic > 9") == ["aesthetic", "style"]
+
+
+def test_reads_only_the_columns_it_needs(manifest, monkeypatch):
+    read = []
+    real = insp.read_columns
+    monkeypatch.setattr(insp, "read_columns", lambda pf, names: read.append(list(names)) or real(pf, names))
+    insp.summarize(manifest, where="caption.str.contains('猫') and aesthetic < 5")
+    assert len(read) == 1
+    assert "caption" in read[0] and not {"url", "key", "caption_norm", "dup_of"} & set(read[0])
+
+
+def test_summary_funnel_quantiles_styles(manifest, frame):
+    s = insp.summarize(manifest)
+    assert s["rows"] == N
+    assert list(s["funnel"]["dropped"]) == [r for r in REASONS if r in s["funnel"]["dropped"]]
+    assert s["funnel"]["kept"] + sum(s["funnel"]["dropped"].values()) == N
+    expected = np.quantile(frame["aesthetic"].dropna(), [0.01, 0.5, 0.99])
+    assert [s["quantiles"]["aesthetic"][k] for k in ("p1", "p50", "p99")] == pytest.approx(expected, rel=1e-4)
+    assert s["styles"] == frame["style"].value_counts().to_dict()
+
+
+def test_sample_rows_come_from_the_filtered_rows(manifest, frame):
+    s = insp.summarize(manifest, where="style == 'cartoon' and keep == True", show=7, seed=1)
+    assert len(s["sample"]) == 7
+    by_key = frame.set_index("key")
+    for row in s["sample"]:
+        assert by_key.loc[row["key"], "style"] == "cartoon" and by_key.loc[row["key"], "keep"]
+        assert row["caption"] == by_key.loc[row["key"], "caption"]
+
+
+def test_take_rows_across_row_groups(manifest, frame):
+    pf = insp.open_manifest(manifest)
+    rows = np.array([4999, 0, 699, 700, 2100, 3333])
+    got = insp.take_rows(pf, rows, ["key", "n_chars"]).to_pylist()
+    assert [r["key"] for r in got] == frame["key"].iloc[rows].tolist()
+
+
+def test_fsspec_url(manifest):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with open(manifest, "rb") as src, fs.open("/runs/m.parquet", "wb") as dst:
+        dst.write(src.read())
+    s = insp.summarize("memory:///runs/m.parquet", where="nsfw >= 0.5", show=2)
+    assert s["rows"] > 0 and len(s["sample"]) == 2
+
+
+def test_tables_fit_an_80_column_terminal(manifest):
+    console = Console(width=80, record=True, file=io.StringIO())
+    insp.render(insp.summarize(manifest, show=3), console)
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "…" not in "".join(line for line in text.splitlines() if line.startswith("│ aesthetic"))
+
+
+def test_cli_json_and_errors(manifest):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", manifest, "--json", "--where", "aesthetic > 6", "--show", "2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["where"] == "aesthetic > 6" and len(data["sample"]) == 2 and "funnel" in data
+    bad = CliRunner().invoke(app, ["inspect", manifest, "--where", "aesthetics > 6"])
+    assert bad.exit_code == 2 and "unknown column" in bad.output
+
+
+def test_empty_result_prints_without_error(manifest):
+    s = insp.summarize(manifest, where="aesthetic > 100", show=3)
+    assert s["rows"] == 0 and s["funnel"]["rows_in"] == 0 and "sample" not in s
+    insp.render(s, Console(width=80, file=io.StringIO()))
+

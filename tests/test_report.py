@@ -1,0 +1,143 @@
+"""report.html: contents, scale (100k rows in seconds, under 20 MB), a real headless browser, the CLI."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from curate.report import build_report
+from curate.report.samples import tar_members
+from manifests.schema import REASONS
+from synthetic import WARNING, make_run
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    root = make_run(tmp_path_factory.mktemp("report") / "run", 3000, shards=3)
+    build_report(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium: $CURATE_CHROMIUM, on PATH, or installed with apt-get (as root, 10 min at most).
+
+    Skips, saying why, only when it is missing and cannot be installed.
+    """
+    found = os.environ.get("CURATE_CHROMIUM") or shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed and apt-get cannot run here (not root): apt-get install chromium")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        out = getattr(exc, "stderr", b"") or b""
+        pytest.skip(f"chromium could not be installed ({exc}): {out.decode(errors='replace')[-300:]}")
+    return shutil.which("chromium") or pytest.skip("apt-get installed chromium but it is not on PATH")
+
+
+def test_report_shows_warnings_funnel_histograms_styles_and_grids(small_run):
+    html = (small_run / "report.html").read_text(encoding="utf-8")
+    assert html.index(WARNING) < html.index('id="funnel"'), "the RANDOM-weights warning must come first"
+    assert "scorer skipped: watermark" in html
+    funnel_rows = re.findall(r"<tr><td>([a-z_ ]+)</td><td class=\"num\">", html.split('id="funnel"')[1])
+    shown = [r for r in funnel_rows if r in REASONS]
+    assert shown == [r for r in REASONS if r in shown] and len(shown) == len(REASONS)
+    assert funnel_rows[0] == "rows in" and "kept" in funnel_rows
+    for column in ("min_side", "aspect_ratio", "n_chars", "aesthetic", "nsfw", "clip_score", "watermark"):
+        assert f'data-column="{column}"' in html
+    assert "filters.aesthetic_min = 4.5" in html and "text.max_chars = 300" in html
+    assert 'id="styles"' in html and "before rebalance" in html
+    assert html.count("data:image/jpeg;base64,") >= 50
+    assert "Dropped: nsfw" in html and 'class="nsfw' in html
+    assert "Duplicate groups" in html and "kept member" in html
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', ""), "the page must not load anything"
+
+
+def test_nsfw_rejected_images_are_blurred(small_run):
+    html = (small_run / "report.html").read_text(encoding="utf-8")
+    section = html.split("Dropped: nsfw")[1].split("<h3>")[0]
+    figures = re.findall(r"<figure class=\"([^\"]*)\"", section)
+    assert figures and all("nsfw" in f.split() for f in figures)
+
+
+def test_report_on_100k_rows_takes_seconds_and_stays_small(tmp_path):
+    root = make_run(tmp_path / "big", 100_000, shards=10)
+    started = time.time()
+    path = build_report(root)
+    seconds = time.time() - started
+    size = path.stat().st_size
+    print(f"report on 100k rows: {seconds:.1f} s, {size / 1e6:.2f} MB")
+    assert size < 20e6
+    assert seconds < 30, "seconds, not minutes (generous: CI machines are shared)"
+
+
+def test_tar_reader_matches_tarfile_and_stops_at_missing(small_run):
+    import tarfile
+
+    tar_path = next((small_run / "raw").glob("*.tar"))
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+        wanted = {members[0].name, members[-1].name, "absent.jpg"}
+        got = dict(tar_members(tar_path, wanted))
+        assert set(got) == wanted - {"absent.jpg"}
+        assert all(got[n] == tar.extractfile(n).read() for n in got)
+
+
+def test_report_in_headless_chromium(small_run, chromium):
+    from cdp import Browser
+
+    browser = Browser(chromium)
+    try:
+        browser.open((small_run / "report.html").as_uri())
+        counts = browser.eval("""({
+            funnelBars: document.querySelectorAll('#funnel svg rect.bar').length,
+            histograms: document.querySelectorAll('#histograms svg.histogram').length,
+            thresholds: document.querySelectorAll('#histograms line.threshold').length,
+            images: [...document.querySelectorAll('.grid img')].filter(i => i.complete && i.naturalWidth > 0).length,
+            alert: document.getElementById('random-weights').getBoundingClientRect().top,
+        })""")
+        blurred = browser.eval("getComputedStyle(document.querySelector('figure.nsfw img')).filter")
+        browser.eval("document.querySelector('figure.nsfw .frame').click()")
+        revealed = browser.eval("getComputedStyle(document.querySelector('figure.nsfw img')).filter")
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = browser.screenshot(ARTIFACTS / "report.png")
+        print(f"screenshot: {shot}")
+        errors = list(browser.errors)
+    finally:
+        browser.close()
+    assert not errors, errors
+    assert counts["funnelBars"] >= len(REASONS) + 2
+    assert counts["histograms"] >= 1 and counts["thresholds"] >= 1
+    assert counts["images"] >= 50
+    assert counts["alert"] < 400, "the warning sits at the top of the page"
+    assert "blur" in blurred and revealed == "none"
+    assert shot.stat().st_size > 10_000
+
+
+def test_cli_report(small_run):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    (small_run / "report.html").unlink()
+    result = CliRunner().invoke(app, ["report", str(small_run)])
+    assert result.exit_code == 0, result.output
+    assert (small_run / "report.html").exists()
+    missing = CliRunner().invoke(app, ["report", str(small_run / "nope")])
+    assert missing.exit_code == 2 and "no such run directory" in missing.output
+
+
+def test_pipeline_writes_the_report(demo_run):
+    html = (demo_run / "report.html").read_text(encoding="utf-8")
+    assert 'id="funnel"' in html and "data:image/jpeg;base64," in html
