@@ -42,6 +42,10 @@ def _num(table: pa.Table, name: str, fill: float = np.nan) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
+def _mask(values: pa.ChunkedArray) -> np.ndarray:
+    return values.to_numpy(zero_copy_only=False).astype(bool)
+
+
 def _apply(reason: np.ndarray, name: str, fails: np.ndarray) -> None:
     """Give `name` to rows that fail and have no earlier reason."""
     assert name in REASONS, name
@@ -52,11 +56,11 @@ def row_reasons(t: pa.Table, cfg: Config, failed_shards: set[str]) -> np.ndarray
     """Reasons from the per-row rules, in REASONS order, before any duplicate logic."""
     f = cfg.filters
     reason = np.full(t.num_rows, None, dtype=object)
-    shard = np.array(t.column("shard").to_pylist(), dtype=object)
-    _apply(reason, "shard_failed", np.isin(shard, list(failed_shards)))
-    _apply(reason, "download_failed", np.array(t.column("status").to_pylist()) != "success")
-    score_error = t.column("score_error").to_pylist() if "score_error" in t.column_names else [None] * t.num_rows
-    _apply(reason, "decode_error", np.array([e is not None for e in score_error]))
+    failed = pa.array(sorted(failed_shards), pa.string())
+    _apply(reason, "shard_failed", _mask(pc.is_in(t.column("shard"), value_set=failed)))
+    _apply(reason, "download_failed", _mask(pc.not_equal(t.column("status"), "success").fill_null(True)))
+    if "score_error" in t.column_names:
+        _apply(reason, "decode_error", _mask(pc.is_valid(t.column("score_error"))))
     min_side = np.minimum(_num(t, "original_width"), _num(t, "original_height"))
     _apply(reason, "too_small", ~(min_side >= f.min_side))
     _apply(reason, "bad_aspect", ~(_num(t, "aspect_ratio") <= f.max_aspect_ratio))

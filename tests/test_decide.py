@@ -105,3 +105,13 @@ def test_decisions_are_deterministic(ray_session):
     first, second = decide_table(t, _cfg())[0], decide_table(t, _cfg(dedupe={"partitions": 5}))[0]
     assert first.equals(second)
     assert first.column("reason").to_pylist().count("duplicate") == 50
+
+
+def test_first_rules_come_before_duplicates(ray_session):
+    t = scores_table(6, sha256=["a" * 64] * 6, shards=2)
+    t = t.set_column(t.schema.get_field_index("status"), "status",
+                     pa.array(["success", "failed_to_download"] + ["success"] * 4))
+    t = t.set_column(t.schema.get_field_index("score_error"), "score_error",
+                     pa.array([None, None, "decode error: truncated", None, None, None], pa.string()))
+    rows = _rows(decide_table(t, _cfg(), failed_shards={"00001"})[0])
+    assert [r[0] for r in rows.values()] == [None, "download_failed", "decode_error"] + ["shard_failed"] * 3
