@@ -51,7 +51,10 @@ def main(full: bool) -> dict:
     n = 10_000_000 if full else 1_000_000
     hashes, planted = planted_hashes(n)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ours = not ray.is_initialized()      # bench/run.py may have started Ray already
+    if ours:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
     try:
         with PeakMemory() as memory:
             started = time.perf_counter()
@@ -61,12 +64,13 @@ def main(full: bool) -> dict:
             root[nodes] = best
             seconds = time.perf_counter() - started
     finally:
-        ray.shutdown()
+        if ours:
+            ray.shutdown()
     found = int((root[planted[0]] == root[planted[1]]).sum())
     return {
         "benchmark": "decide_near_dedup",
         "rows": n, "planted_pairs": planted.shape[1], "planted_found": found,
-        "max_distance": MAX_DISTANCE, "partitions": PARTITIONS, "ray_cpus": 2,
+        "max_distance": MAX_DISTANCE, "partitions": PARTITIONS, "ray_cpus": cpus,
         "grouped_rows": int((root != np.arange(n)).sum()),
         "seconds": round(seconds, 2), "peak_memory_mb": memory.result(),
         "ratios": {"planted_recall": round(found / planted.shape[1], 6),
