@@ -14,8 +14,10 @@ Memory bound (n surviving rows, k = dedupe.phash_max_distance, P = dedupe.partit
   (k+1)·n_unique/P of them plus its verified pairs;
 - semantic dedup: one partition task holds its clusters' embeddings and one similarity block
   of at most BLOCK_ELEMS floats.
-Work: near dedup compares only pairs that agree on a band and a sub-band (filters/phash.py):
-about (k+1)^2 · n²/2^(64/(k+1) + 64/(k+1)^2) pairs for random hashes, ~10^8 for n = 10^7 at k = 4.
+Work: near dedup compares only pairs that agree on a band and a sub-band (filters/phash.py),
+(k+1)² keys of b = w + (64 - w)/(k+1) bits (w = 64/(k+1)): about (k+1)² · n²/2^(b+1) pairs for
+random hashes; b ≈ 23 at k = 4, so ~1.5·10^8 pairs for n = 10^7. At k = 8 (b ≈ 13) that grows
+to ~10^12: large k needs a deeper split, so 8 is the cap.
 """
 from __future__ import annotations
 
