@@ -132,6 +132,8 @@ def download_shard(cfg: Config, shard: str) -> dict:
     run = RunDir(Path(cfg.run_dir))
     started = time.time()
     rows = pq.read_table(run.input_shards / f"{shard}.parquet")
+    for stale in run.raw.glob(f".work-{shard}-*"):  # left by an attempt that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = run.raw / f".work-{shard}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:

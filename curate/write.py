@@ -113,6 +113,8 @@ def run_write(cfg: Config, shards: list[str], failures: list[dict]) -> dict:
     for stale in run.shards.glob(f"{cfg.write.prefix}-*.tar"):
         if stale.name not in names:
             stale.unlink()
+    for partial in run.shards.glob(f".{cfg.write.prefix}-*.tar.*.tmp"):  # a killed run's unfinished shards
+        partial.unlink()
     write_json({name: digest for name, _, digest in plan}, index_path)
     out_shard = {s["key"]: name for name, samples, _ in plan for s in samples}
     manifest = table.append_column("out_shard", pa.array([out_shard.get(k) for k in table.column("key").to_pylist()],
