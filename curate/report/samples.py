@@ -53,9 +53,13 @@ def pick(table: pa.Table, seed: int = 0) -> list[Grid]:
     reason = table.column("reason")
     grids = [Grid("Random sample of kept images", f"{min(KEPT_SAMPLE, int(keep.sum()))} of {int(keep.sum()):,}",
                   _sample(keep, KEPT_SAMPLE, rng))]
-    for name in (r for r in REASONS if r not in NO_IMAGE):
+    for name in REASONS:
         hit = _mask(pc.equal(reason, name))
-        if hit.any():
+        if not hit.any():
+            continue
+        if name in NO_IMAGE:
+            grids.append(Grid(f"Dropped: {name}", f"{int(hit.sum()):,} rows; {REASONS[name]}; no image was stored", []))
+        else:
             grids.append(Grid(f"Dropped: {name}", f"{min(PER_GRID, int(hit.sum()))} of {int(hit.sum()):,}; "
                               f"{REASONS[name]}", _sample(hit, PER_GRID, rng)))
     if "aesthetic" in table.column_names and keep.any():
@@ -72,7 +76,7 @@ def pick(table: pa.Table, seed: int = 0) -> list[Grid]:
 
 def duplicate_groups(table: pa.Table, rng: np.random.Generator) -> Grid:
     """A few groups: the member dedup kept (marked), then up to DUP_MEMBERS rows that name it in dup_of."""
-    grid = Grid("Duplicate groups", "each group starts with the member dedup kept (marked)", [])
+    grid = Grid("Duplicate groups", "", [])
     dup_of = table.column("dup_of")
     if dup_of.null_count == len(dup_of):
         return grid
