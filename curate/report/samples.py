@@ -41,6 +41,14 @@ def _mask(expr) -> np.ndarray:
     return pc.fill_null(expr, False).to_numpy(zero_copy_only=False)
 
 
+def _codes(table: pa.Table, column: str) -> tuple[np.ndarray, list]:
+    """Dictionary codes (NaN for null) and their values: one pass instead of a comparison per value."""
+    arr = table.select([column]).unify_dictionaries().column(0).combine_chunks()
+    if not pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_encode()
+    return arr.indices.to_numpy(zero_copy_only=False), arr.dictionary.to_pylist()
+
+
 def _sample(where: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
     found = np.flatnonzero(where)
     return sorted(rng.choice(found, size=min(k, len(found)), replace=False).tolist()) if len(found) else []
@@ -50,11 +58,11 @@ def pick(table: pa.Table, seed: int = 0) -> list[Grid]:
     """Kept sample, one grid per reason with images, aesthetic extremes, duplicate groups."""
     rng = np.random.default_rng(seed)
     keep = _mask(table.column("keep"))
-    reason = table.column("reason")
+    codes, names = _codes(table, "reason")
     grids = [Grid("Random sample of kept images", f"{min(KEPT_SAMPLE, int(keep.sum()))} of {int(keep.sum()):,}",
                   _sample(keep, KEPT_SAMPLE, rng))]
     for name in REASONS:
-        hit = _mask(pc.equal(reason, name))
+        hit = codes == names.index(name) if name in names else np.zeros(len(codes), bool)
         if not hit.any():
             continue
         if name in NO_IMAGE:
