@@ -165,6 +165,9 @@ def run_score(cfg: Config, shards: list[str]) -> list[dict]:
             counts[shard] += part.num_rows
             if counts[shard] == expected[shard] and shard not in failures:
                 _write_scores(run, shard, pending.pop(shard))
+    for shard in todo:  # a shard whose rows did not all come back is a failure, never a silent gap
+        if counts[shard] != expected[shard] and shard not in failures:
+            failures[shard] = f"scoring returned {counts[shard]} of {expected[shard]} rows"
     seconds = progress.finish()
     log.info("score: %d shards in %.1fs", len(todo) - len(failures), seconds)
     return [{"phase": "score", "shard": s, "error": e} for s, e in sorted(failures.items())]
