@@ -51,7 +51,8 @@ def _rate(opts: ModelOptions, images: list[np.ndarray], captions: list[str], dev
     return len(images) / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Parse `argv` (default: the command line), measure, print the JSON and return it (bench/run.py calls this)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=None, help="images per measurement (default 32 CPU, 1024 CUDA)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--models-dir", default=None)
     parser.add_argument("--real-towers", action="store_true", help="ViT-L/14 + ViT-H/14 even on CPU")
     parser.add_argument("--clip-model", default=None, help="override the CLIP tower (default: the configured one)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = device == "cuda"
@@ -84,11 +85,13 @@ def main() -> None:
     for label, enabled in configs.items():
         opts = ModelOptions(enabled=enabled, **{**base, **({"nsfw_backend": "open_nsfw"} if label == "open_nsfw" else {})})
         results[label] = round(_rate(opts, images, captions, device), 2)
-    print(json.dumps({
+    report = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "weights": args.weights, "clip_tower": base.get("clip_model"), "l14_tower": base.get("l14_model", "ViT-L-14-quickgelu"),
         "batch_size": base["batch_size"], "images": n, "images_per_s": results,
-    }, indent=2))
+    }
+    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

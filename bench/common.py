@@ -215,6 +215,12 @@ def photos(folder: Path, n: int, lo: int, hi: int, seed: int = 0) -> list[Path]:
 
 
 def timer() -> Callable[[], float]:
-    """perf_counter start; calling the result returns the seconds since."""
+    """perf_counter start; calling the result returns the wall seconds since."""
     start = time.perf_counter()
     return lambda: time.perf_counter() - start
+
+
+def cpu_timer() -> Callable[[], float]:
+    """This process's CPU time (all threads): per-core cost, robust to other jobs on the machine."""
+    start = time.process_time()
+    return lambda: time.process_time() - start

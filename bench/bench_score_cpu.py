@@ -1,0 +1,191 @@
+"""CPU part of score: images/s per core of decode + every CPU metric, against the alternatives.
+
+Contenders, each in one process on one core, on the same JPEGs (512-1024 px) and captions:
+- ours: `curate.score.score_cpu` (one decode per image, JPEG draft) plus the image size read
+  from the header (the download phase records it in the pipeline);
+- naive: the same metrics, each opening and fully decoding the image again, the way
+  per-filter operator libraries work;
+- Data-Juicer: `py-data-juicer` in its own venv (bench/.venv-dj, installed on first use)
+  running image_shape_filter, image_aspect_ratio_filter, image_size_filter and
+  image_deduplicator with their defaults, except np=1 (one core, like the others) and
+  use_cache=false (repeats must do the work, not read a cache).
+sha256 of the bytes comes from our download phase; every contender hashes the bytes here,
+so all of them pay for it. Ours and naive also compute the caption metrics; Data-Juicer runs
+no text operator, so the comparison with it is conservative.
+The clock is the process's CPU time: per-core throughput of single-process work, and far less
+sensitive than wall time to the other jobs of a shared machine.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.common import ROOT, cpu_timer, photos, rate, side_by_side, summary
+from curate import config as config_mod
+from curate.score import score_cpu
+from filters.image import METRIC_SIDE, edge_density, entropy, phash64
+from filters.text import caption_columns
+
+SIZES = {"smoke": 8, "quick": 120, "full": 600}
+DJ_VENV = ROOT / "bench" / ".venv-dj"
+DJ_PACKAGES = ["py-data-juicer==1.6.1", "aiohttp", "imagededup"]
+DJ_OPS = ["image_shape_filter", "image_aspect_ratio_filter", "image_size_filter", "image_deduplicator"]
+
+# Runs inside Data-Juicer's venv: a warm-up (imports, op set-up), then per repeat a timed run on
+# 4 rows and one on all rows; the difference is its per-image cost without its fixed cost.
+DJ_DRIVER = """
+import hashlib, json, sys, time
+from data_juicer.config import init_configs
+from data_juicer.core import DefaultExecutor
+small, full, paths, repeats = sys.argv[1], sys.argv[2], json.loads(open(sys.argv[3]).read()), int(sys.argv[4])
+
+def timed(config, hashed):
+    executor = DefaultExecutor(init_configs(args=["--config", config]))
+    start = time.process_time()
+    executor.run()
+    for p in hashed:
+        hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return time.process_time() - start
+
+timed(small, paths[:4])
+pairs = [(timed(small, paths[:4]), timed(full, paths)) for _ in range(repeats)]
+print("DJ_SECONDS", json.dumps(pairs), file=sys.stderr)
+"""
+
+
+def _config() -> config_mod.Config:
+    return config_mod.validate({"run_dir": "/nonexistent", "input": {"paths": ["/nonexistent"]}})
+
+
+def ours(images: list[bytes], captions: list[str], cfg: config_mod.Config) -> float:
+    """The pipeline's CPU stage on one batch, plus the header sizes and sha256; CPU seconds."""
+    elapsed = cpu_timer()
+    sizes = [Image.open(io.BytesIO(b)).size for b in images]
+    batch = {"key": np.array([str(i) for i in range(len(images))], dtype=object),
+             "shard": np.array(["00000"] * len(images), dtype=object),
+             "caption": np.array(captions, dtype=object), "status": np.array(["success"] * len(images), dtype=object),
+             "original_width": np.array([w for w, _ in sizes]), "original_height": np.array([h for _, h in sizes]),
+             "_image": np.array(images, dtype=object),
+             "_shard_error": np.array([""] * len(images), dtype=object)}
+    score_cpu(batch, cfg, model_side=None)
+    for b in images:
+        hashlib.sha256(b).hexdigest()
+    return elapsed()
+
+
+def _decoded(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    return img.convert("RGB")  # full decode, as a per-metric operator does
+
+
+def _gray(data: bytes) -> Image.Image:
+    gray = _decoded(data).convert("L")
+    gray.thumbnail((METRIC_SIDE, METRIC_SIDE), Image.BILINEAR)
+    return gray
+
+
+def naive(images: list[bytes], captions: list[str], cfg: config_mod.Config) -> float:
+    """Same metrics, one full decode per metric: size, aspect ratio, texture, pHash; then sha256; CPU seconds."""
+    elapsed = cpu_timer()
+    rows = []
+    for data in images:
+        w, h = _decoded(data).size
+        side_a, side_b = _decoded(data).size
+        gray = np.asarray(_gray(data))
+        rows.append({"width": w, "height": h, "aspect_ratio": max(side_a, side_b) / min(side_a, side_b),
+                     "entropy": entropy(gray), "edge_density": edge_density(gray),
+                     "jpeg_bpp": 8.0 * len(data) / (w * h), "phash": phash64(_gray(data)),
+                     "sha256": hashlib.sha256(data).hexdigest()})
+    caption_columns(captions, cfg.text)
+    return elapsed()
+
+
+def data_juicer_python() -> Path:
+    """Data-Juicer's own venv (so its dependencies never touch ours), created on first use."""
+    python = DJ_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import data_juicer, imagededup, aiohttp"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(DJ_VENV)], check=True, capture_output=True)
+    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *DJ_PACKAGES], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"pip install {' '.join(DJ_PACKAGES)} failed: {done.stderr.strip()[-800:]}")
+    return python
+
+
+def _dj_config(root: Path, name: str, paths: list[Path], captions: list[str]) -> Path:
+    data = root / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"text": c, "images": [str(p)]}, ensure_ascii=False) + "\n"
+                            for p, c in zip(paths, captions)), encoding="utf-8")
+    config = root / f"{name}.yaml"
+    ops = "".join(f"  - {op}: {{}}\n" for op in DJ_OPS)
+    config.write_text(f"project_name: bench\ndataset_path: {data}\nexport_path: {root / name}-out/out.jsonl\n"
+                      f"np: 1\nuse_cache: false\nprocess:\n{ops}", encoding="utf-8")
+    return config
+
+
+def data_juicer(python: Path, root: Path, paths: list[Path], captions: list[str], repeats: int) -> dict:
+    """Data-Juicer's repeats in one process (its import alone takes tens of seconds here).
+
+    Each repeat's figure is the full run's seconds less those of a 4-row run (its fixed
+    cost per job), scaled to all rows; both raw figures are kept.
+    """
+    small, full = _dj_config(root, "small", paths[:4], captions[:4]), _dj_config(root, "full", paths, captions)
+    (root / "paths.json").write_text(json.dumps([str(p) for p in paths]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([str(python), "-c", DJ_DRIVER, str(small), str(full), str(root / "paths.json"),
+                           str(repeats)], cwd=root, capture_output=True, text=True, env=env)
+    for line in done.stderr.splitlines():
+        if line.startswith("DJ_SECONDS"):
+            pairs = json.loads(line.split(" ", 1)[1])
+            per_repeat = [(f - s) * len(paths) / (len(paths) - 4) for s, f in pairs]
+            return {**summary(per_repeat), "runs_4_rows_s": [round(s, 3) for s, _ in pairs],
+                    "runs_all_rows_s": [round(f, 3) for _, f in pairs]}
+    raise RuntimeError(f"Data-Juicer exited {done.returncode}: {done.stderr.strip()[-800:]}")
+
+
+def run(mode: str) -> dict:
+    """All three contenders side by side; Data-Juicer is replaced by its error if it cannot run here."""
+    n = SIZES[mode]
+    repeats = 1 if mode == "smoke" else 3
+    cfg = _config()
+    with tempfile.TemporaryDirectory(prefix="bench_score_") as tmp:
+        root = Path(tmp)
+        paths = photos(root / "images", n, 512, 1024, seed=1)
+        images = [p.read_bytes() for p in paths]
+        captions = [f"一只在草地上奔跑的小狗，高清摄影 {i}" for i in range(n)]
+        contenders = {"ours": lambda: ours(images, captions, cfg), "naive": lambda: naive(images, captions, cfg)}
+        timings = side_by_side(contenders, repeats, warm=() if mode == "smoke" else None)
+        dj_error = None
+        try:
+            if mode == "smoke":
+                raise RuntimeError("not run in the smoke test: one Data-Juicer process takes about a minute")
+            timings["data_juicer"] = data_juicer(data_juicer_python(), root, paths, captions, repeats)
+        except Exception as exc:  # recorded in the JSON instead of a figure
+            dj_error = f"{type(exc).__name__}: {exc}"[:1200]
+    per_core = {name: rate(n, t) for name, t in timings.items()}
+    ratios = {"score_cpu.ours_over_naive": round(per_core["ours"] / per_core["naive"], 3),
+              "score_cpu.ours_over_data_juicer": (round(per_core["ours"] / per_core["data_juicer"], 3)
+                                                  if "data_juicer" in per_core else None)}
+    return {
+        "sizes": {"images": n, "sides_px": [512, 1024], "repeats": repeats, "cores_per_contender": 1},
+        "timings": timings,
+        "images_per_s_per_core": per_core,
+        "data_juicer": {"ops": DJ_OPS, "settings": {"np": 1, "use_cache": False}, "packages": DJ_PACKAGES,
+                        "error": dj_error},
+        "ratios": ratios,
+        "clock": "process CPU time (time.process_time)",
+        "notes": "one process each; sha256 of the bytes hashed by every contender; ours and naive also "
+                 "compute caption metrics; Data-Juicer timed on executor.run() (load jsonl, ops, export) "
+                 "after an in-process warm-up, less the time of the same run on 4 rows (its fixed cost), "
+                 "its repeats in one process after ours and naive took turns",
+    }

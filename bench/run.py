@@ -1,0 +1,213 @@
+"""`make bench`: run every benchmark, write bench/results/{name}.json, print and record the table.
+
+    python -m bench.run            # quick: a few minutes on 2 cores
+    python -m bench.run --full     # larger sizes
+    python -m bench.run --only download score_cpu   # re-run some; the others' figures are kept
+
+Every JSON carries the machine, versions, sizes, medians with every repeat, and the same
+top-level `ratios` object: every headline figure of every benchmark, null where it could not
+be measured (the reason is in `ratios_missing`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from bench.common import ROOT, machine, versions
+
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "bench" / "README.md"
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+RATIOS = ("download.ours_over_img2dataset", "score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer",
+          "scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min", "score_gpu.pipeline_over_model_alone")
+
+
+def _models(mode: str) -> dict:
+    """bench_models (the model scorers' own benchmark): median per configuration over the repeats.
+
+    It builds about a dozen model configurations, minutes on a busy 2-core CPU, so the quick
+    mode runs it once and the full mode three times; the smoke test leaves it to tests/test_models.py.
+    """
+    from bench import bench_models
+
+    if mode == "smoke":
+        return {"error": "not run in the smoke test: it builds a dozen model configurations (minutes on CPU)",
+                "ratios": {}}
+    repeats = 3 if mode == "full" else 1
+    argv: list[str] = []
+    runs = [bench_models.main(argv) for _ in range(repeats)]
+    rates = {k: round(statistics.median(r["images_per_s"][k] for r in runs), 2) for k in runs[0]["images_per_s"]}
+    return {**runs[0], "images_per_s": rates, "repeats": repeats,
+            "runs_images_per_s": [r["images_per_s"] for r in runs], "ratios": {}}
+
+
+def _decide(mode: str) -> dict:
+    """bench_decide (the decide phase's own benchmark), if it has landed."""
+    try:
+        from bench import bench_decide
+    except ImportError as exc:
+        return {"error": f"not yet available: {exc}", "ratios": {}}
+    if mode == "smoke":
+        return {"error": "not run in the smoke test: its smallest size is 1M rows", "ratios": {}}
+    result = bench_decide.main(mode == "full")
+    result.pop("machine", None), result.pop("versions", None)
+    return result
+
+
+def _score_gpu(mode: str) -> dict:
+    """Needs CUDA; elsewhere it says so instead of inventing a figure."""
+    gpu = machine()["gpu"]
+    why = (f"GPU {gpu} present, but no GPU pipeline benchmark is implemented yet" if gpu
+           else "could not run: no CUDA GPU on this machine (nvidia-smi finds none)")
+    return {"error": why, "ratios": {"score_gpu.pipeline_over_model_alone": None}}
+
+
+def _bench(name: str) -> Callable[[str], dict]:
+    if name == "models":
+        return _models
+    if name == "decide":
+        return _decide
+    if name == "score_gpu":
+        return _score_gpu
+    module = __import__(f"bench.bench_{name}", fromlist=["run"])
+    return module.run
+
+
+BENCHMARKS = ("download", "score_cpu", "models", "decide", "scaling", "score_gpu")
+
+
+def run_one(name: str, mode: str) -> dict:
+    """One benchmark, timed; an exception becomes the JSON's `error`, never a made-up figure."""
+    started = time.time()
+    try:
+        result = _bench(name)(mode)
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"[:1500], "traceback": traceback.format_exc()[-3000:],
+                  "ratios": {}}
+    own = {k if "." in k else f"{name}.{k}": v for k, v in result.pop("ratios", {}).items()}
+    return {"benchmark": name, "mode": mode, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+            "seconds": round(time.time() - started, 1), "machine": machine(), "versions": versions(),
+            **result, "own_ratios": own}
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def merge_ratios(results: dict[str, dict]) -> tuple[dict, dict]:
+    """Every headline ratio across benchmarks, and why each missing one is missing."""
+    ratios = dict.fromkeys(RATIOS)
+    for result in results.values():
+        ratios.update(result.get("own_ratios", {}))
+    missing = {}
+    for key in (k for k, v in ratios.items() if v is None):
+        source = results.get(key.split(".")[0], {})
+        missing[key] = source.get("error") or source.get("data_juicer", {}).get("error") or "benchmark not run"
+    return ratios, missing
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.3g}" if isinstance(value, float) and abs(value) < 100 else f"{value:,.0f}" \
+        if isinstance(value, (int, float)) else str(value)
+
+
+def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, str, str]]:
+    """(benchmark, figure, value, goal) rows for the printed and recorded table."""
+    rows = []
+    dl = results.get("download", {})
+    for who, v in dl.get("images_per_s", {}).items():
+        rows.append(("download", f"{who} images/s", _fmt(v), ""))
+    rows.append(("download", "ours / img2dataset", _fmt(ratios["download.ours_over_img2dataset"]), "≥ 0.9"))
+    sc = results.get("score_cpu", {})
+    for who, v in sc.get("images_per_s_per_core", {}).items():
+        rows.append(("score_cpu", f"{who} images/s per core", _fmt(v), ""))
+    rows.append(("score_cpu", "ours / naive", _fmt(ratios["score_cpu.ours_over_naive"]), "≥ 3"))
+    rows.append(("score_cpu", "ours / Data-Juicer", _fmt(ratios["score_cpu.ours_over_data_juicer"]), "≥ 3"))
+    for label, v in results.get("models", {}).get("images_per_s", {}).items():
+        if label == "all" or "_without_" not in label:
+            rows.append(("models (CPU, tiny towers)", f"{label} images/s", _fmt(v), ""))
+    dec = results.get("decide", {})
+    if "seconds" in dec and "rows" in dec:
+        rows.append(("decide", f"near-dup {dec['rows']:,} rows: seconds", _fmt(dec["seconds"]), ""))
+        rows.append(("decide", "peak memory MB (total)", _fmt(dec.get("peak_memory_mb", {}).get("total_mb")), ""))
+    for n, s in results.get("scaling", {}).get("per_size", {}).items():
+        rows.append(("scaling", f"{int(n):,} rows: s per 1k rows (x{s['repeats']})", _fmt(s["sec_per_1k"]), ""))
+        rows.append(("scaling", f"{int(n):,} rows: peak MB driver / workers",
+                     f"{_fmt(s['peak_mb']['driver_mb'])} / {_fmt(s['peak_mb']['workers_mb'])}", ""))
+    rows.append(("scaling", "s per 1k max / min", _fmt(ratios["scaling.sec_per_1k_max_over_min"]), "≤ 1.2"))
+    rows.append(("scaling", "peak memory max / min", _fmt(ratios["scaling.peak_mem_max_over_min"]), "≤ 1.2"))
+    rows.append(("score_gpu", "pipeline / model alone", _fmt(ratios["score_gpu.pipeline_over_model_alone"]), "≥ 0.8"))
+    return rows
+
+
+def markdown(rows: list[tuple[str, str, str, str]], missing: dict, header: str) -> str:
+    lines = [header, "", "| benchmark | figure | value | goal |", "|---|---|---|---|"]
+    lines += [f"| {b} | {f} | {v} | {g} |" for b, f, v, g in rows]
+    if missing:
+        lines += ["", "Not measured:"] + [f"- `{k}`: {why.splitlines()[0][:300]}" for k, why in missing.items()]
+    return "\n".join(lines)
+
+
+def update_readme(text: str) -> None:
+    """Replace the table between the markers in bench/README.md (append the markers if absent)."""
+    block = f"{START}\n{text}\n{END}"
+    old = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
+    if START in old and END in old:
+        new = old[: old.index(START)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    README.write_text(new, encoding="utf-8")
+
+
+def load_previous() -> dict[str, dict]:
+    out = {}
+    for name in BENCHMARKS:
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text(encoding="utf-8"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="larger sizes (tens of minutes)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run these; keep the others' last results")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds each (the test suite's mode)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON files go")
+    args = parser.parse_args(argv)
+    mode = "smoke" if args.smoke else "full" if args.full else "quick"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args.results.mkdir(parents=True, exist_ok=True)
+    results = load_previous() if args.results == RESULTS else {}
+    for name in args.only or BENCHMARKS:
+        print(f"bench: running {name} ({mode}) ...", flush=True)
+        results[name] = run_one(name, mode)
+        print(f"bench: {name} done in {results[name]['seconds']} s"
+              + (f" — {results[name]['error'][:200]}" if results[name].get("error") else ""), flush=True)
+    ratios, missing = merge_ratios(results)
+    for name, result in results.items():
+        _write(args.results / f"{name}.json", {**result, "ratios": ratios, "ratios_missing": missing})
+    info = machine()
+    command = "make bench FULL=1" if mode == "full" else "make bench" if mode == "quick" else "python -m bench.run --smoke"
+    header = (f"`{command}` on {info['cpu_model']}, {info['cores']} cores, {info['memory_gb']} GB, "
+              f"GPU: {info['gpu'] or 'none'}; finished {time.strftime('%Y-%m-%d %H:%M')}.")
+    text = markdown(table_rows(results, ratios), missing, header)
+    print("\n" + text)
+    if args.results == RESULTS:
+        update_readme(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Each benchmark at its smallest size, so none can rot; and the runner's bookkeeping."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from bench import common, run
+
+OWN_RATIOS = {
+    "download": ["download.ours_over_img2dataset"],
+    "score_cpu": ["score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer"],
+    "scaling": ["scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min"],
+    "score_gpu": ["score_gpu.pipeline_over_model_alone"],
+    "models": [],
+    "decide": [],
+}
+
+
+@pytest.mark.parametrize("name", run.BENCHMARKS)
+def test_benchmark_smoke(name):
+    result = run.run_one(name, "smoke")
+    assert set(OWN_RATIOS[name]) <= set(result["own_ratios"])
+    assert result["machine"]["cores"] >= 1 and "ray" in result["versions"]
+    if name in ("decide", "score_gpu", "models"):  # not run in smoke / no GPU here: they say why instead
+        assert result.get("error") or result["own_ratios"]
+        return
+    assert "error" not in result, result.get("traceback")
+    if name == "download":
+        assert result["own_ratios"]["download.ours_over_img2dataset"] > 0
+    if name == "score_cpu":
+        assert result["images_per_s_per_core"]["ours"] > 0
+        assert "smoke" in result["data_juicer"]["error"]  # Data-Juicer takes a minute: quick mode only
+    if name == "scaling":
+        assert all(not s["failures"] and s["peak_mb"]["workers_mb"] > 0 for s in result["per_size"].values())
+
+
+def test_runner_writes_every_ratio_and_the_table(tmp_path, monkeypatch):
+    fake = {
+        "download": {"images_per_s": {"ours": 95.0, "img2dataset": 100.0},
+                     "own_ratios": {"download.ours_over_img2dataset": 0.95}},
+        "score_cpu": {"images_per_s_per_core": {"ours": 30.0}, "data_juicer": {"error": "pip failed"},
+                      "own_ratios": {"score_cpu.ours_over_naive": 3.5, "score_cpu.ours_over_data_juicer": None}},
+    }
+    ratios, missing = run.merge_ratios(fake)
+    assert set(run.RATIOS) <= set(ratios)
+    assert missing["score_cpu.ours_over_data_juicer"] == "pip failed"
+    assert missing["scaling.sec_per_1k_max_over_min"] == "benchmark not run"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Benchmarks\n\nintro\n\n{run.START}\nold\n{run.END}\n\nafter\n")
+    monkeypatch.setattr(run, "README", readme)
+    run.update_readme(run.markdown(run.table_rows(fake, ratios), missing, "header"))
+    text = readme.read_text()
+    assert "old" not in text and "| download | ours / img2dataset | 0.95 | ≥ 0.9 |" in text
+    assert text.startswith("# Benchmarks\n\nintro") and text.rstrip().endswith("after")
+
+
+def test_runner_main_writes_one_json_per_benchmark(tmp_path):
+    run.main(["--smoke", "--only", "score_gpu", "--results", str(tmp_path)])
+    data = json.loads((tmp_path / "score_gpu.json").read_text())
+    assert set(run.RATIOS) <= set(data["ratios"]) and data["ratios_missing"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_peak_memory_sees_a_child_process():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 << 20); time.sleep(1.5)"])
+    with common.PeakMemory(os.getpid(), every=0.05) as memory:
+        child.wait()
+    assert memory.workers_mb > 150 and memory.driver_mb > 0
+
+
+def test_side_by_side_takes_turns_and_reports_medians():
+    calls = []
+
+    def contender(name, seconds):
+        def fn():
+            calls.append(name)
+            return seconds
+        return fn
+
+    out = common.side_by_side({"a": contender("a", 1.0), "b": contender("b", 2.0)}, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert out["a"]["median_s"] == 1.0 and len(out["b"]["runs_s"]) == 3
+    assert common.rate(10, out["b"]) == 5.0
+    assert common.timer()() < time.perf_counter()
