@@ -54,7 +54,9 @@ class DownloadConfig(_Section):
 
 class ScoreConfig(_Section):
     batch_size: int = Field(64, ge=1, description="rows per CPU scoring batch")
-    decode_size: int = Field(512, ge=32, description="JPEG draft target: decode no larger than needed")
+    decode_size: int = Field(256, ge=32, description=(
+        "JPEG draft target: decode no larger than this (or models.image_size, if larger); the metrics "
+        "read a 256 px gray thumbnail, so more only costs time"))
     num_cpus: float = Field(1.0, gt=0, description="CPUs per CPU scoring task")
 
 

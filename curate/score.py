@@ -70,7 +70,8 @@ def _raw_batch(cols: dict[str, list], items: list[tuple[int, bytes | None]], err
 
 def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None) -> pa.Table:
     """Image and caption metrics for a batch, from one decode per image, typed by the schema."""
-    image_cols, views = image_columns(list(batch["_image"]), decode_side=cfg.score.decode_size,
+    decode_side = max(cfg.score.decode_size, model_side or 0)
+    image_cols, views = image_columns(list(batch["_image"]), decode_side=decode_side,
                                       max_pixels=cfg.download.max_pixels, model_side=model_side)
     for i, (status, data) in enumerate(zip(batch["status"], batch["_image"])):
         if status == "success" and data is None:
