@@ -131,6 +131,9 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     sc = results.get("score_cpu", {})
     for who, v in sc.get("images_per_s_per_core", {}).items():
         rows.append(("score_cpu", f"{who} images/s per core", _fmt(v), ""))
+    if "captions_per_s_per_core" in sc:
+        rows.append(("score_cpu", "captions/s per core (text scorer alone)", _fmt(sc["captions_per_s_per_core"]),
+                     "well above ours images/s"))
     rows.append(("score_cpu", "ours / naive", _fmt(ratios["score_cpu.ours_over_naive"]), "≥ 3"))
     rows.append(("score_cpu", "ours / Data-Juicer", _fmt(ratios["score_cpu.ours_over_data_juicer"]), "≥ 3"))
     for label, v in results.get("models", {}).get("images_per_s", {}).items():
