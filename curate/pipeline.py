@@ -31,11 +31,12 @@ class Outcome:
         return not self.failures
 
 
-def prepare(cfg: Config) -> RunDir:
-    """Create the run directory and record the resolved config that drives it."""
+def prepare(cfg: Config, record: bool = True) -> RunDir:
+    """Create the run directory and (unless a dry run) record the resolved config that drives it."""
     run = RunDir(Path(cfg.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
-    write_text(config_mod.dump(cfg), run.config)
+    if record:
+        write_text(config_mod.dump(cfg), run.config)
     return run
 
 
@@ -109,7 +110,7 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
     from curate.write import run_write
 
     models = check_models(cfg, skip_missing_models) if "score" in phases else None
-    run = prepare(cfg)
+    run = prepare(cfg, record=not dry_run)
     if models is not None:
         write_json(models, run.root / "models.json")
     if set(phases) & {"download", "score", "write"}:

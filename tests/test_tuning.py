@@ -23,8 +23,10 @@ def test_new_threshold_redecides_without_images_then_rewrites_shards(demo_run, t
         tar.rename(hidden / tar.name)
     strict = load(run / "config.yaml", [f"run_dir={run}", "filters.min_side=400"])
     decided = (run / "decisions" / "_decided.json").read_text()
+    recorded = (run / "config.yaml").read_text()
     dry = run_phases(strict, ("decide",), dry_run=True)
     assert (run / "decisions" / "_decided.json").read_text() == decided  # a dry run writes nothing
+    assert (run / "config.yaml").read_text() == recorded
     outcome = run_phases(strict, ("decide",))
     assert outcome.funnel == dry.funnel
     assert outcome.funnel["dropped"]["too_small"] > before.reason.eq("too_small").sum()
