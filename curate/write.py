@@ -60,8 +60,7 @@ def _sample_json(row: dict) -> str:
     record = {k: v for k, v in row.items() if k not in SAMPLE_EXCLUDE}
     if record.get("phash") is not None:
         record["phash"] = f"{record['phash']:016x}"
-    return json.dumps(record, ensure_ascii=False, sort_keys=True, allow_nan=False,
-                      default=lambda v: None if isinstance(v, float) else str(v))
+    return json.dumps(record, ensure_ascii=False, sort_keys=True, allow_nan=False, default=str)
 
 
 def _clean(value):

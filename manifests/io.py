@@ -49,19 +49,6 @@ def run_table(root: Path, shards: list[str], columns: list[str] | None = None,
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def read_manifest(path: str | Path, columns: list[str] | None = None, filesystem=None) -> pa.Table:
-    """Read a manifest parquet (local path or fsspec URL), only the columns asked for."""
-    path = str(path)
-    if "://" in path and filesystem is None:
-        import fsspec
-
-        filesystem, path = fsspec.core.url_to_fs(path)
-    have = pq.ParquetFile(path, filesystem=filesystem).schema_arrow.names if filesystem else \
-        pq.ParquetFile(path).schema_arrow.names
-    cols = [c for c in columns if c in have] if columns else None
-    return pq.read_table(path, columns=cols, filesystem=filesystem)
-
-
 def numeric_columns(table: pa.Table) -> list[str]:
     """Declared numeric columns present in the table (pHash excluded: it is an id, not a score)."""
     return [c for c in table.column_names
