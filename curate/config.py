@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from curate.storage import StorageOptions, absolute
 from filters.models import ModelOptions
 from filters.text import TextOptions
 
@@ -122,7 +123,8 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    run_dir: str = Field(description="run directory: every phase reads and writes under it")
+    run_dir: str = Field(description="run directory (local path or s3://bucket/prefix): every phase reads and writes under it")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
     input: InputConfig
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
@@ -185,9 +187,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def resolve(cfg: Config) -> Config:
-    """Make run_dir and input paths absolute, so a saved config re-runs from anywhere."""
-    cfg.run_dir = str(Path(cfg.run_dir).expanduser().resolve())
-    cfg.input.paths = [p if "://" in p else str(Path(p).expanduser().resolve()) for p in cfg.input.paths]
+    """Make run_dir and input paths absolute URIs, once, on the driver: inside a Ray job the
+    working directory is not the user's, and a saved config must re-run from anywhere."""
+    cfg.run_dir = absolute(cfg.run_dir)
+    cfg.input.paths = [absolute(p) for p in cfg.input.paths]
     return cfg
 
 

@@ -10,19 +10,21 @@ import io
 import os
 import shutil
 import tarfile
+import tempfile
 import time
-import uuid
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from curate.config import Config, DownloadConfig
 from curate.fetch import Fetcher, scheme_error
-from curate.rundir import RunDir, atomic_path, write_parquet
+from curate.rundir import RunDir
+from curate.storage import Storage
 from filters.image import to_rgb
 from manifests.schema import conform
 
@@ -128,15 +130,16 @@ def _merge(rows: pa.Table, meta: pa.Table | None, extra: list[str]) -> pa.Table:
 
 
 def download_shard(cfg: Config, shard: str) -> dict:
-    """Fetch one input shard; write raw/{shard}.tar then raw/{shard}.parquet (the marker)."""
-    run = RunDir(Path(cfg.run_dir))
+    """Fetch one input shard; write raw/{shard}.tar, raw/{shard}.parquet, then the done marker.
+
+    img2dataset works in a scratch folder on the worker's local disk, which the task removes;
+    the run directory (possibly an object store) only ever receives finished objects.
+    """
+    run = RunDir(cfg.run_dir, Storage(cfg.storage))
     started = time.time()
-    rows = pq.read_table(run.input_shards / f"{shard}.parquet")
-    for stale in run.raw.glob(f".work-{shard}-*"):  # left by an attempt that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = run.raw / f".work-{shard}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    rows = run.storage.read_parquet(run.input_shard(shard))
+    with tempfile.TemporaryDirectory(prefix=f"curate-download-{shard}-") as scratch:
+        tmp = Path(scratch)
         urls = rows.column("url").to_pylist()
         fetchable = rows.filter(pa.array([scheme_error(u) is None for u in urls]))
         meta = None
@@ -148,13 +151,14 @@ def download_shard(cfg: Config, shard: str) -> dict:
             downloader.download_shard((int(shard), str(tmp / "input.arrow")))
             meta = pq.read_table(tmp / "meta.parquet")
         table = _merge(rows, meta, cfg.input.extra_cols)
-        with atomic_path(run.raw / f"{shard}.tar") as dest:
-            if (tmp / "images.tar").exists():
-                shutil.move(tmp / "images.tar", dest)
-            else:
-                tarfile.open(dest, "w").close()
-        write_parquet(table, run.raw / f"{shard}.parquet")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    ok = sum(s == "success" for s in table.column("status").to_pylist())
+        images = tmp / "images.tar"
+        if not images.exists():
+            tarfile.open(images, "w").close()
+        with open(images, "rb") as src, run.storage.open_output(run.raw_tar(shard)) as dest:
+            shutil.copyfileobj(src, dest, 1 << 20)
+        tar_bytes = images.stat().st_size
+    run.storage.write_parquet(table, run.raw_table(shard))
+    ok = int(pc.sum(pc.equal(table.column("status"), "success")).as_py() or 0)
+    run.mark("download", shard, {"rows": table.num_rows, "success": ok, "tar_bytes": tar_bytes})
     return {"shard": shard, "rows": table.num_rows, "success": ok, "seconds": time.time() - started}
+

@@ -1,21 +1,21 @@
-"""The four phases in order, each skipping work whose outputs already exist.
+"""The four phases in order, each skipping the shards whose done marker exists.
 
-A shard that fails (after Ray's retries) is recorded in failures.json and in the manifest
-(`shard_failed`), the other shards carry on, and the run ends non-zero; running again
-retries only the shards without outputs.
+A shard that fails (after Ray's retries), whatever the exception, is recorded in
+failures.json and in the manifest (`shard_failed`), the other shards carry on, and the run
+ends non-zero; running again retries only the shards without markers. The run holds a
+lease on its directory while it works, so a second run on it is refused.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from curate import config as config_mod
 from curate.config import Config, ConfigError
 from curate.download import download_shard
-from curate.rundir import RunDir, write_json, write_text
-from curate.runtime import Progress, init_ray, log
+from curate.rundir import Lease, RunDir
+from curate.runtime import Progress, Window, init_ray, log
+from curate.storage import Storage
 
 PHASES = ("download", "score", "decide", "write")
 
@@ -31,51 +31,45 @@ class Outcome:
         return not self.failures
 
 
-def prepare(cfg: Config, record: bool = True) -> RunDir:
-    """Create the run directory and (unless a dry run) record the resolved config that drives it."""
-    run = RunDir(Path(cfg.run_dir))
-    run.root.mkdir(parents=True, exist_ok=True)
-    if record:
-        write_text(config_mod.dump(cfg), run.config)
-    return run
+def open_run(cfg: Config) -> RunDir:
+    return RunDir(cfg.run_dir, Storage(cfg.storage))
 
 
 def run_download(cfg: Config, run: RunDir) -> list[dict]:
     import ray
 
-    from curate.inputs import plan
+    from curate.inputs import check_plan, plan
 
-    shards = plan(cfg.input, run)
-    todo = [s for s in shards if not (run.raw / f"{s}.parquet").exists()]
+    if run.storage.exists(run.plan):
+        check_plan(cfg.input, run)
+        shards = run.shard_names()
+    else:  # the input streams through a worker, not the driver
+        shards = ray.get(ray.remote(num_cpus=0.5)(plan).remote(cfg.input, run))
+    done = run.done("download")
+    todo = [s for s in shards if s not in done]
     if not todo:
         log.info("download: all %d shards already downloaded, nothing to do", len(shards))
         return []
     remote = ray.remote(num_cpus=cfg.download.num_cpus, max_retries=2, retry_exceptions=True)(download_shard)
-    pending = {remote.remote(cfg, s): s for s in todo}
+    cfg_ref = ray.put(cfg)
+    window = Window()
     progress = Progress("download", len(todo) * cfg.input.shard_rows)
     failures = []
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        shard = pending.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-            progress.add(result["rows"])
-        except Exception as exc:
-            failures.append({"phase": "download", "shard": shard, "error": _short(exc)})
-            log.error("download: shard %s failed: %s", shard, _short(exc))
+
+    def collect(results: dict) -> None:
+        for shard, result in results.items():
+            if isinstance(result, dict):
+                progress.add(result["rows"])
+            else:
+                failures.append({"phase": "download", "shard": shard, "error": result})
+                log.error("download: shard %s failed: %s", shard, result)
+
+    for shard in todo:
+        collect(window.submit(remote.remote(cfg_ref, shard), shard))
+    collect(window.drain())
     progress.total = progress.done
     progress.finish()
     return failures
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[-1] if text else type(exc).__name__)[:500]
-
-
-def failed_shards(run: RunDir, shards: list[str]) -> set[str]:
-    """Shards without scores are failed: derived from the files, never stored separately."""
-    return {s for s in shards if not (run.scores / f"{s}.parquet").exists()}
 
 
 def check_models(cfg: Config, skip_missing: bool) -> dict:
@@ -104,37 +98,46 @@ def check_models(cfg: Config, skip_missing: bool) -> dict:
 
 def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = False,
                skip_missing_models: bool = False) -> Outcome:
-    """Run the given phases in order on one config; Ray starts only if a phase needs it."""
-    from curate.decide import run_decide
-    from curate.score import run_score
-    from curate.write import run_write
-
+    """Run the given phases in order on one config, holding the run directory's lease."""
     models = check_models(cfg, skip_missing_models) if "score" in phases else None
-    run = prepare(cfg, record=not dry_run)
+    run = open_run(cfg)
+    init_ray(cfg.ray)
+    if dry_run:
+        return _phases(cfg, run, phases, models, dry_run)
+    with Lease(run):
+        run.storage.write_text(run.config, config_mod.dump(cfg))
+        return _phases(cfg, run, phases, models, dry_run)
+
+
+def _phases(cfg: Config, run: RunDir, phases: tuple[str, ...], models: dict | None, dry_run: bool) -> Outcome:
     if models is not None:
-        write_json(models, run.root / "models.json")
-    if set(phases) & {"download", "score", "write"}:
-        init_ray(cfg.ray)
+        run.storage.write_json(run.file("models.json"), models)
     out = Outcome()
-    timings = _read_timings(run)
+    timings = _read_json(run, "timings.json", {})
     for phase in phases:
         started = time.time()
         if phase == "download":
             out.failures += run_download(cfg, run)
         elif phase == "score":
-            out.failures += run_score(cfg, [s for s in run.shard_names() if (run.raw / f"{s}.parquet").exists()])
+            from curate.score import run_score
+
+            downloaded = run.done("download")
+            out.failures += run_score(cfg, run, [s for s in run.shard_names() if s in downloaded])
         elif phase == "decide":
-            shards = run.shard_names()
-            out.funnel = run_decide(cfg, shards, failed_shards(run, shards), dry_run=dry_run)
+            from curate.decide import run_decide
+
+            out.funnel = run_decide(cfg, run, dry_run=dry_run)
         elif phase == "write":
+            from curate.write import run_write
+
             out.stats = run_write(cfg, run.shard_names(), _record_failures(run, out.failures))
         timings[phase] = round(time.time() - started, 3)
     if not dry_run:
         _record_failures(run, out.failures)
         if out.stats:
             out.stats["timings"] = timings
-            write_json(out.stats, run.stats)
-        write_json(timings, run.root / "timings.json")
+            run.storage.write_json(run.stats, out.stats)
+        run.storage.write_json(run.file("timings.json"), timings)
         if out.stats:
             _report(run)
     return out
@@ -147,22 +150,20 @@ def _report(run: RunDir) -> None:
     try:
         build_report(run.root)
     except Exception:
-        log.exception("report: could not write %s; retry with `curate report %s`", run.root / "report.html", run.root)
+        log.exception("report: could not write %s; retry with `curate report %s`", run.file("report.html"), run.root)
 
 
-def _read_timings(run: RunDir) -> dict:
-    path = run.root / "timings.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def _read_json(run: RunDir, name: str, default):
+    uri = run.file(name)
+    return run.storage.read_json(uri) if run.storage.exists(uri) else default
 
 
 def _record_failures(run: RunDir, new: list[dict]) -> list[dict]:
-    """failures.json lists the shards still without outputs, with the latest error known."""
-    path = run.root / "failures.json"
-    known = {(f["phase"], f["shard"]): f for f in (json.loads(path.read_text()) if path.exists() else [])}
+    """failures.json lists the shards still without markers, with the latest error known."""
+    known = {(f["phase"], f["shard"]): f for f in _read_json(run, "failures.json", [])}
     known.update({(f["phase"], f["shard"]): f for f in new})
-    shards = run.shard_names() if run.plan.exists() else []
-    missing = {"download": {s for s in shards if not (run.raw / f"{s}.parquet").exists()},
-               "score": failed_shards(run, shards)}
+    shards = set(run.shard_names()) if run.storage.exists(run.plan) else set()
+    missing = {phase: shards - run.done(phase) for phase in ("download", "score")}
     still = [f for (phase, shard), f in sorted(known.items()) if shard in missing.get(phase, set())]
-    write_json(still, path)
+    run.storage.write_json(run.file("failures.json"), still)
     return still

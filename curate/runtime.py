@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any, Hashable
 
 from curate.config import RayConfig
 
@@ -67,3 +68,53 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         log.info("%s: %d/%d rows, %.1f rows/s, %.1fs elapsed",
                  self.phase, self.done, self.total, self.done / elapsed, elapsed)
+
+
+class Window:
+    """A bounded set of Ray tasks in flight: the driver never holds more than `limit` references.
+
+    `submit` waits for room first and hands back the outcomes it collected meanwhile, as
+    {label: result}; a task that raised yields its error text as its result (callers decide
+    whether a result means failure). `ray.wait` sees only the window, so waiting is linear
+    in tasks, not quadratic.
+    """
+
+    def __init__(self, limit: int | None = None):
+        import ray
+
+        self.limit = limit or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        self.pending: dict[Any, Hashable] = {}
+
+    def submit(self, ref: Any, label: Hashable) -> dict:
+        done = {}
+        while len(self.pending) >= self.limit:
+            done.update(self._collect(1))
+        self.pending[ref] = label
+        return done
+
+    def drain(self) -> dict:
+        done = {}
+        while self.pending:
+            done.update(self._collect(1))
+        return done
+
+    def _collect(self, n: int) -> dict:
+        import ray
+
+        ready, _ = ray.wait(list(self.pending), num_returns=n)
+        return {self.pending.pop(ref): self.outcome(ref) for ref in ready}
+
+    @staticmethod
+    def outcome(ref: Any) -> Any:
+        """The task's result, or its error's last line (a failed task is data, not an exception)."""
+        import ray
+
+        try:
+            return ray.get(ref)
+        except Exception as exc:
+            return error_text(exc)
+
+
+def error_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[-1] if text else type(exc).__name__)[:500]

@@ -1,26 +1,29 @@
 """Phase 2, score: a Ray Data stream over the raw shards that computes every score column.
 
-read raw shard (tar + parquet) -> CPU stage (decode once: image metrics, caption metrics,
-model view) -> model actors (when models are enabled) -> the driver gathers the small score
-columns per shard and writes scores/{shard}.parquet when the shard is complete.
+read raw shard (parquet + streamed tar) -> CPU stage (decode once: image metrics, caption
+metrics, model view) -> model actors (when models are enabled) -> the last stage writes each
+batch's score columns to storage as a part of its shard and returns only (shard, rows, error).
+The driver counts rows per shard; when a shard is complete a small task merges its parts into
+scores/{shard}.parquet (sorted by key) and writes the shard's marker. No score row ever
+reaches the driver, and a worker holds one batch, never a shard.
 Scoring never decides anything; per-row failures become `score_error`, never exceptions.
 """
 from __future__ import annotations
 
+import io
 import tarfile
 from collections import defaultdict
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from ray.data.extensions import ArrowTensorArray
 
 from curate.config import Config
-from curate.rundir import RunDir, atomic_path, write_json, write_parquet
-from curate.runtime import Progress, log
+from curate.rundir import RunDir
+from curate.runtime import Progress, Window, log
+from curate.storage import Storage, join
 from filters.image import aspect_ratio, image_columns
 from filters.text import caption_columns
 from manifests.schema import IMAGE, MODEL, TEXT, build, conform
@@ -29,22 +32,29 @@ RAW_FIELDS = ["key", "shard", "caption", "status", "original_width", "original_h
 SCORE_COLUMNS = ["key", "shard", *IMAGE, *TEXT]
 
 
-def read_raw(batch: dict[str, np.ndarray], run_dir: str, rows: int) -> Iterator[dict[str, np.ndarray]]:
+def read_raw(batch: dict[str, np.ndarray], run: RunDir, rows: int) -> Iterator[dict[str, np.ndarray]]:
     """Stream a raw shard's rows with their image bytes, `rows` at a time, in tar order.
 
     Memory holds one batch of images, not the shard. Rows without an image (failed downloads)
-    follow the tar's. An unreadable tar marks the rows not yet sent with `_shard_error`, so the
-    driver records the failure and leaves the shard unscored (a re-run retries it).
+    follow the tar's. An unreadable or truncated tar marks the rows with `_shard_error`, so the
+    shard is recorded as failed and left unscored; a truncated tar also loses its download
+    marker, so the next run downloads the shard again.
     """
-    run = RunDir(Path(run_dir))
+    storage = run.storage
     for shard in batch["shard"]:
-        cols = pq.read_table(run.raw / f"{shard}.parquet", columns=RAW_FIELDS).to_pydict()
+        storage.delete_dir(run.score_parts(shard))  # parts left by a killed attempt
+        cols = storage.read_parquet(run.raw_table(shard), columns=RAW_FIELDS).to_pydict()
         index = {key: i for i, key in enumerate(cols["key"])}
         sent = np.zeros(len(index), dtype=bool)
         pending: list[tuple[int, bytes | None]] = []
         error = ""
         try:
-            with tarfile.open(run.raw / f"{shard}.tar") as tar:
+            expected = storage.read_json(run.marker("download", shard))["tar_bytes"]
+            if storage.size(run.raw_tar(shard)) != expected:
+                run.unmark("download", shard)
+                raise ValueError(f"truncated: {storage.size(run.raw_tar(shard))} of {expected} bytes; "
+                                 f"it will be downloaded again on the next run")
+            with storage.open_input(run.raw_tar(shard)) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     i = index.get(member.name.rsplit(".", 1)[0]) if member.isfile() else None
                     if i is None or sent[i]:
@@ -109,66 +119,107 @@ class ModelStage:
         return batch
 
 
-def _write_scores(run: RunDir, shard: str, parts: list[pa.Table]) -> None:
-    """Write a complete shard: scores/{shard}.parquet, and embeddings/{shard}.npy in key order if kept."""
+def write_parts(batch: pa.Table, run: RunDir, columns: list[str]) -> pa.Table:
+    """Last stage: write each shard's slice of a batch as a part file; return one summary row per slice."""
+    out: dict[str, list] = {"shard": [], "rows": [], "error": []}
+    for shard in pc.unique(batch.column("shard")).to_pylist():
+        part = batch.filter(pc.equal(batch.column("shard"), shard))
+        error = part.column("_shard_error")[0].as_py() or None
+        if error is None:
+            part = part.select([c for c in columns if c in part.column_names])
+            if "image_embedding" in part.column_names:
+                emb = np.concatenate([np.asarray(c.to_numpy()) for c in part.column("image_embedding").chunks])
+                flat = pa.array(emb.astype(np.float32).ravel())
+                part = part.set_column(part.column_names.index("image_embedding"), "image_embedding",
+                                       pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]))
+            first = pc.min(part.column("key")).as_py()
+            run.storage.write_parquet(part, join(run.score_parts(shard), f"{first}.parquet"))
+        out["shard"].append(shard)
+        out["rows"].append(part.num_rows)
+        out["error"].append(error)
+    return pa.table({"shard": pa.array(out["shard"], pa.string()), "rows": pa.array(out["rows"], pa.int64()),
+                     "error": pa.array(out["error"], pa.string())})
+
+
+def finish_shard(run: RunDir, shard: str, expected: int) -> str | None:
+    """Merge a shard's parts into scores/{shard}.parquet (+ embeddings), mark it done, drop the parts.
+
+    Returns None when done, else why not (rows missing: a retried batch may still be on its way).
+    """
+    storage = run.storage
+    folder = run.score_parts(shard)
+    parts = [storage.read_parquet(join(folder, n)) for n in storage.list(folder)]
+    if not parts:
+        return f"scoring returned 0 of {expected} rows"
     table = pa.concat_tables(parts, promote_options="permissive").sort_by("key")
+    first = pc.not_equal(table.column("key").slice(1), table.column("key").slice(0, table.num_rows - 1))
+    table = table.filter(pa.concat_arrays([pa.array([True]), first.combine_chunks()])) if table.num_rows else table
+    if table.num_rows != expected:   # a re-executed batch can write overlapping parts: keys count once
+        return f"scoring returned {table.num_rows} of {expected} rows"
     if "image_embedding" in table.column_names:
-        emb = np.concatenate([np.asarray(c.to_numpy()) for c in table.column("image_embedding").chunks])
-        with atomic_path(run.root / "embeddings" / f"{shard}.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, emb.astype(np.float16))
+        column = table.column("image_embedding").combine_chunks()
+        emb = column.flatten().to_numpy().reshape(len(column), -1).astype(np.float16)
+        buf = io.BytesIO()
+        np.save(buf, emb)
+        storage.write_bytes(run.embeddings(shard), buf.getvalue())
         table = table.drop_columns(["image_embedding"])
-    write_parquet(conform(table), run.scores / f"{shard}.parquet")
+    storage.write_parquet(conform(table), run.scores(shard))
+    run.mark("score", shard, {"rows": table.num_rows})
+    storage.delete_dir(folder)
+    return None
 
 
-def _done(run: RunDir, shard: str) -> bool:
-    return (run.scores / f"{shard}.parquet").exists()
-
-
-def run_score(cfg: Config, shards: list[str]) -> list[dict]:
-    """Score every shard without a scores file; return failures (shard, error) for the caller."""
+def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
+    """Score every downloaded shard without a score marker; return failures (shard, error)."""
     import ray
 
-    run = RunDir(Path(cfg.run_dir))
-    todo = [s for s in shards if not _done(run, s)]
+    done = run.done("score")
+    todo = [s for s in shards if s not in done]
     if not todo:
         log.info("score: all %d shards already scored, nothing to do", len(shards))
         return []
-    expected = {s: pq.ParquetFile(run.raw / f"{s}.parquet").metadata.num_rows for s in todo}
+    expected = {s: m["rows"] for s, m in zip(todo, run.markers("download", todo))}
     models_on = bool(cfg.models.enabled)
     model_side = cfg.models.image_size if models_on else None
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
     # Reading is light: its own small CPU share keeps it from fusing with scoring, so one
     # shard's batches spread over every scoring task.
-    ds = ds.map_batches(read_raw, batch_size=1, num_cpus=0.25,
-                        fn_kwargs={"run_dir": cfg.run_dir, "rows": cfg.score.batch_size})
+    ds = ds.map_batches(read_raw, batch_size=1, num_cpus=0.25, fn_kwargs={"run": run, "rows": cfg.score.batch_size})
     ds = ds.map_batches(score_cpu, batch_size=cfg.score.batch_size, num_cpus=cfg.score.num_cpus,
                         fn_kwargs={"cfg": cfg, "model_side": model_side})
     if models_on:
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.models.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.models.num_actors), batch_format="pyarrow",
                             num_gpus=cfg.models.num_gpus or None, num_cpus=0.5)
-    keep_cols = SCORE_COLUMNS + (list(MODEL) if models_on else [])
+    columns = SCORE_COLUMNS + (list(MODEL) if models_on else [])
     if models_on and cfg.models.keep_embeddings:
-        keep_cols.append("image_embedding")
-    pending: dict[str, list[pa.Table]] = defaultdict(list)
+        columns.append("image_embedding")
+    ds = ds.map_batches(write_parts, fn_kwargs={"run": run, "columns": columns}, batch_size=None,
+                        batch_format="pyarrow", num_cpus=0.25)
     counts: dict[str, int] = defaultdict(int)
     failures: dict[str, str] = {}
+    short: dict[str, str | None] = {}
+    finish = ray.remote(num_cpus=0.25)(finish_shard)
+    window = Window(limit=8)
     progress = Progress("score", sum(expected.values()))
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        progress.add(batch.num_rows)
-        for shard in pc.unique(batch.column("shard")).to_pylist():
-            part = batch.filter(pc.equal(batch.column("shard"), shard))
-            error = part.column("_shard_error")[0].as_py()
+    for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for shard, rows, error in zip(*(summary.column(c).to_pylist() for c in ("shard", "rows", "error"))):
+            progress.add(rows)
+            counts[shard] += rows
             if error:
-                failures[shard] = error
-            else:
-                pending[shard].append(part.select([c for c in keep_cols if c in part.column_names]))
-            counts[shard] += part.num_rows
-            if counts[shard] == expected[shard] and shard not in failures:
-                _write_scores(run, shard, pending.pop(shard))
+                failures.setdefault(shard, error)
+            elif counts[shard] >= expected[shard] and shard not in failures:
+                short.update(window.submit(finish.remote(run, shard, expected[shard]), shard))
+    short.update(window.drain())
     for shard in todo:  # a shard whose rows did not all come back is a failure, never a silent gap
-        if counts[shard] != expected[shard] and shard not in failures:
+        if shard in failures:
+            continue
+        if counts[shard] < expected[shard]:
             failures[shard] = f"scoring returned {counts[shard]} of {expected[shard]} rows"
+        elif short.get(shard):  # parts of a re-executed batch may have landed after the first merge
+            why = Window.outcome(finish.remote(run, shard, expected[shard]))
+            if why:
+                failures[shard] = why
     seconds = progress.finish()
     log.info("score: %d shards in %.1fs", len(todo) - len(failures), seconds)
     return [{"phase": "score", "shard": s, "error": e} for s, e in sorted(failures.items())]

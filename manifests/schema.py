@@ -25,6 +25,7 @@ def _cols(*cols: Column) -> dict[str, Column]:
 
 IDENTITY = _cols(
     Column("key", pa.string(), "stable sample id: {shard}_{row:06d}"),
+    Column("row_id", pa.int64(), "the same id as an integer, shard << 32 | row: for joins and dedup arrays"),
     Column("shard", pa.string(), "input shard the row belongs to"),
     Column("url", pa.string(), "image URL as given in the input"),
     Column("caption", pa.string(), "caption as given in the input (never modified)"),
