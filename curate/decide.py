@@ -16,9 +16,8 @@ never rows. Work runs in Ray tasks over groups of consecutive input shards ("gro
 3. components one task: connected components over the nodes that have an edge, the best
               member(s) of each group by dedupe.keep_order, routed back per group as
               (row, dup_of) pairs.
-4. finish     per group: duplicates applied, style counts for the rebalance (two passes:
-              counts per style and hash bucket, then the exact cut inside one bucket), then
-              decisions/{shard}.parquet and its marker. _decided.json is written last.
+4. finish     per group: duplicates applied, the two rebalance passes (curate/rebalance.py),
+              then decisions/{shard}.parquet and its marker. _decided.json is written last.
 
 Memory bound of step 3 (the only global one): about 64 bytes per row that has a duplicate
 edge (edges after forests, preference values, caption hash); 100 M such rows fit a 16 GB
@@ -27,6 +26,7 @@ task. Beyond that the components step needs large-star/small-star rounds (not bu
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import uuid
@@ -37,10 +37,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
-from curate.rebalance import key_hashes, keep_counts
+from curate.dedupe import KMEANS_SAMPLE, MAX_BUCKET, components, concat, kmeans, nearest, normalised, partition_edges, partition_of, route, split
+from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_limits
 from curate.rundir import RunDir, row_keys, shard_index
 from curate.runtime import Window, log
-from filters.phash import band_values, forest, near_pairs_in_band, roots, split_bits
 from filters.text import text_reasons
 from manifests.schema import REASONS, TEXT, conform
 
@@ -52,9 +52,6 @@ CODES = {name: i for i, name in enumerate(REASONS)}
 NONE = -1
 ROWS_PER_GROUP = 1_000_000       # rows one group task holds (a few hundred MB of decide columns)
 ROWS_PER_PARTITION = 2_000_000   # rows per shuffle partition; partitions grow with the run
-MAX_BUCKET = 10_000              # distinct pHashes sharing one band value beyond this are not compared
-HASH_BUCKET_BITS = 12            # rebalance: first pass counts per style and top-12-bit hash bucket
-_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass(frozen=True)
@@ -131,25 +128,9 @@ def late_codes(t: pa.Table, cfg: Config) -> np.ndarray:
     return code
 
 
-def _hash64(column: pa.ChunkedArray) -> np.ndarray:
+def hash64(column: pa.ChunkedArray) -> np.ndarray:
     """Stable 64-bit hash of each string (nulls hash to 0)."""
     return np.where(pc.is_valid(column).to_numpy(False), key_hashes(column.fill_null("")), np.uint64(0))
-
-
-def _partition(values: np.ndarray, partitions: int) -> np.ndarray:
-    return ((values * _MIX) >> np.uint64(40)).astype(np.int64) % partitions
-
-
-def _split(target: np.ndarray, partitions: int, **cols: np.ndarray) -> list[dict]:
-    """Rows routed to partitions: one dict of columns per partition."""
-    order = np.argsort(target, kind="stable")
-    bounds = np.searchsorted(target[order], np.arange(partitions + 1))
-    return [{k: v[order[bounds[p]:bounds[p + 1]]] for k, v in cols.items()} for p in range(partitions)]
-
-
-def _concat(parts: tuple[dict, ...]) -> dict:
-    keys = parts[0].keys() if parts else ()
-    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
 
 
 # -- step 1: rules and caption counts --------------------------------------------------------
@@ -162,16 +143,16 @@ def group_rules(job: Job, shards: list[str]) -> list[dict]:
         alive = early_codes(t, job.cfg, shard in job.failed) == NONE
         if alive.any():
             sub = t.filter(pa.array(alive))
-            out.append({"caption": _hash64(sub.column("caption_norm")), "image": _hash64(sub.column("sha256")),
+            out.append({"caption": hash64(sub.column("caption_norm")), "image": hash64(sub.column("sha256")),
                         "row": sub.column("row_id").to_numpy()})
-    cols = _concat(tuple(out)) if out else {"caption": np.empty(0, np.uint64), "image": np.empty(0, np.uint64),
+    cols = concat(tuple(out)) if out else {"caption": np.empty(0, np.uint64), "image": np.empty(0, np.uint64),
                                             "row": np.empty(0, np.int64)}
-    return _split(_partition(cols["caption"], job.partitions), job.partitions, **cols)
+    return split(partition_of(cols["caption"], job.partitions), job.partitions, **cols)
 
 
 def common_rows(limit: int, groups: int, bounds: np.ndarray, *parts: dict) -> list[np.ndarray]:
     """Rows whose caption is shared by more than `limit` distinct images, routed back per group."""
-    cols = _concat(parts)
+    cols = concat(parts)
     order = np.lexsort((cols["image"], cols["caption"]))
     cap, img = cols["caption"][order], cols["image"][order]
     new_pair = np.r_[True, (cap[1:] != cap[:-1]) | (img[1:] != img[:-1])]
@@ -211,125 +192,60 @@ def preference(t: pa.Table, order: list[str]) -> np.ndarray:
     return np.stack(cols, axis=1) if cols else np.zeros((t.num_rows, 0))
 
 
-def group_candidates(job: Job, shards: list[str], *common: np.ndarray) -> list[dict]:
-    """Every surviving row, routed to the partitions of its sha256, of each pHash band, of its cluster."""
+def _load_npy(run: RunDir, shard: str) -> np.ndarray:
+    return np.load(io.BytesIO(run.storage.read_bytes(run.embeddings(shard))))
+
+
+def group_candidates(job: Job, shards: list[str], centroids: np.ndarray | None, *common: np.ndarray) -> list[dict]:
+    """Every surviving row of a group, routed to the partitions of its sha256, pHash bands and cluster."""
     d = job.cfg.dedupe
     common_rows = np.concatenate(common) if common else np.empty(0, np.int64)
-    pieces = []
+    nodes = []
     for shard in shards:
         t, code = survivors(job, shard, common_rows)
         alive = code == NONE
         if not alive.any():
             continue
         sub = t.filter(pa.array(alive))
-        row = sub.column("row_id").to_numpy()
-        node = {"row": row, "pref": preference(sub, d.keep_order), "caption": _hash64(sub.column("caption_norm"))}
-        if d.exact:
-            sha = _hash64(sub.column("sha256"))
-            has = sha != 0
-            pieces.append(_piece(0, sha[has], np.zeros(has.sum(), np.uint64), node, has))
-        if d.phash_max_distance is not None and "phash" in sub.column_names:
-            ph = sub.column("phash")
-            has = pc.is_valid(ph).to_numpy(False)
-            hashes = ph.fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)[has]
-            for b, (offset, width) in enumerate(split_bits(64, d.phash_max_distance + 1)):
-                key = band_values(hashes, offset, width) * np.uint64(64) + np.uint64(b)
-                pieces.append(_piece(1, key, hashes, node, has))
-    if not pieces:
-        return [_empty_piece(job.cfg) for _ in range(job.partitions)]
-    cols = _concat(tuple(pieces))
-    return _split(_partition(cols["key"] ^ cols["kind"].astype(np.uint64), job.partitions), job.partitions, **cols)
+        node = {"row": sub.column("row_id").to_numpy(), "pref": preference(sub, d.keep_order),
+                "caption": hash64(sub.column("caption_norm")), "sha": hash64(sub.column("sha256"))}
+        if "phash" in sub.column_names:
+            node["phash_valid"] = pc.is_valid(sub.column("phash")).to_numpy(False)
+            node["phash"] = sub.column("phash").fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
+        if centroids is not None and job.run.storage.exists(job.run.embeddings(shard)):
+            emb, ok = normalised(_load_npy(job.run, shard)[alive])
+            node["semantic"] = (ok, nearest(emb, centroids), emb.astype(np.float16))
+        nodes.append(node)
+    return route(nodes, d.exact, d.phash_max_distance, len(d.keep_order), job.partitions)
 
 
-def _piece(kind: int, key: np.ndarray, value: np.ndarray, node: dict, take: np.ndarray) -> dict:
-    return {"kind": np.full(len(key), kind, np.uint8), "key": key, "value": value,
-            **{k: v[take] for k, v in node.items()}}
+def fit_centroids(run: RunDir, shards: list[str], rows: int, cluster_size: int) -> np.ndarray | None:
+    """k-means centroids from a fixed-seed sample of at most KMEANS_SAMPLE embeddings, read from
+    evenly spaced shards, so the clusters are the same on every run."""
+    have = [s for s in shards if run.storage.exists(run.embeddings(s))]
+    if not have:
+        return None
+    rng = np.random.default_rng(0)
+    sample, taken = [], 0
+    for shard in have[::max(1, len(have) * 10_000 // KMEANS_SAMPLE)]:
+        emb, _ = normalised(_load_npy(run, shard))
+        pick = emb[rng.permutation(len(emb))[:KMEANS_SAMPLE - taken]]
+        sample.append(pick)
+        taken += len(pick)
+        if taken >= KMEANS_SAMPLE:
+            break
+    sample = np.concatenate(sample)
+    if len(sample) < 2:
+        return None
+    return kmeans(sample, max(1, min(len(sample), round(rows / cluster_size))))
 
 
-def _empty_piece(cfg: Config) -> dict:
-    return {"kind": np.empty(0, np.uint8), "key": np.empty(0, np.uint64), "value": np.empty(0, np.uint64),
-            "row": np.empty(0, np.int64), "pref": np.empty((0, len(cfg.dedupe.keep_order))),
-            "caption": np.empty(0, np.uint64)}
-
-
-def partition_edges(max_distance: int | None, *parts: dict) -> tuple[dict, int]:
-    """A partition's duplicate edges as a spanning forest, with the nodes' attributes; and the
-    number of rows whose band bucket was too large to compare (reported, never silent)."""
-    cols = _concat(parts)
-    found = [np.empty((2, 0), np.int64)]
-    skipped = 0
-    exact = cols["kind"] == 0
-    if exact.any():
-        found.append(_chains(cols["key"][exact], cols["row"][exact]))
-    near = np.flatnonzero(cols["kind"] == 1)
-    if near.size and max_distance is not None:
-        key, value, row = cols["key"][near], cols["value"][near], cols["row"][near]
-        found.append(_chains(value, row))                       # identical hashes: one chain
-        first = np.unique(np.stack([key, value]), axis=1, return_index=True)[1]
-        key, value, row = key[first], value[first], row[first]  # one row per distinct hash per band
-        order = np.argsort(key, kind="stable")
-        key, value, row = key[order], value[order], row[order]
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        sizes = np.diff(np.r_[starts, len(key)])
-        big = np.repeat(sizes > MAX_BUCKET, sizes)
-        skipped = int(big.sum())
-        key, value, row = key[~big], value[~big], row[~big]
-        for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
-            mine = (key % np.uint64(64)) == np.uint64(b)
-            if mine.sum() > 1:
-                found.append(near_pairs_in_band(row[mine], value[mine], offset, width, max_distance))
-    edges = forest(np.concatenate(found, axis=1))
-    nodes = np.unique(edges)
-    by_row = np.argsort(cols["row"], kind="stable")
-    index = by_row[np.searchsorted(cols["row"], nodes, sorter=by_row)] if len(nodes) else np.empty(0, np.int64)
-    return {"edges": edges, "row": nodes, "pref": cols["pref"][index], "caption": cols["caption"][index]}, skipped
-
-
-def _chains(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Rows with equal values joined as a chain (n - 1 edges per value, never all pairs)."""
-    order = np.lexsort((rows, values))
-    v, r = values[order], rows[order]
-    same = v[1:] == v[:-1]
-    return np.stack([r[:-1][same], r[1:][same]])
-
-
-# -- step 3: components and keepers -----------------------------------------------------------
-
-def components(per_group: int, groups: int, bounds: np.ndarray, *parts: dict) -> list[dict]:
-    """Duplicate groups over every partition's forest; per group the best rows stay, up to
-    `per_group` with distinct captions; the others get dup_of = the group's best row."""
-    edges = np.concatenate([p["edges"] for p in parts], axis=1) if parts else np.empty((2, 0), np.int64)
-    nodes, label = roots(edges)
-    if not len(nodes):
-        return [{"row": np.empty(0, np.int64), "dup_of": np.empty(0, np.int64)} for _ in range(groups)]
-    rows = np.concatenate([p["row"] for p in parts])
-    first = np.unique(rows, return_index=True)[1]
-    pref = np.concatenate([p["pref"] for p in parts])[first]
-    caption = np.concatenate([p["caption"] for p in parts])[first]   # aligned with `nodes` (both sorted)
-    order = np.lexsort((nodes, *(-pref[:, k] for k in reversed(range(pref.shape[1]))), label))
-    lab, cap = label[order], caption[order]
-    group_start = np.r_[True, lab[1:] != lab[:-1]]
-    best = nodes[order][np.maximum.accumulate(np.where(group_start, np.arange(len(lab)), 0))]
-    _, first_caption = np.unique(np.stack([lab, cap]), axis=1, return_index=True)
-    distinct = np.zeros(len(lab), bool)
-    distinct[first_caption] = True
-    ordinal = np.cumsum(distinct) - np.repeat(np.cumsum(distinct)[group_start] - distinct[group_start],
-                                              np.diff(np.r_[np.flatnonzero(group_start), len(lab)])) - 1
-    keep = distinct & (ordinal < per_group)
-    dropped = nodes[order][~keep]
-    dup_of = best[~keep]
-    sort = np.argsort(dropped)
-    dropped, dup_of = dropped[sort], dup_of[sort]
-    cuts = np.searchsorted(dropped >> 32, bounds)
-    return [{"row": dropped[cuts[g]:cuts[g + 1]], "dup_of": dup_of[cuts[g]:cuts[g + 1]]} for g in range(groups)]
-
-
-# -- step 4: rebalance counts and decisions ---------------------------------------------------
+# -- step 3 runs dedupe.components; step 4: rebalance counts and decisions ---------------------------------------------------
 
 def group_state(job: Job, shards: list[str], dups: dict, *common: np.ndarray) -> tuple[list, dict]:
     """Reason codes and dup_of per shard after duplicates, and the style counts per hash bucket."""
     common_rows = np.concatenate(common) if common else np.empty(0, np.int64)
-    states, counts = [], {}
+    states, counts = [], []
     for shard in shards:
         t, code = survivors(job, shard, common_rows)
         row = t.column("row_id").to_numpy()
@@ -340,25 +256,13 @@ def group_state(job: Job, shards: list[str], dups: dict, *common: np.ndarray) ->
         dup_of[hit] = dups["dup_of"][where]
         style = t.column("style") if "style" in t.column_names else pa.nulls(t.num_rows, pa.string())
         hashes = key_hashes(t.column("key"))
-        labelled = (code == NONE) & pc.is_valid(style).to_numpy(False)
-        for name in pc.unique(style.filter(pa.array(labelled))).to_pylist():
-            mine = labelled & pc.equal(style, name).fill_null(False).to_numpy(False)
-            counts.setdefault(name, np.zeros(1 << HASH_BUCKET_BITS, np.int64))
-            counts[name] += np.bincount((hashes[mine] >> np.uint64(64 - HASH_BUCKET_BITS)).astype(np.int64),
-                                        minlength=1 << HASH_BUCKET_BITS)
+        counts.append(bucket_counts(style, hashes, code == NONE))
         states.append((shard, code, dup_of, style, hashes))
-    return states, counts
+    return states, merge_counts(counts)
 
 
-def bucket_hashes(states: list, cuts: dict[str, int]) -> dict[str, np.ndarray]:
-    """Second rebalance pass: the hashes of each style's rows inside its cut bucket."""
-    out: dict[str, list] = {name: [] for name in cuts}
-    for _, code, _, style, hashes in states:
-        for name, bucket in cuts.items():
-            mine = (code == NONE) & pc.equal(style, name).fill_null(False).to_numpy(False)
-            mine &= (hashes >> np.uint64(64 - HASH_BUCKET_BITS)) == np.uint64(bucket)
-            out[name].append(hashes[mine])
-    return {name: np.concatenate(v) if v else np.empty(0, np.uint64) for name, v in out.items()}
+def cut_hashes(states: list, cuts: dict) -> list[dict]:
+    return [hashes_in_cut(style, hashes, code == NONE, cuts) for _, code, _, style, hashes in states]
 
 
 def write_group(job: Job, states: list, limits: dict[str, int], attempt: str, write: bool) -> dict[str, dict]:
@@ -367,11 +271,8 @@ def write_group(job: Job, states: list, limits: dict[str, int], attempt: str, wr
     run = job.run
     out = {}
     for shard, code, dup_of, style, hashes in states:
-        for name, limit in limits.items():   # limit -1: the style keeps no row
-            over = (code == NONE) & pc.equal(style, name).fill_null(False).to_numpy(False)
-            if limit >= 0:
-                over &= hashes > np.uint64(limit)
-            code[over] = CODES["rebalanced"]
+        code = code.copy()   # arrays from the object store are read-only
+        code[over_limit(style, hashes, code == NONE, limits)] = CODES["rebalanced"]
         n = len(code)
         decisions = conform(pa.table({
             "key": row_keys(shard_index(shard) << 32 | np.arange(n, dtype=np.int64)),
@@ -436,8 +337,16 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     rules = [_fan(group_rules, P)(job, g) for g in groups]
     common = [_fan(common_rows, G)(cfg.text.max_caption_images, G, bounds, *[r[p] for r in rules])
               for p in range(P)]
-    cands = [_fan(group_candidates, P)(job, g, *[c[i] for c in common]) for i, g in enumerate(groups)]
-    edges = [_fan(partition_edges, 2)(cfg.dedupe.phash_max_distance, *[c[p] for c in cands]) for p in range(P)]
+    centroids = None
+    if cfg.dedupe.semantic_threshold is not None:
+        centroids = ray.remote(num_cpus=1)(fit_centroids).remote(run, sorted(scored), plan["rows"],
+                                                                 cfg.dedupe.semantic_cluster_size)
+        if ray.get(centroids) is None:
+            log.warning("decide: dedupe.semantic_threshold is set but no embeddings were kept "
+                        "(models.keep_embeddings): semantic dedup skipped")
+    cands = [_fan(group_candidates, P)(job, g, centroids, *[c[i] for c in common]) for i, g in enumerate(groups)]
+    edges = [_fan(partition_edges, 2)(cfg.dedupe.phash_max_distance, cfg.dedupe.semantic_threshold,
+                                      *[c[p] for c in cands]) for p in range(P)]
     skipped = sum(ray.get([e[1] for e in edges]))
     dups = _fan(components, G)(cfg.dedupe.captions_per_image, G, bounds, *[e[0] for e in edges])
     states = [_fan(group_state, 2)(job, g, dups[i], *[c[i] for c in common]) for i, g in enumerate(groups)]
@@ -447,17 +356,17 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     write = ray.remote(num_cpus=1)(write_group)
     per_shard: dict[str, dict] = {}
     window = Window()
-    for s in states:
-        for result in window.submit(write.remote(job, s[0], limits, attempt, not dry_run), None).values():
+    for i, s in enumerate(states):
+        for result in window.submit(write.remote(job, s[0], limits, attempt, not dry_run), i).values():
             _collect(result, per_shard)
     for result in window.drain().values():
         _collect(result, per_shard)
     result = _funnel(per_shard)
-    styles["near_dup_skipped_rows"] = skipped
     if skipped:
         log.warning("decide: %d rows sat in pHash band buckets larger than %d and were not compared", skipped, MAX_BUCKET)
     if not dry_run:
-        storage.write_json(run.decided, {"fingerprint": fp, "attempt": attempt, "funnel": result, "styles": styles})
+        storage.write_json(run.decided, {"fingerprint": fp, "attempt": attempt, "funnel": result, "styles": styles,
+                                              "dedupe": {"near_dup_skipped_rows": skipped}})
     log.info("decide: %d rows, %d kept", result["rows_in"], result["kept"])
     return result
 
@@ -484,43 +393,15 @@ def _collect(result, per_shard: dict) -> None:
 
 
 def _rebalance_limits(cfg: Config, state_refs: list, count_refs: list) -> tuple[dict[str, int], dict]:
-    """Keep counts per style from the global counts, then the exact hash cut for each style."""
+    """Both rebalance passes: global counts per style and hash bucket, then the exact cuts."""
     import ray
 
-    counts: dict[str, np.ndarray] = {}
-    for part in ray.get(count_refs):
-        for name, c in part.items():
-            counts[name] = counts.get(name, 0) + c
-    before = {name: int(c.sum()) for name, c in sorted(counts.items())}
-    report = {"before": before, "after": dict(before)}
-    if not cfg.rebalance.styles:
+    report, cuts = plan_cuts(merge_counts(ray.get(count_refs)), cfg.rebalance)
+    if not cuts:
         return {}, report
-    if not before:
-        report["note"] = "no surviving row has a style label: nothing was rebalanced"
-        log.warning("rebalance: %s", report["note"])
-        return {}, report
-    kept = keep_counts(before, cfg.rebalance)
-    report["after"] = kept
-    cuts, need = {}, {}
-    for name, keep in kept.items():
-        if keep >= before[name]:
-            continue
-        cum = np.cumsum(counts[name])
-        bucket = int(np.searchsorted(cum, keep, side="right"))  # first bucket where the count passes `keep`
-        cuts[name] = bucket
-        need[name] = keep - (int(cum[bucket - 1]) if bucket else 0)
-    limits = {}
-    if cuts:
-        gather = ray.remote(num_cpus=1)(bucket_hashes)
-        found: dict[str, list] = {name: [] for name in cuts}
-        for part in ray.get([gather.remote(s, cuts) for s in state_refs]):
-            for name, h in part.items():
-                found[name].append(h)
-        for name, bucket in cuts.items():
-            h = np.sort(np.concatenate(found[name]))
-            base = np.uint64(bucket) << np.uint64(64 - HASH_BUCKET_BITS)
-            limits[name] = int(h[need[name] - 1]) if need[name] > 0 else int(base) - 1  # -1: keep none
-    return limits, report
+    gather = ray.remote(num_cpus=1)(cut_hashes)
+    found = [f for part in ray.get([gather.remote(s, cuts) for s in state_refs]) for f in part]
+    return style_limits(cuts, found), report
 
 
 def _funnel(per_shard: dict[str, dict]) -> dict:

@@ -1,110 +1,194 @@
-"""Duplicate edges on Ray: exact (sha256), near (pHash bands) and semantic (embeddings).
+"""Duplicate edges at scale: what one group routes, what one partition finds, and the components.
 
-Every function here sees the surviving rows in preference order (rank 0 is the row the keep
-rule prefers) and returns edges (2, E) between ranks; decide joins all edges into groups and
-keeps the smallest rank of each. Since an edge list only has to preserve connectivity, each
-Ray partition reduces its pairs to a spanning forest (at most one edge per row) before it
-returns, so what reaches the driver is O(rows in duplicate groups), never O(pairs).
+decide.py drives these as Ray tasks; everything here is a pure function of numpy arrays.
 
-Memory bound (n surviving rows, k = dedupe.phash_max_distance, P = dedupe.partitions):
-- driver: O(n) fixed-width numpy arrays (rank, hash, root: about 40 bytes a row) plus the
-  forests; no per-row Python object, no pair list;
-- near dedup: the shuffle holds (k+1) copies of (band id, rank, hash), 17 bytes each, in the
-  Ray object store (spilled to disk when it overflows); one partition task holds
-  (k+1)·n_unique/P of them plus its verified pairs;
-- semantic dedup: one partition task holds its clusters' embeddings and one similarity block
-  of at most BLOCK_ELEMS floats.
-Work: near dedup compares only pairs that agree on a band and a sub-band (filters/phash.py),
-(k+1)² keys of b = w + (64 - w)/(k+1) bits (w = 64/(k+1)): about (k+1)² · n²/2^(b+1) pairs for
-random hashes; b ≈ 23 at k = 4, so ~1.5·10^8 pairs for n = 10^7. At k = 8 (b ≈ 13) that grows
-to ~10^12: large k needs a deeper split, so 8 is the cap.
+- route: a group's surviving rows become records keyed by sha256 (exact), by each pHash band
+  (near: any two hashes within k bits agree exactly on one of k + 1 bands) and by k-means
+  cluster (semantic), hash-partitioned so equal keys meet in one partition.
+- partition_edges: inside a partition, equal sha256 become chains (n - 1 edges, never all
+  pairs), identical pHashes one chain, band buckets are verified pair by pair with sub-band
+  splitting (filters/phash.py), clusters compared in bounded blocks; the result is reduced to
+  a spanning forest, so a partition returns at most one edge per row it holds. A band bucket
+  holding more than MAX_BUCKET distinct hashes (a flat image shared by millions) is skipped
+  and counted.
+- components: connected components over the nodes that have an edge; each group keeps its
+  best rows and the others point at the best one.
+
+Memory: a partition holds (k + 2) records of about 40 bytes per surviving row routed to it,
+plus its verified pairs; components holds about 64 bytes per row that has an edge.
 """
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import numpy as np
 
-from filters.phash import band_values, forest, near_pairs_in_band, split_bits
+from filters.phash import band_values, forest, near_pairs_in_band, roots, split_bits
 
-CHUNK_ROWS = 1 << 20          # rows per scatter task
-BLOCK_ELEMS = 1 << 24         # similarity entries computed at once in a semantic partition
-KMEANS_SAMPLE = 100_000       # rows the k-means centroids are fitted on
+MAX_BUCKET = 10_000              # distinct pHashes sharing one band value beyond this are not compared
+BLOCK_ELEMS = 1 << 24            # similarity entries computed at once inside one cluster
+KMEANS_SAMPLE = 100_000          # embeddings the k-means centroids are fitted on
 KMEANS_ITERATIONS = 20
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads band values over partitions
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads keys over partitions
 
 
-def _no_edges() -> np.ndarray:
-    return np.empty((2, 0), np.int64)
+def partition_of(values: np.ndarray, partitions: int) -> np.ndarray:
+    return ((values * _MIX) >> np.uint64(40)).astype(np.int64) % partitions
 
 
-def same_value_edges(codes: np.ndarray) -> np.ndarray:
-    """Join each row to the best row with the same code (codes in rank order; negative = no value)."""
-    ranks = np.flatnonzero(codes >= 0)
-    if not ranks.size:
-        return _no_edges()
-    _, first, inverse = np.unique(codes[ranks], return_index=True, return_inverse=True)
-    best = ranks[first][inverse]
-    moved = ranks != best
-    return np.stack([ranks[moved], best[moved]])
+
+def split(target: np.ndarray, partitions: int, **cols: np.ndarray) -> list[dict]:
+    """Rows routed to partitions: one dict of columns per partition."""
+    order = np.argsort(target, kind="stable")
+    bounds = np.searchsorted(target[order], np.arange(partitions + 1))
+    return [{k: v[order[bounds[p]:bounds[p + 1]]] for k, v in cols.items()} for p in range(partitions)]
 
 
-def _scatter(ids: np.ndarray, hashes: np.ndarray, max_distance: int, partitions: int) -> list[tuple]:
-    """Route each (band, id, hash) to the partition of its band value: equal bands meet there."""
-    parts: list[list] = [[] for _ in range(partitions)]
-    for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
-        value = band_values(hashes, offset, width)
-        target = ((value * _MIX + np.uint64(b)) % np.uint64(partitions)).astype(np.int64)
-        order = np.argsort(target, kind="stable")
-        bounds = np.searchsorted(target[order], np.arange(partitions + 1))
-        for p in range(partitions):
-            take = order[bounds[p]:bounds[p + 1]]
-            parts[p].append((np.full(take.size, b, np.uint8), ids[take], hashes[take]))
-    return [tuple(np.concatenate(cols) for cols in zip(*part)) for part in parts]
+
+def concat(parts: tuple[dict, ...]) -> dict:
+    keys = parts[0].keys() if parts else ()
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
 
 
-def _pair_forest(max_distance: int, *parts: tuple) -> np.ndarray:
-    """Verified near pairs of one partition, reduced to a spanning forest."""
-    band = np.concatenate([p[0] for p in parts])
-    ids = np.concatenate([p[1] for p in parts])
-    hashes = np.concatenate([p[2] for p in parts])
-    found = [_no_edges()]
-    for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
-        mine = band == b
-        if mine.sum() > 1:
-            found.append(near_pairs_in_band(ids[mine], hashes[mine], offset, width, max_distance))
+
+def route(nodes: list[dict], exact: bool, max_distance: int | None, n_pref: int, partitions: int) -> list[dict]:
+    """Records of a group's surviving rows, one dict per partition: {"hash": ..., "semantic": ...}.
+
+    Each node dict holds row, pref, caption, sha (0 = none) and optionally phash + phash_valid
+    and semantic = (usable mask, cluster label, unit embedding as float16).
+    """
+    pieces, semantic = [], []
+    for node in nodes:
+        attrs = {k: node[k] for k in ("row", "pref", "caption")}
+        if exact:
+            has = node["sha"] != 0
+            pieces.append(_piece(0, node["sha"][has], np.zeros(int(has.sum()), np.uint64), attrs, has))
+        if max_distance is not None and "phash" in node:
+            has = node["phash_valid"]
+            hashes = node["phash"][has]
+            for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
+                key = band_values(hashes, offset, width) * np.uint64(64) + np.uint64(b)
+                pieces.append(_piece(1, key, hashes, attrs, has))
+        if "semantic" in node:
+            ok, label, emb = node["semantic"]
+            semantic.append({"label": label, "emb": emb, **{k: v[ok] for k, v in attrs.items()}})
+    hashed = concat(tuple(pieces)) if pieces else _empty_piece(n_pref)
+    hashed = split(partition_of(hashed["key"] ^ hashed["kind"].astype(np.uint64), partitions), partitions, **hashed)
+    if not semantic:
+        return [{"hash": h, "semantic": None} for h in hashed]
+    sem = concat(tuple(semantic))
+    return [{"hash": h, "semantic": m} for h, m in zip(hashed, split(sem["label"] % partitions, partitions, **sem))]
+
+
+def _piece(kind: int, key: np.ndarray, value: np.ndarray, node: dict, take: np.ndarray) -> dict:
+    return {"kind": np.full(len(key), kind, np.uint8), "key": key, "value": value,
+            **{k: v[take] for k, v in node.items()}}
+
+
+
+def _empty_piece(n_pref: int) -> dict:
+    return {"kind": np.empty(0, np.uint8), "key": np.empty(0, np.uint64), "value": np.empty(0, np.uint64),
+            "row": np.empty(0, np.int64), "pref": np.empty((0, n_pref)),
+            "caption": np.empty(0, np.uint64)}
+
+
+
+def partition_edges(max_distance: int | None, threshold: float | None, *parts: dict) -> tuple[dict, int]:
+    """A partition's duplicate edges as a spanning forest, with the nodes' attributes; and the
+    number of rows whose band bucket was too large to compare (reported, never silent)."""
+    cols = concat(tuple(p["hash"] for p in parts))
+    found = [np.empty((2, 0), np.int64)]
+    skipped = 0
+    exact = cols["kind"] == 0
+    if exact.any():
+        found.append(_chains(cols["key"][exact], cols["row"][exact]))
+    near = np.flatnonzero(cols["kind"] == 1)
+    if near.size and max_distance is not None:
+        key, value, row = cols["key"][near], cols["value"][near], cols["row"][near]
+        found.append(_chains(value, row))                       # identical hashes: one chain
+        first = np.unique(np.stack([key, value]), axis=1, return_index=True)[1]
+        key, value, row = key[first], value[first], row[first]  # one row per distinct hash per band
+        order = np.argsort(key, kind="stable")
+        key, value, row = key[order], value[order], row[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        sizes = np.diff(np.r_[starts, len(key)])
+        big = np.repeat(sizes > MAX_BUCKET, sizes)
+        skipped = int(big.sum())
+        key, value, row = key[~big], value[~big], row[~big]
+        for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
+            mine = (key % np.uint64(64)) == np.uint64(b)
+            if mine.sum() > 1:
+                found.append(near_pairs_in_band(row[mine], value[mine], offset, width, max_distance))
+    sem = [p["semantic"] for p in parts if p["semantic"] is not None]
+    if sem and threshold is not None:
+        sem = concat(tuple(sem))
+        found.append(_cluster_pairs(sem, threshold))
+        cols = {k: np.concatenate([cols[k], sem[k]]) for k in ("row", "pref", "caption")}
+    edges = forest(np.concatenate(found, axis=1))
+    nodes = np.unique(edges)
+    by_row = np.argsort(cols["row"], kind="stable")
+    index = by_row[np.searchsorted(cols["row"], nodes, sorter=by_row)] if len(nodes) else np.empty(0, np.int64)
+    return {"edges": edges, "row": nodes, "pref": cols["pref"][index], "caption": cols["caption"][index]}, skipped
+
+
+
+def _cluster_pairs(sem: dict, threshold: float) -> np.ndarray:
+    """Pairs at cosine >= threshold inside each k-means cluster, in blocks of bounded size."""
+    found = [np.empty((2, 0), np.int64)]
+    order = np.argsort(sem["label"], kind="stable")
+    label = sem["label"][order]
+    starts = np.flatnonzero(np.r_[True, label[1:] != label[:-1]]) if len(label) else np.empty(0, np.int64)
+    for a, b in zip(starts, np.r_[starts[1:], len(label)]):
+        members = order[a:b]
+        e, r = sem["emb"][members].astype(np.float32), sem["row"][members]
+        block = max(1, BLOCK_ELEMS // len(members))
+        for start in range(0, len(members), block):
+            i, j = np.nonzero(e[start:start + block] @ e.T >= threshold)
+            i += start
+            upper = i < j
+            found.append(np.stack([r[i[upper]], r[j[upper]]]))
     return forest(np.concatenate(found, axis=1))
 
 
-def near_edges(hashes: np.ndarray, valid: np.ndarray, max_distance: int, partitions: int) -> np.ndarray:
-    """Edges between rows whose pHashes lie within max_distance (hashes in rank order).
 
-    Identical hashes are joined first on the driver (one sort); only one row per distinct hash
-    enters the band shuffle, so a hash shared by a million copies costs one row there.
-    """
-    import ray
-
-    ranks = np.flatnonzero(valid)
-    if not ranks.size:
-        return _no_edges()
-    unique, first, inverse = np.unique(hashes[ranks], return_index=True, return_inverse=True)
-    best = ranks[first]
-    identical = np.stack([ranks, best[inverse]])[:, ranks != best[inverse]]
-    if max_distance == 0 or unique.size < 2:
-        return identical
-    scatter = ray.remote(num_returns=partitions)(_scatter) if partitions > 1 else ray.remote(_scatter)
-    parts = []
-    for start in range(0, unique.size, CHUNK_ROWS):
-        refs = scatter.remote(best[start:start + CHUNK_ROWS], unique[start:start + CHUNK_ROWS],
-                              max_distance, partitions)
-        parts.append(refs if partitions > 1 else [refs])
-    reduce = ray.remote(_pair_forest)
-    forests = [reduce.remote(max_distance, *column) for column in zip(*parts)]
-    return np.concatenate([identical, *ray.get(forests)], axis=1)
+def _chains(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows with equal values joined as a chain (n - 1 edges per value, never all pairs)."""
+    order = np.lexsort((rows, values))
+    v, r = values[order], rows[order]
+    same = v[1:] == v[:-1]
+    return np.stack([r[:-1][same], r[1:][same]])
 
 
-def _normalised(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+
+def components(per_group: int, groups: int, bounds: np.ndarray, *parts: dict) -> list[dict]:
+    """Duplicate groups over every partition's forest; per group the best rows stay, up to
+    `per_group` with distinct captions; the others get dup_of = the group's best row."""
+    edges = np.concatenate([p["edges"] for p in parts], axis=1) if parts else np.empty((2, 0), np.int64)
+    nodes, label = roots(edges)
+    if not len(nodes):
+        return [{"row": np.empty(0, np.int64), "dup_of": np.empty(0, np.int64)} for _ in range(groups)]
+    rows = np.concatenate([p["row"] for p in parts])
+    first = np.unique(rows, return_index=True)[1]
+    pref = np.concatenate([p["pref"] for p in parts])[first]
+    caption = np.concatenate([p["caption"] for p in parts])[first]   # aligned with `nodes` (both sorted)
+    order = np.lexsort((nodes, *(-pref[:, k] for k in reversed(range(pref.shape[1]))), label))
+    lab, cap = label[order], caption[order]
+    group_start = np.r_[True, lab[1:] != lab[:-1]]
+    best = nodes[order][np.maximum.accumulate(np.where(group_start, np.arange(len(lab)), 0))]
+    _, first_caption = np.unique(np.stack([lab, cap]), axis=1, return_index=True)
+    distinct = np.zeros(len(lab), bool)
+    distinct[first_caption] = True
+    ordinal = np.cumsum(distinct) - np.repeat(np.cumsum(distinct)[group_start] - distinct[group_start],
+                                              np.diff(np.r_[np.flatnonzero(group_start), len(lab)])) - 1
+    keep = distinct & (ordinal < per_group)
+    dropped = nodes[order][~keep]
+    dup_of = best[~keep]
+    sort = np.argsort(dropped)
+    dropped, dup_of = dropped[sort], dup_of[sort]
+    cuts = np.searchsorted(dropped >> 32, bounds)
+    return [{"row": dropped[cuts[g]:cuts[g + 1]], "dup_of": dup_of[cuts[g]:cuts[g + 1]]} for g in range(groups)]
+
+
+
+def normalised(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unit rows as float32, and which rows had a usable (finite, non-zero) embedding."""
     emb = np.asarray(emb, np.float32)
     norm = np.linalg.norm(emb, axis=1)
@@ -112,8 +196,15 @@ def _normalised(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return emb[ok] / norm[ok, None], ok
 
 
-def _kmeans(sample: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """Spherical k-means centroids (unit rows), seeded so the clusters are the same every run."""
+
+def nearest(emb: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.argmax(emb[i:i + 4096] @ centroids.T, axis=1) for i in range(0, len(emb), 4096)]
+                          or [np.empty(0, np.int64)]).astype(np.int64)
+
+
+
+def kmeans(sample: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Spherical k-means centroids (unit rows) of unit-row samples, seeded: the same every run."""
     rng = np.random.default_rng(seed)
     centroids = sample[rng.choice(len(sample), size=k, replace=False)]
     for _ in range(KMEANS_ITERATIONS):
@@ -124,64 +215,3 @@ def _kmeans(sample: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         filled = norm > 0
         centroids[filled] = sums[filled] / norm[filled, None]
     return centroids
-
-
-def _assign(path: str, rows: np.ndarray, ranks: np.ndarray, centroids: np.ndarray, partitions: int) -> list[tuple]:
-    """One shard: read the surviving rows' embeddings, label them by nearest centroid, route by label."""
-    emb, ok = _normalised(np.load(path, mmap_mode="r")[rows])
-    ranks = ranks[ok]
-    label = np.concatenate([np.argmax(emb[i:i + 4096] @ centroids.T, axis=1) for i in range(0, len(emb), 4096)]
-                           or [np.empty(0, np.int64)])
-    target = label % partitions
-    return [(label[target == p], ranks[target == p], emb[target == p].astype(np.float16)) for p in range(partitions)]
-
-
-def _cluster_forest(threshold: float, *parts: tuple) -> np.ndarray:
-    """Pairs at cosine ≥ threshold inside each cluster of one partition, as a spanning forest."""
-    label = np.concatenate([p[0] for p in parts])
-    ranks = np.concatenate([p[1] for p in parts])
-    emb = np.concatenate([p[2] for p in parts]).astype(np.float32)
-    found = [_no_edges()]
-    for cluster in np.unique(label):
-        members = np.flatnonzero(label == cluster)
-        e, r = emb[members], ranks[members]
-        block = max(1, BLOCK_ELEMS // len(members))
-        for start in range(0, len(members), block):
-            i, j = np.nonzero(e[start:start + block] @ e.T >= threshold)
-            i += start
-            upper = i < j
-            found.append(np.stack([r[i[upper]], r[j[upper]]]))
-    return forest(np.concatenate(found, axis=1))
-
-
-def semantic_edges(shard_rows: list[tuple[Path, np.ndarray, np.ndarray]], threshold: float,
-                   cluster_size: int, partitions: int) -> np.ndarray:
-    """Edges between rows whose image embeddings have cosine ≥ threshold within one k-means cluster.
-
-    `shard_rows` holds, per shard: its embeddings file, the surviving rows' positions in it and
-    their ranks. Centroids come from a fixed-seed sample; pairs split across clusters are missed
-    (the price of not comparing all pairs).
-    """
-    import ray
-
-    total = sum(len(rows) for _, rows, _ in shard_rows)
-    if total < 2:
-        return _no_edges()
-    rng = np.random.default_rng(0)
-    share = min(1.0, KMEANS_SAMPLE / total)
-    sample = [np.load(path, mmap_mode="r")[np.sort(rng.choice(rows, size=max(1, math.ceil(len(rows) * share)),
-                                                               replace=False))]
-              for path, rows, _ in shard_rows if len(rows)]
-    sample, _ = _normalised(np.concatenate(sample))
-    if len(sample) < 2:
-        return _no_edges()
-    k = max(1, min(len(sample), round(total / cluster_size)))
-    centroids = ray.put(_kmeans(sample, k))
-    assign = ray.remote(num_returns=partitions)(_assign) if partitions > 1 else ray.remote(_assign)
-    parts = []
-    for path, rows, ranks in shard_rows:
-        refs = assign.remote(str(path), rows, ranks, centroids, partitions)
-        parts.append(refs if partitions > 1 else [refs])
-    reduce = ray.remote(_cluster_forest)
-    return np.concatenate([_no_edges(), *ray.get([reduce.remote(threshold, *column) for column in zip(*parts)])],
-                          axis=1)

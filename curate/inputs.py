@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from curate.config import ConfigError, InputConfig
 from curate.rundir import RunDir, row_keys

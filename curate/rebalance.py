@@ -6,6 +6,11 @@ of any share. The driver solves for the largest kept set that meets every target
 linear program, one variable per style), which fixes how many rows of each style stay; a
 row stays when its key's hash is among the smallest that many of its style. The hash makes
 the choice deterministic and independent of shard order and of every other column.
+
+At scale this is two passes over per-group tasks, never rows on the driver: pass one counts
+each style's rows per hash bucket (the top HASH_BUCKET_BITS bits), which locates the bucket
+where each style's cut falls; pass two gathers only the hashes inside that bucket, which
+gives the exact cut. A row then stays when its hash is at most its style's limit.
 """
 from __future__ import annotations
 
@@ -76,31 +81,81 @@ def keep_counts(counts: dict[str, int], cfg: RebalanceConfig) -> dict[str, int]:
     return kept
 
 
-def rebalance(style: pa.Array, keys: pa.Array, alive: np.ndarray, cfg: RebalanceConfig) -> tuple[np.ndarray, dict]:
-    """Rows to drop as `rebalanced`, and the style counts before and after.
+HASH_BUCKET_BITS = 12
+KEEP_NONE = -1   # a limit below every hash: the style keeps no row
 
-    `alive` marks rows that passed every rule and dedup; only those are counted and sampled.
-    """
-    encoded = pc.dictionary_encode(style).combine_chunks() if isinstance(style, pa.ChunkedArray) \
-        else pc.dictionary_encode(style)
-    names = encoded.dictionary.to_pylist()
-    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    labelled = alive & (codes >= 0)
-    counts = np.bincount(codes[labelled], minlength=len(names))
-    before = {name: int(n) for name, n in sorted(zip(names, counts)) if n > 0}
-    drop = np.zeros(len(codes), bool)
-    report = {"before": before, "after": dict(before), "unlabelled": int((alive & ~labelled).sum())}
+
+def _bucket(hashes: np.ndarray) -> np.ndarray:
+    return (hashes >> np.uint64(64 - HASH_BUCKET_BITS)).astype(np.int64)
+
+
+def _members(style: pa.ChunkedArray | pa.Array, name: str, alive: np.ndarray) -> np.ndarray:
+    return alive & pc.equal(style, name).fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def bucket_counts(style: pa.ChunkedArray | pa.Array, hashes: np.ndarray, alive: np.ndarray) -> dict:
+    """Pass one, per group: rows per style and hash bucket among survivors, plus the unlabelled."""
+    labelled = alive & pc.is_valid(style).to_numpy(zero_copy_only=False)
+    counts: dict = {"_unlabelled": int((alive & ~labelled).sum())}
+    for name in pc.unique(pc.filter(style, pa.array(labelled))).to_pylist():
+        counts[name] = np.bincount(_bucket(hashes[_members(style, name, labelled)]), minlength=1 << HASH_BUCKET_BITS)
+    return counts
+
+
+def merge_counts(parts: list[dict]) -> dict:
+    total: dict = {"_unlabelled": 0}
+    for part in parts:
+        for name, c in part.items():
+            total[name] = total.get(name, 0) + c
+    return total
+
+
+def plan_cuts(counts: dict, cfg: RebalanceConfig) -> tuple[dict, dict[str, tuple[int, int]]]:
+    """The styles report, and per style to cut: (bucket of the cut, rows to keep inside that bucket)."""
+    before = {name: int(c.sum()) for name, c in sorted(counts.items()) if name != "_unlabelled" and c.sum() > 0}
+    report = {"before": before, "after": dict(before), "unlabelled": counts["_unlabelled"]}
     if not cfg.styles:
-        return drop, report
+        return report, {}
     if not before:
         report["note"] = "no surviving row has a style label: nothing was rebalanced"
         log.warning("rebalance: %s", report["note"])
-        return drop, report
+        return report, {}
     kept = keep_counts(before, cfg)
-    hashes = key_hashes(keys)
-    for name, keep in kept.items():
-        members = np.flatnonzero(labelled & (codes == names.index(name)))
-        order = members[np.lexsort((members, hashes[members]))]
-        drop[order[keep:]] = True
     report["after"] = kept
-    return drop, report
+    cuts = {}
+    for name, keep in kept.items():
+        if keep < before[name]:
+            cum = np.cumsum(counts[name])
+            bucket = int(np.searchsorted(cum, keep, side="right"))   # first bucket whose count passes `keep`
+            cuts[name] = (bucket, keep - (int(cum[bucket - 1]) if bucket else 0))
+    return report, cuts
+
+
+def hashes_in_cut(style: pa.ChunkedArray | pa.Array, hashes: np.ndarray, alive: np.ndarray,
+                  cuts: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """Pass two, per group: each cut style's hashes inside its cut bucket."""
+    return {name: hashes[_members(style, name, alive) & (_bucket(hashes) == bucket)]
+            for name, (bucket, _) in cuts.items()}
+
+
+def style_limits(cuts: dict[str, tuple[int, int]], found: list[dict[str, np.ndarray]]) -> dict[str, int]:
+    """Per style, the largest hash that stays: the need-th smallest hash inside the cut bucket."""
+    out = {}
+    for name, (bucket, need) in cuts.items():
+        if need > 0:
+            out[name] = int(np.sort(np.concatenate([f[name] for f in found]))[need - 1])
+        else:
+            out[name] = (bucket << (64 - HASH_BUCKET_BITS)) - 1 if bucket else KEEP_NONE
+    return out
+
+
+def over_limit(style: pa.ChunkedArray | pa.Array, hashes: np.ndarray, alive: np.ndarray,
+               style_limits: dict[str, int]) -> np.ndarray:
+    """Rows to drop as `rebalanced`: survivors of a cut style whose hash is above its limit."""
+    drop = np.zeros(len(hashes), bool)
+    for name, limit in style_limits.items():
+        over = _members(style, name, alive)
+        if limit != KEEP_NONE:
+            over &= hashes > np.uint64(limit)
+        drop |= over
+    return drop

@@ -23,7 +23,7 @@ from ray.data.extensions import ArrowTensorArray
 from curate.config import Config
 from curate.rundir import RunDir
 from curate.runtime import Progress, Window, log
-from curate.storage import Storage, join
+from curate.storage import join
 from filters.image import aspect_ratio, image_columns
 from filters.text import caption_columns
 from manifests.schema import IMAGE, MODEL, TEXT, build, conform

@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import validate
-from curate.decide import decide_table, group_keepers, preference
+from curate.decide import components, preference
+from synthetic_run import decide_table
 from synthetic_scores import scores_table
 
 
@@ -70,15 +71,22 @@ def test_exact_duplicates_keep_n_captions_per_image(ray_session):
     assert two["00000_000004"] == ("duplicate", "00000_000001")
 
 
-def test_group_keepers_counts_distinct_captions_per_group():
-    root = np.array([0, 1, 0, 1, 0, 0, 6])
-    captions = np.array([7, 8, 7, 9, 3, 4, -1])
-    assert group_keepers(root, captions, 2).tolist() == [True, True, False, True, True, False, True]
+def test_components_keep_the_best_rows_with_distinct_captions_and_route_the_rest_by_group():
+    # one group {1, 2, 3, 4 (shard 1)}; preference: 3 > 1 > 4 > 2; captions: 1 and 3 share one
+    part = {"edges": np.array([[1, 2, 3], [2, 3, 1 << 32 | 4]]), "row": np.array([1, 2, 3, 1 << 32 | 4]),
+            "pref": np.array([[5.0], [1.0], [9.0], [4.0]]), "caption": np.array([7, 8, 7, 9], np.uint64)}
+    bounds = np.array([0, 1, 2])
+    one = components(1, 2, bounds, part)
+    assert one[0]["row"].tolist() == [1, 2] and one[0]["dup_of"].tolist() == [3, 3]
+    assert one[1]["row"].tolist() == [1 << 32 | 4] and one[1]["dup_of"].tolist() == [3]
+    two = components(2, 2, bounds, part)   # 3, then the best other caption: 4; 1 repeats 3's caption
+    assert two[0]["row"].tolist() == [1, 2] and two[1]["row"].size == 0
 
 
-def test_preference_puts_missing_scores_last_and_breaks_ties_by_key():
+def test_preference_puts_missing_scores_last():
     t = scores_table(4, aesthetic=[5.0, None, 7.0, 5.0])
-    assert preference(t, ["aesthetic", "clip_score", "pixels"]).tolist() == [2, 0, 3, 1]
+    pref = preference(t, ["aesthetic", "clip_score", "pixels"])
+    assert pref[:, 0].tolist() == [5.0, -np.inf, 7.0, 5.0] and pref.shape == (4, 3)
 
 
 def test_semantic_duplicates_across_shards(ray_session, tmp_path):
@@ -87,10 +95,7 @@ def test_semantic_duplicates_across_shards(ray_session, tmp_path):
     emb[5] = emb[1] + 0.01 * rng.normal(size=32)   # row 5 (shard 1) is a semantic copy of row 1 (shard 0)
     emb[3] = np.nan                                 # no embedding: never grouped
     t = scores_table(8, shards=2)
-    paths = {}
-    for shard, rows in (("00000", slice(0, 4)), ("00001", slice(4, 8))):
-        paths[shard] = tmp_path / f"{shard}.npy"
-        np.save(paths[shard], emb[rows].astype(np.float16))
+    paths = {"00000": emb[0:4], "00001": emb[4:8]}
     cfg = _cfg(dedupe={"semantic_threshold": 0.95, "semantic_cluster_size": 4})
     rows = _rows(decide_table(t, cfg, embeddings=paths)[0])
     assert rows["00001_000001"] == ("duplicate", "00000_000001")

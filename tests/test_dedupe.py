@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance
 
 from curate.config import DedupeConfig, DownloadConfig, ScoreConfig
 from curate.demo_corpus import cartoon, photo
-from curate.dedupe import near_edges, same_value_edges
+from curate.dedupe import partition_edges, route
 from filters.image import image_columns
 from filters.phash import equal_key_pairs, forest, hamming, roots, split_bits, without_band
 
@@ -21,6 +21,16 @@ def _components(n: int, edges: np.ndarray) -> np.ndarray:
     nodes, best = roots(edges)
     root[nodes] = best
     return root
+
+
+def _edges(hashes: np.ndarray, valid: np.ndarray, k: int | None, partitions: int,
+           sha: np.ndarray | None = None) -> np.ndarray:
+    """Route one group of rows to partitions and gather every partition's forest, as decide does."""
+    n = len(hashes)
+    node = {"row": np.arange(n), "pref": np.zeros((n, 1)), "caption": np.zeros(n, np.uint64),
+            "sha": sha if sha is not None else np.zeros(n, np.uint64), "phash": hashes, "phash_valid": valid}
+    parts = route([node], sha is not None, k, 1, partitions)
+    return np.concatenate([partition_edges(k, None, part)[0]["edges"] for part in parts], axis=1)
 
 
 def _brute_force(hashes: np.ndarray, k: int) -> np.ndarray:
@@ -65,19 +75,22 @@ def test_bands_find_what_brute_force_finds(ray_session, k):
             bits = rng.choice(64, size=int(rng.integers(0, k + 3)), replace=False).astype(np.uint64)
             hashes.append(c ^ np.bitwise_or.reduce(np.uint64(1) << bits) if bits.size else c)
     hashes = np.array(hashes, np.uint64)
-    edges = near_edges(hashes, np.ones(len(hashes), bool), k, partitions=3)
+    edges = _edges(hashes, np.ones(len(hashes), bool), k, partitions=3)
     assert np.array_equal(_components(len(hashes), edges), _brute_force(hashes, k))
 
 
 def test_invalid_hashes_never_group(ray_session):
     hashes = np.array([7, 7, 7, 0], np.uint64)
     valid = np.array([True, False, True, False])
-    assert _components(4, near_edges(hashes, valid, 4, 2)).tolist() == [0, 1, 0, 3]
+    assert _components(4, _edges(hashes, valid, 4, 2)).tolist() == [0, 1, 0, 3]
 
 
-def test_same_value_edges_point_at_the_best_rank():
-    edges = same_value_edges(np.array([3, 1, 3, -1, 1, -1, 3]))
-    assert sorted(map(tuple, edges.T.tolist())) == [(2, 0), (4, 1), (6, 0)]
+def test_equal_sha256_rows_form_one_chain_not_all_pairs():
+    sha = np.array([3, 1, 3, 0, 1, 0, 3], np.uint64)          # 0: no hash, never grouped
+    hashes = np.arange(7, dtype=np.uint64) << np.uint64(40)   # far apart: no near pairs
+    edges = _edges(hashes, np.ones(7, bool), None, 3, sha=sha)
+    assert edges.shape[1] == 3                                # (3 - 1) + (2 - 1) edges
+    assert _components(7, edges).tolist() == [0, 1, 0, 3, 1, 5, 0]
 
 
 # --- quality of pHash decisions on transformed synthetic images -------------------------------

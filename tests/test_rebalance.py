@@ -1,17 +1,13 @@
 """Style rebalance: targets met within one percentage point, deterministic to the byte."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
 
 from curate.config import RebalanceConfig, validate
-from curate.decide import run_decide
-from curate.rebalance import keep_counts, key_hashes, rebalance
+from curate.rebalance import keep_counts, key_hashes
+from synthetic_run import decide_table
 from synthetic_scores import scores_table
 
 MIX = {"photo": 0.40, "cartoon": 0.35, "anime": 0.15, "illustration": 0.10}
@@ -46,56 +42,41 @@ def test_key_hashes_are_stable_and_spread():
     assert abs(float(np.mean(spread > np.uint64(2**63))) - 0.5) < 0.02
 
 
-def test_unlabelled_rows_are_left_alone():
-    style = pa.array(["cartoon", None, "cartoon", "photo", None])
-    drop, report = rebalance(style, pa.array([f"k{i}" for i in range(5)]), np.ones(5, bool),
-                             RebalanceConfig.model_validate({"styles": {"cartoon": {"max_share": 0.5}}}))
-    assert not drop[[1, 3, 4]].any() and drop[[0, 2]].sum() == 1
+def _decide(styles: list, targets: dict, shards: int = 1) -> tuple[pa.Table, dict]:
+    table = scores_table(len(styles), style=styles, shards=shards)
+    return decide_table(table, validate({"run_dir": "/tmp/unused", "input": {"paths": ["x.parquet"]},
+                                         "rebalance": {"styles": targets}}))
+
+
+def test_unlabelled_rows_are_left_alone(ray_session):
+    decisions, report = _decide(["cartoon", None, "cartoon", "photo", None], {"cartoon": {"max_share": 0.5}})
+    reason = decisions.column("reason").to_pylist()
+    assert reason[1] is None and reason[3] is None and reason[4] is None
+    assert sorted(reason[i] or "" for i in (0, 2)) == ["", "rebalanced"]
     assert report == {"before": {"cartoon": 2, "photo": 1}, "after": {"cartoon": 1, "photo": 1}, "unlabelled": 2}
-    _, empty = rebalance(pa.nulls(3, pa.string()), pa.array(["a", "b", "c"]), np.ones(3, bool),
-                         RebalanceConfig.model_validate({"styles": {"cartoon": {"max_share": 0.5}}}))
+    _, empty = _decide([None] * 3, {"cartoon": {"max_share": 0.5}})
     assert "nothing was rebalanced" in empty["note"]
 
 
-@pytest.fixture(scope="module")
-def run_100k(tmp_path_factory) -> tuple:
-    """A run directory with raw and scores files for 100k rows in 4 shards, 5% unlabelled."""
-    root = tmp_path_factory.mktemp("rebalance") / "run"
-    table = scores_table(100_000, style=_styles(100_000, unlabelled=0.05), shards=4)
-    raw_cols = ["key", "shard", "status", "original_width", "original_height", "width", "height", "sha256"]
-    shards = sorted(set(table.column("shard").to_pylist()))
-    for shard in shards:
-        part = table.filter(pa.compute.equal(table.column("shard"), shard))
-        for stage, cols in (("raw", raw_cols), ("scores", ["key"] + [c for c in part.column_names
-                                                                    if c not in raw_cols])):
-            (root / stage).mkdir(parents=True, exist_ok=True)
-            pq.write_table(part.select(cols), root / stage / f"{shard}.parquet")
-    cfg = validate({"run_dir": str(root), "input": {"paths": ["x.parquet"]}, "rebalance": {"styles": TARGETS}})
-    return cfg, shards
-
-
-def test_targets_hit_within_one_point_on_100k_rows_and_rerun_is_byte_identical(ray_session, run_100k):
-    cfg, shards = run_100k
-    decided = Path(cfg.run_dir) / "decisions"
-    funnel = run_decide(cfg, shards, set())
-    styles = json.loads((decided / "_decided.json").read_text())["styles"]
-    share = {s: n / sum(styles["after"].values()) for s, n in styles["after"].items()}
+def test_targets_hit_within_one_point_on_100k_rows_and_rerun_is_identical(ray_session):
+    styles = _styles(100_000, unlabelled=0.05)
+    first, report = _decide(styles, TARGETS, shards=4)
+    share = {s: n / sum(report["after"].values()) for s, n in report["after"].items()}
     assert abs(share["cartoon"] - 0.10) <= 0.01 and abs(share["anime"] - 0.10) <= 0.01   # binding caps
     assert share["photo"] >= 0.5 - 0.01
-    assert styles["unlabelled"] > 4000
-    assert funnel["dropped"] == {"rebalanced": sum(styles["before"].values()) - sum(styles["after"].values())}
-    first = {s: (decided / f"{s}.parquet").read_bytes() for s in shards}
-    (decided / "_decided.json").unlink()
-    run_decide(cfg, shards, set())
-    assert {s: (decided / f"{s}.parquet").read_bytes() for s in shards} == first
+    assert report["unlabelled"] > 4000
+    kept = pa.compute.value_counts(pa.array(styles).filter(first.column("keep"))).to_pylist()
+    assert {r["values"]: r["counts"] for r in kept if r["values"]} == report["after"]   # exact counts
+    reasons = first.column("reason").to_pylist()
+    assert reasons.count("rebalanced") == sum(report["before"].values()) - sum(report["after"].values())
+    assert _decide(styles, TARGETS, shards=4)[0].equals(first)
 
 
-def test_a_binding_floor_is_hit_within_one_point():
-    style = pa.array(_styles(100_000))
-    keys = pa.array([f"{i // 25_000:05d}_{i % 25_000:06d}" for i in range(100_000)])
-    cfg = RebalanceConfig.model_validate({"styles": {**TARGETS, "photo": {"min_share": 0.7}}})
-    drop, report = rebalance(style, keys, np.ones(100_000, bool), cfg)
-    kept = pa.compute.value_counts(style.filter(pa.array(~drop))).to_pylist()
-    share = {r["values"]: r["counts"] / int((~drop).sum()) for r in kept}
+def test_a_binding_floor_is_hit_within_one_point(ray_session):
+    styles = _styles(100_000)
+    decisions, report = _decide(styles, {**TARGETS, "photo": {"min_share": 0.7}}, shards=4)
+    kept = pa.compute.value_counts(pa.array(styles).filter(decisions.column("keep"))).to_pylist()
+    total = sum(r["counts"] for r in kept)
+    share = {r["values"]: r["counts"] / total for r in kept}
     assert abs(share["photo"] - 0.70) <= 0.01 and share["cartoon"] <= 0.11 and share["anime"] <= 0.11
     assert report["after"] == {r["values"]: r["counts"] for r in kept}
