@@ -36,11 +36,11 @@ def _finish(outcome, run_dir: str) -> None:
     if outcome.stats:
         console.print(f"shards written: {outcome.stats['shards']['count']} "
                       f"({outcome.stats['shards']['samples']:,} samples)")
-        root = Path(run_dir)
-        for label, path in (("shards", root / "shards"), ("manifest", root / "manifest.parquet"),
-                            ("stats", root / "stats.json"), ("config", root / "config.yaml"),
-                            ("report", root / "report.html")):
-            console.print(f"  {label:9s} {path}", highlight=False)
+        from curate.storage import join
+
+        for label, name in (("shards", "shards/"), ("manifest", "manifest/"), ("stats", "stats.json"),
+                            ("config", "config.yaml"), ("report", "report.html")):
+            console.print(f"  {label:9s} {join(run_dir, name)}", highlight=False)
     for f in outcome.failures:
         console.print(f"[red]failed:[/red] {f['phase']} shard {f['shard']}: {f['error']}", highlight=False)
     if outcome.failures:
@@ -50,11 +50,12 @@ def _finish(outcome, run_dir: str) -> None:
 
 def _phases(config: Path, overrides: list[str], phases: tuple[str, ...], dry_run: bool = False) -> None:
     from curate.pipeline import run_phases
+    from curate.rundir import RunBusy
 
     cfg = _load(config, overrides)
     try:
         outcome = run_phases(cfg, phases, dry_run=dry_run)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, RunBusy) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     _finish(outcome, cfg.run_dir)
@@ -92,21 +93,23 @@ def write(config: Path, overrides: List[str] = typer.Option([], "--set", help=SE
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="Run directory."),
+def demo(out: str = typer.Option("runs/demo", help="Run directory: a local path or s3://bucket/prefix."),
          n: int = typer.Option(2000, help="Number of synthetic samples."),
          seed: int = typer.Option(0, help="Seed of the corpus generator."),
          overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Generate a nasty synthetic corpus, serve it on 127.0.0.1 and curate it end to end."""
     from curate.demo import run_demo
+    from curate.rundir import RunBusy
     from curate.runtime import setup_logging
+    from curate.storage import absolute
 
     setup_logging()
     try:
         outcome = run_demo(out, n=n, seed=seed, overrides=overrides)
-    except (ConfigError, FileExistsError) as exc:
+    except (ConfigError, FileExistsError, RunBusy) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    _finish(outcome, str(out.resolve()))
+    _finish(outcome, absolute(out))
 
 
 @app.command()

@@ -1,7 +1,14 @@
-"""`curate demo`: a synthetic nasty corpus, served on 127.0.0.1, through all four phases."""
+"""`curate demo`: a synthetic nasty corpus, served on 127.0.0.1, through all four phases.
+
+The run directory may be local or an object store (`--out s3://bucket/demo`). The images play
+the part of the web: they live in a local folder the throw-away server reads (inside a local
+run directory, else a cache folder keyed by n and seed); the URL manifest and everything the
+pipeline writes go to the run directory through the storage module.
+"""
 from __future__ import annotations
 
-import json
+import io
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -14,50 +21,61 @@ from curate.demo_corpus import generate
 from curate.demo_server import serve
 from curate.pipeline import Outcome, run_phases
 from curate.runtime import log
+from curate.storage import Storage, absolute, is_local, join
 
 
-def demo_config(out: Path, overrides: list[str]) -> config_mod.Config:
+def demo_config(out: str, overrides: list[str]) -> config_mod.Config:
     """jobs/demo.yaml pointed at this run directory, with the user's overrides on top."""
     data = yaml.safe_load(resources.files("jobs").joinpath("demo.yaml").read_text(encoding="utf-8"))
-    data["run_dir"] = str(out)
-    data["input"]["paths"] = [str(out / "input" / "urls.parquet")]
+    data["run_dir"] = out
+    data["input"]["paths"] = [join(out, "input", "urls.parquet")]
     data = config_mod.apply_overrides(data, overrides)
     return config_mod.resolve(config_mod.validate(data, "jobs/demo.yaml"))
 
 
-def make_corpus(out: Path, n: int, seed: int) -> dict:
+def image_folder(out: str, n: int, seed: int) -> Path:
+    """Where the served images live: inside a local run directory, else a local cache folder."""
+    if is_local(out):
+        return Path(absolute(out)) / "input" / "images"
+    return Path(tempfile.gettempdir()) / f"curate-demo-images-n{n}-seed{seed}"
+
+
+def make_corpus(out: str, n: int, seed: int, storage: Storage) -> dict:
     """Generate the corpus once per (n, seed); a re-run with the same settings reuses it."""
-    folder = out / "input"
-    marker = folder / "corpus.json"
-    if marker.exists():
-        info = json.loads(marker.read_text())
-        if info["n"] == n and info["seed"] == seed:
+    marker = join(out, "input", "corpus.json")
+    folder = image_folder(out, n, seed)
+    if storage.exists(marker):
+        info = storage.read_json(marker)
+        if info["n"] != n or info["seed"] != seed:
+            raise FileExistsError(f"{out} holds a demo corpus made with n={info['n']}, seed={info['seed']}: "
+                                  f"use another --out or delete it")
+        if folder.is_dir():
             log.info("demo: reusing the corpus in %s", folder)
             return info
-        raise FileExistsError(f"{out} holds a demo corpus made with n={info['n']}, seed={info['seed']}: "
-                              f"use another --out or delete it")
     log.info("demo: generating %d samples (seed %d) in %s", n, seed, folder)
-    samples = generate(folder / "images", n=n, seed=seed)
+    samples = generate(folder, n=n, seed=seed)
     info = {"n": n, "seed": seed, "port": 0,
             "names": [s.name for s in samples], "kinds": [s.kind for s in samples],
             "captions": [s.caption for s in samples]}
     return info
 
 
-def run_demo(out: Path, n: int = 2000, seed: int = 0, overrides: list[str] = ()) -> Outcome:
+def run_demo(out: str | Path, n: int = 2000, seed: int = 0, overrides: list[str] = ()) -> Outcome:
     """Generate, serve, and curate the demo corpus; the server lives only while download runs."""
-    out = out.resolve()
+    out = absolute(str(out))
     cfg = demo_config(out, list(overrides))  # a bad override fails before any work
-    info = make_corpus(out, n, seed)
-    folder = out / "input"
-    with serve(folder / "images", slow_seconds=cfg.download.timeout + 5, port=info["port"]) as base:
+    storage = Storage(cfg.storage)
+    info = make_corpus(out, n, seed, storage)
+    urls_uri = cfg.input.paths[0]
+    with serve(image_folder(out, n, seed), slow_seconds=cfg.download.timeout + 5, port=info["port"]) as base:
         port = int(base.rsplit(":", 1)[1])
-        if port != info["port"] or not (folder / "urls.parquet").exists():
-            urls = [f"{base}/{name}" for name in info["names"]]
-            pq.write_table(pa.table({"url": urls, "caption": info["captions"], "kind": info["kinds"]}),
-                           folder / "urls.parquet")
+        if port != info["port"] or not storage.exists(urls_uri):
+            buf = io.BytesIO()
+            pq.write_table(pa.table({"url": [f"{base}/{name}" for name in info["names"]],
+                                     "caption": info["captions"], "kind": info["kinds"]}), buf)
+            storage.write_bytes(urls_uri, buf.getvalue())
             info["port"] = port
-            (folder / "corpus.json").write_text(json.dumps(info, ensure_ascii=False))
+            storage.write_json(join(out, "input", "corpus.json"), info)
         outcome = run_phases(cfg, ("download",))
     later = run_phases(cfg, ("score", "decide", "write"), skip_missing_models=True)
     later.failures = outcome.failures + later.failures

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.storage import Storage, join
+from curate.storage import Storage, absolute, join
 
 PHASES = ("download", "score", "decide", "write")
 LEASE_SECONDS = 120.0   # a lease not renewed for this long belongs to a dead run
@@ -47,6 +47,9 @@ def row_keys(row_ids: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
 class RunDir:
     root: str
     storage: Storage = field(default_factory=Storage, compare=False)
+
+    def __post_init__(self) -> None:   # a Path or a relative path becomes an absolute URI, once
+        object.__setattr__(self, "root", absolute(str(self.root)))
 
     def uri(self, *parts: str) -> str:
         return join(self.root, *parts)
