@@ -78,7 +78,22 @@ def _raw_batch(cols: dict[str, list], items: list[tuple[int, bytes | None]], err
     return out
 
 
+def _failed_batch(keys: list, shards: list, exc: BaseException, stage: str) -> pa.Table:
+    """A batch whose stage raised: its rows carry the error, so their shard fails alone."""
+    error = f"{stage} failed: {type(exc).__name__}: {exc}"[:500]
+    return pa.table({"key": pa.array(keys, pa.string()), "shard": pa.array(shards, pa.string()),
+                     "_shard_error": pa.array([error] * len(keys), pa.string())})
+
+
 def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None) -> pa.Table:
+    """Image and caption metrics for a batch; an unexpected exception fails the batch's shards, not the run."""
+    try:
+        return _score_cpu(batch, cfg, model_side)
+    except Exception as exc:
+        return _failed_batch(batch["key"].tolist(), batch["shard"].tolist(), exc, "CPU scoring")
+
+
+def _score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None) -> pa.Table:
     """Image and caption metrics for a batch, from one decode per image, typed by the schema."""
     decode_side = max(cfg.score.decode_size, model_side or 0)
     image_cols, views = image_columns(list(batch["_image"]), decode_side=decode_side,
@@ -108,7 +123,16 @@ class ModelStage:
         self.scorer = ModelScorer(cfg.models)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Arrow in, Arrow out: the score columns pass through untouched (pHash stays uint64)."""
+        """Arrow in, Arrow out; a batch that fails (here or before) carries its error onwards."""
+        if "_view" not in batch.column_names:
+            return batch
+        try:
+            return self._score(batch)
+        except Exception as exc:
+            return _failed_batch(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), exc, "models")
+
+    def _score(self, batch: pa.Table) -> pa.Table:
+        """The score columns pass through untouched (pHash stays uint64)."""
         views = [v if v.size else None for c in batch.column("_view").chunks for v in c.to_numpy()]
         scores = self.scorer(views, batch.column("caption_norm").to_pylist())
         batch = batch.drop_columns(["_view"])
