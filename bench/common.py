@@ -135,7 +135,7 @@ class PeakMemory:
     def __init__(self, pid: int | None = None, every: float = 0.2):
         self.pid = pid or os.getpid()
         self.every = every
-        self.driver_mb = self.workers_mb = self.total_mb = 0.0
+        self.driver_mb = self.workers_mb = self.total_mb = self.worker_max_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -146,7 +146,9 @@ class PeakMemory:
             tree.append(pid)
             todo += _children(pid)
         driver = _pss_mb(self.pid)
-        workers = sum(_pss_mb(p) for p in tree)
+        each = [_pss_mb(p) for p in tree]
+        workers = sum(each)
+        self.worker_max_mb = max([self.worker_max_mb, *each])
         self.driver_mb = max(self.driver_mb, driver)
         self.workers_mb = max(self.workers_mb, workers)
         self.total_mb = max(self.total_mb, driver + workers)
@@ -165,8 +167,9 @@ class PeakMemory:
         self.sample()
 
     def result(self) -> dict:
+        """Peaks in MB: the driver, all its descendants together, both, and the largest single descendant."""
         return {"driver_mb": round(self.driver_mb, 1), "workers_mb": round(self.workers_mb, 1),
-                "total_mb": round(self.total_mb, 1)}
+                "total_mb": round(self.total_mb, 1), "worker_max_mb": round(self.worker_max_mb, 1)}
 
 
 _SERVE = """

@@ -25,7 +25,9 @@ RESULTS = ROOT / "bench" / "results"
 README = ROOT / "bench" / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 RATIOS = ("download.ours_over_img2dataset", "score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer",
-          "scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min", "score_gpu.pipeline_over_model_alone")
+          "scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min", "score_gpu.pipeline_over_model_alone",
+          "scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
+          "scale.write_samples_per_s_per_core")
 
 
 def _models(mode: str) -> dict:
@@ -79,7 +81,7 @@ def _bench(name: str) -> Callable[[str], dict]:
     return module.run
 
 
-BENCHMARKS = ("download", "score_cpu", "models", "decide", "scaling", "score_gpu")
+BENCHMARKS = ("download", "score_cpu", "models", "decide", "scaling", "scale", "score_gpu")
 
 
 def run_one(name: str, mode: str) -> dict:
@@ -149,6 +151,14 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
                      f"{_fmt(s['peak_mb']['driver_mb'])} / {_fmt(s['peak_mb']['workers_mb'])}", ""))
     rows.append(("scaling", "s per 1k max / min", _fmt(ratios["scaling.sec_per_1k_max_over_min"]), "≤ 1.2"))
     rows.append(("scaling", "peak memory max / min", _fmt(ratios["scaling.peak_mem_max_over_min"]), "≤ 1.2"))
+    for s in results.get("scale", {}).get("per_size", []):
+        rows.append(("scale", f"{s['rows']:,} rows decide+write: µs per row", _fmt(s["us_per_row"]), ""))
+        rows.append(("scale", f"{s['rows']:,} rows: peak MB driver / largest worker",
+                     f"{_fmt(s['peak_mb']['driver_mb'])} / {_fmt(s['peak_mb'].get('worker_max_mb'))}", ""))
+    rows.append(("scale", "s per row max / min", _fmt(ratios["scale.sec_per_row_max_over_min"]), "≤ 1.2"))
+    rows.append(("scale", "driver peak max / min", _fmt(ratios["scale.driver_peak_max_over_min"]), "≤ 1.2"))
+    rows.append(("scale", "driver peak MB at max", _fmt(ratios["scale.driver_peak_mb_at_max"]), "≤ 2,000"))
+    rows.append(("scale", "write samples/s per core", _fmt(ratios["scale.write_samples_per_s_per_core"]), "≥ 5,000"))
     rows.append(("score_gpu", "pipeline / model alone", _fmt(ratios["score_gpu.pipeline_over_model_alone"]), "≥ 0.8"))
     return rows
 

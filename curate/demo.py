@@ -24,8 +24,9 @@ from curate.runtime import log
 from curate.storage import Storage, absolute, is_local, join
 
 
-def demo_config(out: str, overrides: list[str]) -> config_mod.Config:
+def demo_config(out: str | Path, overrides: list[str]) -> config_mod.Config:
     """jobs/demo.yaml pointed at this run directory, with the user's overrides on top."""
+    out = absolute(str(out))
     data = yaml.safe_load(resources.files("jobs").joinpath("demo.yaml").read_text(encoding="utf-8"))
     data["run_dir"] = out
     data["input"]["paths"] = [join(out, "input", "urls.parquet")]

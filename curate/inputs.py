@@ -85,7 +85,7 @@ def _as_strings(batch: pa.RecordBatch, cfg: InputConfig) -> dict[str, pa.Array]:
     return cols
 
 
-def _signature(cfg: InputConfig) -> dict:
+def signature(cfg: InputConfig) -> dict:
     """What an existing plan was cut from: changing any of it needs a new run directory."""
     return {"paths": list(cfg.paths), "shard_rows": cfg.shard_rows, "url_col": cfg.url_col,
             "caption_col": cfg.caption_col, "extra_cols": list(cfg.extra_cols)}
@@ -94,7 +94,7 @@ def _signature(cfg: InputConfig) -> dict:
 def check_plan(cfg: InputConfig, run: RunDir) -> None:
     """Refuse a config whose input differs from the one the run's shards were cut from."""
     recorded = run.storage.read_json(run.plan).get("input", {})
-    changed = {k: (recorded.get(k), v) for k, v in _signature(cfg).items() if recorded.get(k) != v}
+    changed = {k: (recorded.get(k), v) for k, v in signature(cfg).items() if recorded.get(k) != v}
     if changed:
         lines = "\n".join(f"  - input.{k}: planned with {old!r}, now {new!r}" for k, (old, new) in changed.items())
         raise ConfigError(f"{run.root} was planned from a different input:\n{lines}\n"
@@ -147,5 +147,5 @@ def plan(cfg: InputConfig, run: RunDir) -> list[str]:
         flush(n_pending)
     if not shards:
         raise ConfigError(f"input.paths: the input files hold no rows: {files}")
-    storage.write_json(run.plan, {"shards": shards, "rows": total, "sources": files, "input": _signature(cfg)})
+    storage.write_json(run.plan, {"shards": shards, "rows": total, "sources": files, "input": signature(cfg)})
     return shards

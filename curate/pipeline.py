@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from curate import config as config_mod
 from curate.config import Config, ConfigError
 from curate.download import download_shard
+from curate.inputs import check_plan
 from curate.rundir import Lease, RunDir
 from curate.runtime import Progress, Window, init_ray, log
 from curate.storage import Storage
@@ -38,10 +39,9 @@ def open_run(cfg: Config) -> RunDir:
 def run_download(cfg: Config, run: RunDir) -> list[dict]:
     import ray
 
-    from curate.inputs import check_plan, plan
+    from curate.inputs import plan
 
-    if run.storage.exists(run.plan):
-        check_plan(cfg.input, run)
+    if run.storage.exists(run.plan):   # run_phases has checked it against this config
         shards = run.shard_names()
     else:  # the input streams through a worker, not the driver
         shards = ray.get(ray.remote(num_cpus=0.5)(plan).remote(cfg.input, run))
@@ -105,6 +105,8 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
     if dry_run:
         return _phases(cfg, run, phases, models, dry_run)
     with Lease(run):
+        if run.storage.exists(run.plan):   # refuse a changed input before config.yaml records it
+            check_plan(cfg.input, run)
         run.storage.write_text(run.config, config_mod.dump(cfg))
         return _phases(cfg, run, phases, models, dry_run)
 

@@ -1,61 +1,104 @@
 """Summaries of a manifest: the funnel by reason, quantiles of every score, style counts, sample rows.
 
-Reads only the columns it needs (the where-expression's names included), the low-cardinality ones
-dictionary-encoded, and sample rows from only the row groups that hold them, so it stays fast on
-manifests of tens of millions of rows.
+A manifest is a parquet dataset: a run's `manifest/` folder (one file per input shard), any folder
+of parquet files, or one file, local or a URL (s3://, or any fsspec scheme). It is streamed batch
+by batch with only the columns needed (the where-expression's names included) and never held
+whole: counts are exact, quantiles come from a bounded uniform sample (exact up to SAMPLE rows),
+and sample rows are read back from the row groups that hold them.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from curate.storage import Storage, join
 from manifests.io import numeric_columns
 from manifests.schema import REASONS
 from manifests.where import WhereError, columns as where_columns, compile_where
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-CATEGORICAL = ["shard", "status", "reason", "style", "out_shard"]
 SAMPLE_COLUMNS = ("key", "caption", "keep", "reason", "width", "height", "aesthetic", "clip_score", "style")
+SAMPLE = 200_000      # values per column kept for quantiles: rank error about 1/sqrt(SAMPLE) beyond
+BATCH_ROWS = 65_536
+
+Position = tuple[int, int]   # (file index, row within the file)
 
 
-def manifest_path(target: str) -> str:
-    """A run directory means its manifest.parquet; anything else is a parquet path or URL."""
-    if "://" not in target and Path(target).is_dir():
-        path = Path(target) / "manifest.parquet"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: run `curate write` on that run first")
-        return str(path)
-    if "://" not in target and not Path(target).exists():
+@dataclass
+class Manifest:
+    """The parquet files of a manifest, in name order, as one dataset."""
+
+    label: str
+    fs: pafs.FileSystem
+    files: list[str]
+
+    def __post_init__(self) -> None:
+        self.dataset = ds.dataset(self.files, filesystem=self.fs, format="parquet")
+        self._index = {path: i for i, path in enumerate(self.files)}
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.dataset.schema
+
+    def count_rows(self) -> int:
+        return self.dataset.count_rows()
+
+    def scan(self, names: list[str]) -> Iterator[tuple[int, int, pa.RecordBatch]]:
+        """(file index, row offset in that file, batch) of the named columns that exist, in order."""
+        cols = [c for c in dict.fromkeys(names) if c in self.schema.names]
+        offsets: dict[int, int] = {}
+        scanner = self.dataset.scanner(columns=cols, batch_size=BATCH_ROWS, use_threads=True)
+        for tagged in scanner.scan_batches():
+            i = self._index[tagged.fragment.path]
+            offset = offsets.get(i, 0)
+            offsets[i] = offset + tagged.record_batch.num_rows
+            yield i, offset, tagged.record_batch
+
+    def rows(self, positions: list[Position], names: list[str]) -> pa.Table:
+        """The rows at the given positions, in that order, reading only the row groups that hold them."""
+        names = [c for c in dict.fromkeys(names) if c in self.schema.names]
+        parts, at = [], {}
+        done = 0
+        for i in sorted({i for i, _ in positions}):
+            wanted = sorted({row for f, row in positions if f == i})
+            parts.append(take_rows(pq.ParquetFile(self.fs.open_input_file(self.files[i])), np.array(wanted), names))
+            at.update({(i, row): done + k for k, row in enumerate(wanted)})
+            done += len(wanted)
+        if not parts:
+            return self.schema.empty_table().select(names)
+        return pa.concat_tables(parts).take(pa.array([at[p] for p in positions], pa.int64()))
+
+
+def _parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                  and not i.base_name.startswith(("_", ".")))
+
+
+def open_manifest(target: str, storage: Storage | None = None) -> Manifest:
+    """A run directory (its manifest/ folder), a folder of parquet files, or one parquet file."""
+    fs, path = (storage or Storage()).resolve(target)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        return Manifest(target, fs, [path])
+    if kind == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such run directory or manifest: {target}")
-    return target
-
-
-def open_manifest(target: str) -> pq.ParquetFile:
-    """The manifest of a run directory, parquet path or fsspec URL, categorical columns as dictionaries."""
-    path = manifest_path(target)
-    filesystem = None
-    if "://" in path:
-        import fsspec
-
-        filesystem, path = fsspec.core.url_to_fs(path)
-    plain = pq.ParquetFile(path, filesystem=filesystem)
-    categorical = [c for c in CATEGORICAL if c in plain.schema_arrow.names]
-    return pq.ParquetFile(path, filesystem=filesystem, metadata=plain.metadata, read_dictionary=categorical)
-
-
-def read_columns(pf: pq.ParquetFile, names: list[str]) -> pa.Table:
-    """Only the named columns that exist, each read once (row groups in parallel)."""
-    have = set(pf.schema_arrow.names)
-    return pf.read(columns=[c for c in dict.fromkeys(names) if c in have])
+    for label, folder in ((join(target, "manifest"), f"{path}/manifest"), (target, path)):
+        files = _parquet_files(fs, folder)
+        if files:
+            return Manifest(label, fs, files)
+    raise FileNotFoundError(f"{target} holds no manifest (no manifest/*.parquet): run `curate write` on it first")
 
 
 def take_rows(pf: pq.ParquetFile, rows: np.ndarray, names: list[str]) -> pa.Table:
-    """Rows by position (in the given order), reading only the row groups that hold them."""
+    """Rows of one file by position (in the given order), reading only the row groups that hold them."""
     names = [c for c in dict.fromkeys(names) if c in pf.schema_arrow.names]
     rows = np.asarray(rows, dtype=np.int64)
     sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
@@ -68,58 +111,114 @@ def take_rows(pf: pq.ParquetFile, rows: np.ndarray, names: list[str]) -> pa.Tabl
     return part.take(pa.array(local))
 
 
-def funnel_of(reason: pa.ChunkedArray | pa.Array) -> dict:
-    """Rows in, dropped per reason in REASONS order (unknown names after, sorted), kept (null reason)."""
-    counts = {}
-    for item in pc.value_counts(reason).to_pylist():
-        counts[item["values"]] = item["counts"]
+def value_counts(column: pa.Array | pa.ChunkedArray, into: dict) -> dict:
+    """Add a column's value counts (nulls under None) to `into`."""
+    for item in pc.value_counts(column).to_pylist():
+        into[item["values"]] = into.get(item["values"], 0) + item["counts"]
+    return into
+
+
+def funnel_of_counts(counts: dict) -> dict:
+    """Rows in, dropped per reason in REASONS order (unknown names after, sorted), kept (the None count)."""
     order = [r for r in REASONS if r in counts] + sorted(r for r in counts if r is not None and r not in REASONS)
-    return {"rows_in": len(reason), "dropped": {r: counts[r] for r in order}, "kept": counts.get(None, 0)}
+    return {"rows_in": sum(counts.values()), "dropped": {r: counts[r] for r in order}, "kept": counts.get(None, 0)}
 
 
-def quantiles(column: pa.ChunkedArray) -> dict | None:
-    """Count of finite values and exact p1..p99 (Arrow's selection, no float64 copy), None if none."""
-    finite = column.filter(pc.is_finite(column))
-    if not len(finite):
-        return None
-    qs = pc.quantile(finite, q=list(QUANTILES)).to_pylist()
-    return {"count": len(finite), **{f"p{round(q * 100)}": float(v) for q, v in zip(QUANTILES, qs)}}
+class Sampler:
+    """A bounded uniform sample of a numeric column's finite values, and their exact count."""
+
+    def __init__(self, rate: float, seed: int = 0):
+        self.rate, self.count, self.parts = rate, 0, []
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, column: pa.Array) -> None:
+        v = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        v = v[np.isfinite(v)]
+        self.count += len(v)
+        self.parts.append(v if self.rate >= 1 else v[self.rng.random(len(v)) < self.rate])
+
+    def values(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.empty(0)
+
+    def quantiles(self) -> dict | None:
+        """Count of finite values and p1..p99, None if none."""
+        v = self.values()
+        if not len(v):
+            return None
+        return {"count": self.count, **{f"p{round(q * 100)}": float(x) for q, x in zip(QUANTILES, np.quantile(v, QUANTILES))}}
 
 
-def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 0) -> dict:
-    """Everything `curate inspect` prints, as plain data (also its --json output)."""
-    pf = open_manifest(target)
-    names = pf.schema_arrow.names
-    numeric = numeric_columns(pf.schema_arrow.empty_table())
-    needed = ["reason", "style", *numeric]
+class Reservoir:
+    """k positions drawn uniformly from a stream (smallest random priorities), deterministic per seed."""
+
+    def __init__(self, k: int, rng: np.random.Generator):
+        self.k, self.rng = k, rng
+        self.prio = np.empty(0)
+        self.pos = np.empty((0, 2), np.int64)
+
+    def add(self, file: int, rows: np.ndarray) -> None:
+        if not self.k or not len(rows):
+            return
+        prio = np.concatenate([self.prio, self.rng.random(len(rows))])
+        pos = np.concatenate([self.pos, np.column_stack([np.full(len(rows), file), rows])])
+        keep = np.argsort(prio, kind="stable")[:self.k]
+        self.prio, self.pos = prio[keep], pos[keep]
+
+    def positions(self) -> list[Position]:
+        return sorted(map(tuple, self.pos.tolist()))
+
+
+def filtered(manifest: Manifest, names: list[str], where: str | None) -> Iterator[tuple[int, np.ndarray, pa.Table]]:
+    """(file index, row positions in the file, rows) of every batch, the where-expression applied."""
+    expr = None
     if where:
         try:
-            expr = compile_where(where, names)
+            expr = compile_where(where, manifest.schema.names)
         except WhereError as exc:
             raise ValueError(f"--where {where!r}: {exc}") from None
-        needed += where_columns(where)
-    table = read_columns(pf, needed)
-    rows = np.arange(table.num_rows)
-    if where:
-        table = table.append_column("_row", pa.array(rows))
-        try:
-            table = table.filter(expr)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-            raise ValueError(f"--where {where!r}: {exc}") from None
-        rows = table.column("_row").to_numpy()
-    out: dict = {"path": manifest_path(target), "rows": table.num_rows, "where": where}
-    if "reason" in table.column_names:
-        out["funnel"] = funnel_of(table.column("reason"))
-    with ThreadPoolExecutor() as pool:  # Arrow releases the GIL: one column per core
-        found = pool.map(quantiles, [table.column(c) for c in numeric if c in table.column_names])
-    out["quantiles"] = {c: q for c, q in zip([c for c in numeric if c in table.column_names], found) if q}
-    if "style" in table.column_names:
-        styles = pc.value_counts(table.column("style")).to_pylist()
-        out["styles"] = {s["values"]: s["counts"] for s in sorted(styles, key=lambda s: -s["counts"])
-                         if s["values"] is not None}
-    if show and len(rows):
-        picked = np.sort(np.random.default_rng(seed).choice(rows, size=min(show, len(rows)), replace=False))
-        out["sample"] = take_rows(pf, picked, list(SAMPLE_COLUMNS)).to_pylist()
+        names = [*names, *where_columns(where)]
+    for i, offset, batch in manifest.scan(names):
+        rows = offset + np.arange(batch.num_rows)
+        table = pa.Table.from_batches([batch])
+        if expr is not None:
+            table = table.append_column("_row", pa.array(rows))
+            try:
+                table = table.filter(expr)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                raise ValueError(f"--where {where!r}: {exc}") from None
+            rows = table.column("_row").to_numpy()
+            table = table.drop_columns(["_row"])
+        yield i, rows, table
+
+
+def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 0,
+              storage: Storage | None = None) -> dict:
+    """Everything `curate inspect` prints, as plain data (also its --json output)."""
+    manifest = open_manifest(target, storage)
+    numeric = numeric_columns(manifest.schema)
+    rate = SAMPLE / max(manifest.count_rows(), 1)
+    samplers = {c: Sampler(rate, seed) for c in numeric}
+    reasons: dict = {}
+    styles: dict = {}
+    picked = Reservoir(show, np.random.default_rng(seed))
+    rows = 0
+    for i, positions, table in filtered(manifest, ["reason", "style", *numeric], where):
+        rows += table.num_rows
+        if "reason" in table.column_names:
+            value_counts(table.column("reason"), reasons)
+        if "style" in table.column_names:
+            value_counts(table.column("style"), styles)
+        for c, sampler in samplers.items():
+            sampler.add(table.column(c))
+        picked.add(i, positions)
+    out: dict = {"path": manifest.label, "rows": rows, "where": where}
+    if "reason" in manifest.schema.names:
+        out["funnel"] = funnel_of_counts(reasons)
+    out["quantiles"] = {c: q for c, q in ((c, s.quantiles()) for c, s in samplers.items()) if q}
+    if "style" in manifest.schema.names:
+        out["styles"] = {s: n for s, n in sorted(styles.items(), key=lambda kv: -kv[1]) if s is not None}
+    if show and rows:
+        out["sample"] = manifest.rows(picked.positions(), list(SAMPLE_COLUMNS)).to_pylist()
     return out
 
 

@@ -1,55 +1,70 @@
-"""Reading a run's per-shard tables and joining them into one manifest view.
+"""One input shard's full record: its per-phase files put side by side, through the storage module.
 
-Every phase writes one parquet file per input shard, sorted by key; a row's full record is
-the join of raw (download), scores and decisions on `key`.
+Every phase writes one parquet file per input shard with the same rows in the same (key) order,
+so a row's record is the phases' columns placed next to each other, checked by key: no hash
+join, which keeps input columns of any Arrow type (lists, structs) intact.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from manifests.schema import ALL
-
-
-def _read(path: Path, columns: list[str] | None) -> pa.Table | None:
-    if not path.exists():
-        return None
-    have = pq.ParquetFile(path).schema_arrow.names
-    return pq.read_table(path, columns=[c for c in dict.fromkeys(columns) if c in have] if columns else None)
+from curate.rundir import RunDir
+from manifests.schema import ALL, DECISION, DOWNLOAD
 
 
-def shard_table(root: Path, shard: str, columns: list[str] | None = None,
-                stages: tuple[str, ...] = ("raw", "scores", "decisions")) -> pa.Table:
-    """One shard's rows with the requested columns from every stage that has been written.
+def shard_table(run: RunDir, shard: str, downloaded: bool, scored: bool,
+                schema: pa.Schema | None = None) -> pa.Table:
+    """Input (or raw) rows, scores and decisions of one shard.
 
-    Stages not yet written simply contribute no columns; missing columns are absent, not null.
+    `downloaded`/`scored` say whether that phase's marker exists (the caller lists markers once);
+    a missing phase contributes no columns, or null columns where `schema` names them, and the
+    result then has exactly `schema`'s columns, in its order.
     """
-    # A shard whose download failed has no raw file: its input rows still stand for it.
-    base = _read(root / "raw" / f"{shard}.parquet", columns and ["key", *columns]) \
-        or _read(root / "input_shards" / f"{shard}.parquet", columns and ["key", *columns])
-    if base is None:
-        raise FileNotFoundError(f"{root / 'input_shards' / (shard + '.parquet')} is missing: run `curate download`")
-    for stage in stages[1:]:
-        part = _read(root / stage / f"{shard}.parquet", columns and ["key", *columns])
-        if part is None:
-            continue
-        part = part.drop_columns([c for c in part.column_names if c in base.column_names and c != "key"])
-        if part.num_rows != base.num_rows:
-            raise ValueError(f"{stage}/{shard}.parquet has {part.num_rows} rows, raw has {base.num_rows}")
-        base = base.join(part, "key", join_type="left outer").sort_by("key")
-    return base
+    storage = run.storage
+    base_uri = run.raw_table(shard) if downloaded else run.input_shard(shard)
+    base = storage.read_parquet(base_uri)
+    parts = [(run.scores(shard), None)] if scored else []
+    parts.append((run.decisions(shard), ["key", *DECISION]))
+    for uri, columns in parts:
+        part = storage.read_parquet(uri, columns=columns)
+        if not part.column("key").equals(base.column("key")):
+            raise ValueError(f"{uri} does not hold the rows of {base_uri} in the same order")
+        for name in part.column_names:
+            if name not in base.column_names:
+                base = base.append_column(name, part.column(name))
+    if schema is None:
+        return base
+    unknown = [c for c in base.column_names if c not in schema.names]
+    if unknown:
+        raise ValueError(f"{shard}: columns {unknown} are not in the run's manifest schema")
+    return pa.table([base.column(f.name) if f.name in base.column_names else pa.nulls(base.num_rows, f.type)
+                     for f in schema], schema=schema)
 
 
-def run_table(root: Path, shards: list[str], columns: list[str] | None = None,
-              stages: tuple[str, ...] = ("raw", "scores", "decisions")) -> pa.Table:
-    """All shards' rows, concatenated in shard order (columns absent in a shard become null)."""
-    tables = [shard_table(root, s, columns, stages) for s in shards]
-    return pa.concat_tables(tables, promote_options="permissive")
+def manifest_schema(run: RunDir, shards: list[str], downloaded: set[str], scored: set[str],
+                    extra: list[str]) -> pa.Schema:
+    """The manifest's columns, the same in every manifest/{shard}.parquet: input and download columns,
+    the score columns (from one scored shard's footer), decisions, out_shard."""
+    storage = run.storage
+    first = next((s for s in shards if s in downloaded), None)
+    base = storage.parquet(run.raw_table(first) if first else run.input_shard(shards[0])).schema_arrow
+    names = list(base.names) + [c for c in DOWNLOAD if c not in base.names]
+    first_scored = next((s for s in shards if s in scored), None)
+    if first_scored:
+        names += [c for c in storage.parquet(run.scores(first_scored)).schema_arrow.names if c not in names]
+    names += [*DECISION, "out_shard"]
+    fields = []
+    for name in names:
+        if name in ALL:
+            fields.append(pa.field(name, ALL[name].type))
+        elif name in extra:
+            fields.append(base.field(name))
+        else:
+            raise KeyError(f"column {name!r} is not declared in manifests/schema.py")
+    return pa.schema(fields)
 
 
-def numeric_columns(table: pa.Table) -> list[str]:
-    """Declared numeric columns present in the table (pHash excluded: it is an id, not a score)."""
-    return [c for c in table.column_names
+def numeric_columns(schema: pa.Schema) -> list[str]:
+    """Declared numeric columns present in the schema (pHash excluded: it is an id, not a score)."""
+    return [c for c in schema.names
             if c in ALL and c != "phash" and (pa.types.is_integer(ALL[c].type) or pa.types.is_floating(ALL[c].type))]

@@ -13,10 +13,33 @@ DEMO_N = 300
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """Ray with 2 CPUs, started once for the whole session (start-up costs seconds)."""
+def s3():
+    """moto's S3 server on 127.0.0.1 for the session, announced through the standard AWS
+    environment variables (in this process, hence in every child and Ray worker started later)."""
+    from tests.s3 import moto_server
+
+    with moto_server() as server:
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        yield server
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(request):
+    """Ray with 2 CPUs, started once for the whole session (start-up costs seconds).
+
+    Ray's workers keep the environment Ray started with: when any collected test uses the S3
+    server, it starts first, so the session's workers see its endpoint and credentials.
+    """
     import ray
 
+    if any("s3" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("s3")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

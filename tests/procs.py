@@ -49,12 +49,16 @@ def cmdline(pid: int) -> str:
 
 
 class Driver:
-    """`python -m jobs.curate ARGS` in a subprocess, its output in a log file."""
+    """`python -m jobs.curate ARGS` in a subprocess, its output in a log file.
 
-    def __init__(self, args: list[str], log: Path):
+    `cwd` and `extra_env` (TMPDIR, say) let a test pin down every local folder the run could write to.
+    """
+
+    def __init__(self, args: list[str], log: Path, cwd: Path = ROOT, extra_env: dict[str, str] | None = None):
         self.log = log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "jobs.curate", *args], cwd=ROOT, env=env(),
+            self.proc = subprocess.Popen([sys.executable, "-m", "jobs.curate", *args], cwd=cwd,
+                                         env={**env(), **(extra_env or {})},
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def descendants(self) -> list[int]:
@@ -96,9 +100,9 @@ class Driver:
         return self.log.read_text(errors="replace")
 
 
-def run_cli(args: list[str], log: Path, timeout: float = 300) -> tuple[int, str]:
-    """Run the CLI to the end; return its exit code and its output."""
+def run_cli(args: list[str], log: Path, timeout: float = 300, **driver) -> tuple[int, str]:
+    """Run the CLI to the end (`driver`: Driver's options); return its exit code and its output."""
     start = log.stat().st_size if log.exists() else 0
-    driver = Driver(args, log)
-    code = driver.wait(timeout)
-    return code, driver.output()[start:]
+    proc = Driver(args, log, **driver)
+    code = proc.wait(timeout)
+    return code, proc.output()[start:]

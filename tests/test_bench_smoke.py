@@ -14,6 +14,8 @@ OWN_RATIOS = {
     "score_cpu": ["score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer"],
     "scaling": ["scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min"],
     "score_gpu": ["score_gpu.pipeline_over_model_alone"],
+    "scale": ["scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
+              "scale.write_samples_per_s_per_core"],
     "models": [],
     "decide": [],
 }
@@ -33,6 +35,11 @@ def test_benchmark_smoke(name):
     if name == "score_cpu":
         assert result["images_per_s_per_core"]["ours"] > 0
         assert "smoke" in result["data_juicer"]["error"]  # Data-Juicer takes a minute: quick mode only
+    if name == "scale":   # the real decide and write on synthetic runs: every row accounted for
+        for size in result["per_size"]:
+            assert not size["failures"] and 0 < size["kept"] < size["rows"]
+            assert size["out_shards"] == -(-size["kept"] // result["samples_per_shard"])
+            assert size["peak_mb"]["driver_mb"] > 0 and size["peak_mb"]["worker_max_mb"] > 0
     if name == "scaling":
         assert all(not s["failures"] and s["peak_mb"]["workers_mb"] > 0 for s in result["per_size"].values())
 

@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
@@ -132,7 +133,7 @@ def test_demo_runs_as_a_submitted_job(head, tmp_path):
         assert re.search(rf"INFO {phase}: \d+/\d+ rows, [\d.]+ rows/s, [\d.]+s elapsed", logs), phase
     assert "attaching to Ray" in logs  # the job used the cluster, not an embedded Ray
 
-    manifest = pq.read_table(out / "manifest.parquet").to_pandas()
+    manifest = pads.dataset(out / "manifest", format="parquet").to_table().to_pandas()
     assert len(manifest) == pq.read_metadata(out / "input" / "urls.parquet").num_rows == N
     assert manifest.key.is_unique
     stats = json.loads((out / "stats.json").read_text())

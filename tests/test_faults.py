@@ -1,85 +1,62 @@
-"""Resume and faults: a killed driver, a killed Ray worker and an unreadable shard lose nothing.
+"""Resume and faults on a local run directory: a killed driver, a killed Ray worker, a bad or
+truncated shard, an exception in one shard, a second run on a busy directory, a changed input,
+a re-score. Each loses nothing and ends with exactly the uninterrupted run's result.
 
-Each run is `python -m jobs.curate run CONFIG` in a subprocess with its own embedded Ray, on
-a small demo corpus (N rows in shards of SHARD_ROWS) served from 127.0.0.1 with a small
-delay per image, so the download phase lasts long enough to be interrupted. Results are
-compared by content with one uninterrupted reference run.
+Driver runs are `python -m jobs.curate run CONFIG` subprocesses with their own embedded Ray
+(tests/resume.py has the corpus, the kill points and the snapshot); the rest run the phases
+in this process, on the session's Ray, starting from a copy of the reference run's files.
 """
 from __future__ import annotations
 
-import json
+import io
 import os
-import signal
+import re
 import shutil
+import signal
 import tarfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from curate.config import ConfigError, load
 from curate.demo_corpus import generate
+from curate.rundir import RunBusy, RunDir
+from tests import resume
 from tests.procs import Driver, cmdline, run_cli
+from tests.resume import N, SHARDS
 from tests.servers import serve
-
-N, SHARD_ROWS, SHARDS = 160, 16, 10
 
 
 @pytest.fixture(scope="module")
-def urls(tmp_path_factory) -> Path:
+def urls(tmp_path_factory) -> str:
     """The input URL manifest; the server behind it lives as long as this module's tests."""
     folder = tmp_path_factory.mktemp("faults_corpus")
     samples = generate(folder / "images", n=N, seed=3)
     with serve(folder / "images", delay=0.1) as srv:
-        path = folder / "urls.parquet"
-        pq.write_table(pa.table({"url": [f"{srv.base}/slow/{s.name}" for s in samples],
-                                 "caption": [s.caption for s in samples],
-                                 "kind": [s.kind for s in samples]}), path)
+        path = str(folder / "urls.parquet")
+        resume.write_urls(path, srv.base, samples)
         yield path
 
 
-def config(run_dir: Path, urls: Path) -> Path:
-    """Small shards everywhere, so every phase has several units of work to be interrupted in."""
-    cfg = {"run_dir": str(run_dir),
-           "input": {"paths": [str(urls)], "extra_cols": ["kind"], "shard_rows": SHARD_ROWS},
-           "download": {"thread_count": 4, "timeout": 20, "allow_networks": ["127.0.0.1/32"]},
-           "score": {"batch_size": 8},
-           "write": {"samples_per_shard": 10, "prefix": "f"},
-           "ray": {"num_cpus": 2}}
-    run_dir.mkdir(parents=True)
-    path = run_dir.parent / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+def config(run: Path, urls: str, **sections) -> Path:
+    """The faults config for a run folder, beside it; `sections` are merged over it (e.g. score={...})."""
+    path = resume.config(str(run), urls, run.parent / f"{run.name}.yaml")
+    if sections:
+        data = yaml.safe_load(path.read_text())
+        for name, values in sections.items():
+            data[name] = {**data.get(name, {}), **values}
+        path.write_text(yaml.safe_dump(data))
     return path
 
 
-def snapshot(run: Path) -> dict:
-    """Everything a consumer reads, by content: manifest and decision rows, shard members' bytes."""
-    def rows(path: Path) -> list[dict]:
-        nan_free = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731 (NaN != NaN)
-        return [{k: nan_free(v) for k, v in r.items()} for r in pq.read_table(path).sort_by("key").to_pylist()]
-
-    shards = {}
-    for tar_path in sorted((run / "shards").glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            shards[tar_path.name] = [(m.name, tar.extractfile(m).read()) for m in tar]
-    return {"manifest": rows(run / "manifest.parquet"),
-            "decisions": {p.name: rows(p) for p in sorted((run / "decisions").glob("*.parquet"))},
-            "shards": shards}
-
-
-def count(folder: Path, pattern: str) -> int:
-    return len(list(folder.glob(pattern))) if folder.exists() else 0
-
-
-def run_here(cfg_path: Path):
+def run_here(cfg_path: Path, phases: tuple[str, ...] = ("download", "score", "decide", "write")):
     """The same phases as `curate run`, in this process on the session's Ray (no start-up cost)."""
-    from curate.config import load
     from curate.pipeline import run_phases
 
-    return run_phases(load(cfg_path))
+    return run_phases(load(cfg_path), phases)
 
 
 @pytest.fixture(scope="module")
@@ -88,48 +65,45 @@ def reference(urls, tmp_path_factory, ray_session) -> dict:
     run = tmp_path_factory.mktemp("faults") / "reference"
     outcome = run_here(config(run, urls))
     assert outcome.ok, outcome.failures
-    snap = snapshot(run)
-    assert len(snap["manifest"]) == N and count(run / "scores", "*.parquet") == SHARDS
-    kept = {r["key"] for r in snap["manifest"] if r["keep"]}
-    assert kept and kept == {name.rsplit(".", 1)[0] for members in snap["shards"].values() for name, _ in members}
+    snap = resume.snapshot(str(run))
+    resume.check_reference(snap)
     return {"run": run, "snapshot": snap}
 
 
-def test_driver_killed_in_download_score_and_write_resumes_to_the_same_result(urls, reference, tmp_path):
+def copy_downloaded(reference: dict, run: Path) -> None:
+    """Start from the reference's downloaded shards: the fault under test comes later."""
+    for part in ("input_shards", "raw", "_done/download"):
+        shutil.copytree(reference["run"] / part, run / part)
+
+
+def test_driver_killed_in_every_phase_resumes_to_the_same_result(urls, reference, tmp_path):
     run = tmp_path / "run"
-    cfg = str(config(run, urls))
-    log = tmp_path / "driver.log"
-    kill_points = {
-        "download": lambda: count(run / "raw", "*.parquet") >= 1,
-        "score": lambda: count(run / "scores", "*.parquet") >= 1,
-        "write": lambda: count(run / "shards", "*.tar") >= 1,
-    }
-    for phase, condition in kill_points.items():
-        Driver(["run", cfg], log).kill_when(condition)
-        # The kill landed inside the phase: its outputs are incomplete.
-        assert {"download": count(run / "raw", "*.parquet") < SHARDS,
-                "score": count(run / "scores", "*.parquet") < SHARDS,
-                "write": not (run / "manifest.parquet").exists()}[phase], f"{phase} had already finished"
-    code, out = run_cli(["run", cfg], log)
+    cfg = config(run, urls)
+    resume.kill_in_every_phase(str(run), cfg, tmp_path / "driver.log")
+    code, out = run_cli(["run", str(cfg)], tmp_path / "driver.log")
     assert code == 0, out[-4000:]
-    assert snapshot(run) == reference["snapshot"]
-    # The killed attempts' scratch space is gone: download work folders, unfinished shards.
-    assert not list((run / "raw").glob(".work-*")) and not list((run / "shards").glob(".*.tmp"))
+    assert resume.snapshot(str(run)) == reference["snapshot"]
+    # The killed attempts' leftovers are gone: score parts of shards that were being scored.
+    assert not [k for k in resume.objects(str(run)) if k.startswith("scores/_parts/")]
 
 
-def poll_until(driver: Driver, found: Callable[[], bool], timeout: float = 240) -> None:
-    """Call `found()` until it holds while the driver runs; fail if the driver ends first."""
-    deadline = time.time() + timeout
-    while not found():
-        assert driver.proc.poll() is None, f"driver ended first:\n{driver.output()[-4000:]}"
-        assert time.time() < deadline, "never found"
-        time.sleep(0.01)
+def test_a_second_run_on_a_run_directory_in_use_is_refused(urls, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(run, urls)
+    first = Driver(["run", str(cfg)], tmp_path / "driver.log")
+    try:
+        resume.poll_until(first, lambda: (run / "_lease.json").exists())
+        with pytest.raises(RunBusy, match=rf"{run} is in use by another run \(.*:{first.proc.pid}:"):
+            run_here(cfg)
+        assert first.proc.poll() is None   # the refused run left the live one alone
+    finally:
+        first.kill()
 
 
 def test_a_killed_ray_worker_during_score_loses_no_row(urls, reference, tmp_path):
     run = tmp_path / "run"
-    cfg = str(config(run, urls))
-    driver = Driver(["run", cfg], tmp_path / "driver.log")
+    cfg = config(run, urls)
+    driver = Driver(["run", str(cfg)], tmp_path / "driver.log")
     killed = []
     try:
         def scoring_worker_killed() -> bool:
@@ -140,41 +114,128 @@ def test_a_killed_ray_worker_during_score_loses_no_row(urls, reference, tmp_path
                     return True
             return False
 
-        poll_until(driver, scoring_worker_killed)
+        resume.poll_until(driver, scoring_worker_killed)
         code = driver.wait()
     finally:
         if driver.proc.poll() is None:
             driver.kill()
     assert killed
     assert code == 0, driver.output()[-4000:]
-    assert snapshot(run) == reference["snapshot"]
+    assert resume.snapshot(str(run)) == reference["snapshot"]
+
+
+def assert_failed_alone(run: Path, shard: str, error: str) -> None:
+    """One score failure, recorded in failures.json; that shard's rows are `shard_failed`, the rest are not."""
+    failures = resume.failures(str(run))
+    assert [(f["phase"], f["shard"]) for f in failures] == [("score", shard)], failures
+    assert error in failures[0]["error"], failures[0]["error"]
+    manifest = pa.concat_tables([pq.read_table(p) for p in sorted((run / "manifest").glob("*.parquet"))]).to_pandas()
+    assert len(manifest) == N
+    assert (manifest[manifest.shard == shard].reason == "shard_failed").all()
+    assert not (manifest[manifest.shard != shard].reason == "shard_failed").any()
+    assert RunDir(run).done("score") == set(RunDir(run).shard_names()) - {shard}
 
 
 def test_an_unreadable_raw_shard_fails_alone_and_is_retried_alone(urls, reference, tmp_path):
     run = tmp_path / "run"
-    cfg = str(config(run, urls))
-    for part in ("input_shards", "raw"):  # start from downloaded shards: the fault is in score
-        shutil.copytree(reference["run"] / part, run / part)
+    cfg = config(run, urls)
+    copy_downloaded(reference, run)
     bad = run / "raw" / "00003.tar"
     good_bytes = bad.read_bytes()
     bad.write_bytes(b"this is not a tar archive\n" * 64)
-    log = tmp_path / "driver.log"
 
-    code, out = run_cli(["run", cfg], log)
+    code, out = run_cli(["run", str(cfg)], tmp_path / "driver.log")
     assert code == 1, out[-4000:]
     assert "score shard 00003" in out and "unreadable" in out
-    failures = json.loads((run / "failures.json").read_text())
-    assert [(f["phase"], f["shard"]) for f in failures] == [("score", "00003")]
-    assert "unreadable" in failures[0]["error"]
-    manifest = pq.read_table(run / "manifest.parquet").to_pandas()
-    assert len(manifest) == N
-    assert (manifest[manifest.shard == "00003"].reason == "shard_failed").all()
-    assert not (manifest[manifest.shard != "00003"].reason == "shard_failed").any()
+    assert_failed_alone(run, "00003", "unreadable")
     scored = {p: p.stat().st_mtime_ns for p in (run / "scores").glob("*.parquet")}
     assert len(scored) == SHARDS - 1
 
     bad.write_bytes(good_bytes)
-    assert run_here(Path(cfg)).ok
+    assert run_here(cfg).ok
     assert {p: p.stat().st_mtime_ns for p in scored} == scored  # only 00003 was scored again
-    assert json.loads((run / "failures.json").read_text()) == []
-    assert snapshot(run) == reference["snapshot"]
+    assert resume.failures(str(run)) == []
+    assert resume.snapshot(str(run)) == reference["snapshot"]
+
+
+def member_boundary(tar_path: Path) -> int:
+    """The byte offset where the middle member of a tar starts: cutting there leaves a tar that
+    reads back without error, only shorter."""
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+    assert len(members) >= 2
+    return members[len(members) // 2].offset
+
+
+def test_a_raw_tar_cut_between_two_members_is_a_shard_failure_then_downloaded_again(urls, reference, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(run, urls)
+    copy_downloaded(reference, run)
+    tar = run / "raw" / "00005.tar"
+    cut = tar.read_bytes()[:member_boundary(tar)]
+    with tarfile.open(fileobj=io.BytesIO(cut)) as short:   # no error: only the size tells
+        assert 0 < len(short.getmembers()) < len(tarfile.open(tar).getmembers())
+    tar.write_bytes(cut)
+
+    outcome = run_here(cfg)
+    assert [(f["phase"], f["shard"]) for f in outcome.failures] == [("score", "00005")]
+    assert_failed_alone(run, "00005", "truncated")
+    assert "00005" not in RunDir(run).done("download")   # so the next run downloads it again
+
+    outcome = run_here(cfg)
+    assert outcome.ok, outcome.failures
+    assert resume.failures(str(run)) == []
+    assert resume.snapshot(str(run)) == reference["snapshot"]
+
+
+def test_an_exception_in_one_shards_scoring_fails_that_shard_not_the_run(urls, reference, tmp_path):
+    run = tmp_path / "run"
+    cfg = config(run, urls)
+    copy_downloaded(reference, run)
+    raw = run / "raw" / "00004.parquet"
+    good = raw.read_bytes()
+    table = pq.read_table(raw)
+    widths = pa.array(["wide"] * table.num_rows)   # the CPU stage's float conversion raises on these
+    pq.write_table(table.set_column(table.schema.get_field_index("original_width"), "original_width", widths), raw)
+
+    outcome = run_here(cfg, ("download", "score"))
+    assert [(f["phase"], f["shard"]) for f in outcome.failures] == [("score", "00004")]
+    assert "CPU scoring failed: ValueError" in outcome.failures[0]["error"]
+    assert RunDir(run).done("score") == set(RunDir(run).shard_names()) - {"00004"}
+
+    raw.write_bytes(good)
+    assert run_here(cfg).ok
+    assert resume.snapshot(str(run)) == reference["snapshot"]
+
+
+def test_a_changed_input_against_an_existing_plan_is_refused_and_not_recorded(urls, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["input"]
+    other = tmp_path / "other.parquet"
+    shutil.copy(urls, other)
+    for changed, expect in (({"shard_rows": 20}, "input.shard_rows: planned with 16, now 20"),
+                            ({"paths": [str(other)]}, f"input.paths: planned with ['{urls}'], now ['{other}']")):
+        with pytest.raises(ConfigError, match=r"(?s)" + re.escape(expect) + ".*new run"):
+            run_here(config(run, urls, input=changed))
+        assert yaml.safe_load((run / "config.yaml").read_text())["input"] == recorded, \
+            "config.yaml records the refused input"
+
+
+def test_decide_after_a_rescore_is_not_up_to_date(urls, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    rundir = RunDir(run)
+    before = rundir.storage.read_json(rundir.decided)
+    cfg = config(run, urls)
+    run_here(cfg, ("decide",))
+    assert rundir.storage.read_json(rundir.decided)["attempt"] == before["attempt"]   # same scores: up to date
+
+    rundir.unmark("score", "00002")
+    (run / "scores" / "00002.parquet").unlink()
+    rescored = config(run, urls, score={"decode_size": 128})
+    outcome = run_here(rescored, ("score", "decide", "write"))
+    assert outcome.ok, outcome.failures
+    after = rundir.storage.read_json(rundir.decided)
+    assert after["attempt"] != before["attempt"] and after["fingerprint"] != before["fingerprint"]
+    assert {m["attempt"] for m in rundir.markers("decide", rundir.shard_names())} == {after["attempt"]}

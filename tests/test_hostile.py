@@ -104,7 +104,7 @@ def test_hostile_rows_end_with_reasons_in_bounded_memory(files, tmp_path, ray_se
 
     assert run_phases(load(cfg_path)).ok  # score, decide, write on what was downloaded
     run = tmp_path / "run"
-    manifest = pq.read_table(run / "manifest.parquet").to_pylist()
+    manifest = pq.read_table(run / "manifest").to_pylist()
     assert len(manifest) == len(rows)
     for (label, (url, caption, status, reason, error)), row in zip(rows.items(), manifest):
         assert row["url"] == url and row["caption"] == caption, label

@@ -1,10 +1,11 @@
-"""`curate inspect`: where-expressions, column pruning, row-group sampling, tables that fit, JSON, URLs."""
+"""`curate inspect`: where-expressions, column pruning, row-group sampling, datasets, tables that fit, JSON, URLs."""
 from __future__ import annotations
 
 import io
 import json
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
@@ -22,6 +23,18 @@ def manifest(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("inspect") / "manifest.parquet"
     pq.write_table(build(manifest_columns(N, shards=5, seed=3)), path, row_group_size=700)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def run_dir(manifest, tmp_path_factory) -> str:
+    """The same rows as a run's manifest dataset: manifest/{shard}.parquet, small row groups."""
+    root = tmp_path_factory.mktemp("inspect-run")
+    table = pq.read_table(manifest)
+    (root / "manifest").mkdir()
+    for shard in pc.unique(table.column("shard")).to_pylist():
+        part = table.filter(pc.equal(table.column("shard"), shard))
+        pq.write_table(part, root / "manifest" / f"{shard}.parquet", row_group_size=300)
+    return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +79,47 @@ def test_where_errors_name_the_problem():
 
 def test_reads_only_the_columns_it_needs(manifest, monkeypatch):
     read = []
-    real = insp.read_columns
-    monkeypatch.setattr(insp, "read_columns", lambda pf, names: read.append(list(names)) or real(pf, names))
+    real = insp.Manifest.scan
+    monkeypatch.setattr(insp.Manifest, "scan", lambda self, names: read.append(list(names)) or real(self, names))
     insp.summarize(manifest, where="caption.str.contains('猫') and aesthetic < 5")
     assert len(read) == 1
     assert "caption" in read[0] and not {"url", "key", "caption_norm", "dup_of"} & set(read[0])
+
+
+def test_a_run_directory_is_its_manifest_dataset(manifest, run_dir):
+    whole, dataset = insp.summarize(manifest), insp.summarize(run_dir)
+    assert dataset["path"].endswith("manifest") and len(insp.open_manifest(run_dir).files) == 5
+    assert {k: v for k, v in dataset.items() if k != "path"} == {k: v for k, v in whole.items() if k != "path"}
+    where = "style == 'anime' and aesthetic > 5"
+    assert insp.summarize(run_dir, where=where)["rows"] == insp.summarize(manifest, where=where)["rows"]
+    assert insp.summarize(str(run_dir) + "/manifest")["rows"] == N
+
+
+def test_sample_rows_across_files_match_the_rows(run_dir, frame):
+    s = insp.summarize(run_dir, where="keep == False and nsfw > 0.2", show=9, seed=4)
+    by_key = frame.set_index("key")
+    assert len(s["sample"]) == 9 and len({r["key"] for r in s["sample"]}) == 9
+    assert len({r["key"][:5] for r in s["sample"]}) > 1, "drawn from several files"
+    for row in s["sample"]:
+        assert not by_key.loc[row["key"], "keep"] and by_key.loc[row["key"], "nsfw"] > 0.2
+        assert row["caption"] == by_key.loc[row["key"], "caption"]
+
+
+def test_quantiles_beyond_the_sample_are_close_and_counts_exact(run_dir, frame, monkeypatch):
+    monkeypatch.setattr(insp, "SAMPLE", 1500)
+    s = insp.summarize(run_dir)
+    got = s["quantiles"]["aesthetic"]
+    assert got["count"] == frame["aesthetic"].notna().sum()
+    expected = np.quantile(frame["aesthetic"].dropna(), [0.05, 0.5, 0.95])
+    assert [got[k] for k in ("p5", "p50", "p95")] == pytest.approx(expected, abs=0.15)
+    assert s["funnel"]["rows_in"] == N
+
+
+def test_missing_targets_say_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        insp.open_manifest(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="run `curate write`"):
+        insp.open_manifest(str(tmp_path))
 
 
 def test_summary_funnel_quantiles_styles(manifest, frame):
@@ -93,7 +142,7 @@ def test_sample_rows_come_from_the_filtered_rows(manifest, frame):
 
 
 def test_take_rows_across_row_groups(manifest, frame):
-    pf = insp.open_manifest(manifest)
+    pf = pq.ParquetFile(manifest)
     rows = np.array([4999, 0, 699, 700, 2100, 3333])
     got = insp.take_rows(pf, rows, ["key", "n_chars"]).to_pylist()
     assert [r["key"] for r in got] == frame["key"].iloc[rows].tolist()

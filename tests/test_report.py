@@ -1,6 +1,7 @@
 """report.html: contents, scale (100k rows in seconds, under 20 MB), a real headless browser, the CLI."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -8,20 +9,34 @@ import subprocess
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from curate.report import build_report
-from curate.report.samples import tar_members
+from curate.tario import members
 from manifests.schema import REASONS
 from synthetic import WARNING, make_run
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
+def make_dataset_run(root: Path, n: int, shards: int) -> Path:
+    """synthetic.make_run with its manifest as a run writes it: manifest/{shard}.parquet."""
+    make_run(root, n, shards=shards)
+    table = pq.read_table(root / "manifest.parquet")
+    (root / "manifest").mkdir()
+    for shard in pc.unique(table.column("shard")).to_pylist():
+        part = table.filter(pc.equal(table.column("shard"), shard))
+        pq.write_table(part, root / "manifest" / f"{shard}.parquet", row_group_size=max(part.num_rows // 2, 1))
+    (root / "manifest.parquet").unlink()
+    return root
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Path:
-    root = make_run(tmp_path_factory.mktemp("report") / "run", 3000, shards=3)
-    build_report(root)
+    root = make_dataset_run(tmp_path_factory.mktemp("report") / "run", 3000, shards=3)
+    build_report(str(root))
     return root
 
 
@@ -73,9 +88,9 @@ def test_nsfw_rejected_images_are_blurred(small_run):
 
 
 def test_report_on_100k_rows_takes_seconds_and_stays_small(tmp_path):
-    root = make_run(tmp_path / "big", 100_000, shards=10)
+    root = make_dataset_run(tmp_path / "big", 100_000, shards=10)
     started = time.time()
-    path = build_report(root)
+    path = Path(build_report(str(root)))
     seconds = time.time() - started
     size = path.stat().st_size
     print(f"report on 100k rows: {seconds:.1f} s, {size / 1e6:.2f} MB")
@@ -86,13 +101,20 @@ def test_report_on_100k_rows_takes_seconds_and_stays_small(tmp_path):
 def test_tar_reader_matches_tarfile_and_stops_at_missing(small_run):
     import tarfile
 
+    from curate.tario import TruncatedTar
+
     tar_path = next((small_run / "raw").glob("*.tar"))
     with tarfile.open(tar_path) as tar:
-        members = tar.getmembers()
-        wanted = {members[0].name, members[-1].name, "absent.jpg"}
-        got = dict(tar_members(tar_path, wanted))
+        names = tar.getnames()
+        wanted = {names[0], names[-1], "absent.jpg"}
+        with open(tar_path, "rb") as f:
+            got = dict(members(f, wanted))
         assert set(got) == wanted - {"absent.jpg"}
         assert all(got[n] == tar.extractfile(n).read() for n in got)
+    data = tar_path.read_bytes()
+    cut = io.BytesIO(data[:512 * 3])   # a header and part of its image: the stream ends inside a member
+    with pytest.raises(TruncatedTar):
+        list(members(cut))
 
 
 def test_report_in_headless_chromium(small_run, chromium):

@@ -13,7 +13,7 @@ from curate.pipeline import run_phases
 def test_new_threshold_redecides_without_images_then_rewrites_shards(demo_run, tmp_path, ray_session):
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
-    before = pq.read_table(run / "manifest.parquet").to_pandas().set_index("key")
+    before = pq.read_table(run / "manifest").to_pandas().set_index("key")
     scores_mtime = {p: p.stat().st_mtime_ns for p in (run / "scores").glob("*.parquet")}
 
     # Hide every image: decide must not need them.
@@ -34,7 +34,7 @@ def test_new_threshold_redecides_without_images_then_rewrites_shards(demo_run, t
         tar.rename(run / "raw" / tar.name)
 
     run_phases(strict, ("write",))
-    after = pq.read_table(run / "manifest.parquet").to_pandas().set_index("key")
+    after = pq.read_table(run / "manifest").to_pandas().set_index("key")
     newly_small = after.index[(after.reason == "too_small") & before.keep.reindex(after.index)]
     assert len(newly_small) > 0
     assert not after.loc[newly_small, "keep"].any()

@@ -1,59 +1,63 @@
 """RUN_DIR/report.html: the funnel, score histograms with thresholds, style balance and image grids.
 
 Written after every run and by `curate report RUN_DIR`; one self-contained file that opens offline.
+The run directory may be local or on object storage: everything goes through the storage module.
 """
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-
-import numpy as np
 
 from curate.report import data, page
-from curate.report.samples import pick, thumbnails
-from curate.rundir import write_text
-from manifests.inspect import take_rows
+from curate.report.samples import PASS1, PASS2, Picker, thumbnails
+from curate.rundir import RunDir
+from curate.storage import Storage
+from manifests.inspect import Position, filtered, open_manifest
 
 log = logging.getLogger("curate")  # curate.runtime's logger, without importing torch through it
 CARD_COLUMNS = ["key", "shard", "caption", "caption_norm", "reason", *page.CARD_SCORES]
 
 
-def build_report(root: str | Path, seed: int = 0) -> Path:
-    """Write RUN_DIR/report.html from the run's files and return its path."""
+def build_report(root: str, seed: int = 0, storage: Storage | None = None) -> str:
+    """Write RUN_DIR/report.html from the run's files and return its URI."""
     started = time.time()
-    root = Path(root)
-    run = data.load_run(root)
-    pf, table = data.read_light(root)
-    funnel = data.funnel(table)
-    grids = pick(table, seed)
+    run = RunDir(str(root), storage or Storage())
+    manifest = open_manifest(run.root, run.storage)
+    info = data.load_run(run.root, run.storage)
+    tally, picker = data.Tally(manifest.count_rows(), seed), Picker(seed)
+    for file, rows, table in filtered(manifest, [*data.LIGHT, *PASS1], None):
+        tally.add(table)
+        picker.add(file, rows, table)
+    hists = data.axes(tally, info.config)
+    for file, rows, table in filtered(manifest, [*data.pass2_columns(hists), *PASS2], None):
+        data.fill(hists, table)
+        picker.add_groups(file, rows, table)
+    grids = picker.grids(tally.reasons)
     positions = sorted({p for g in grids for p in g.rows})
-    rows = _rows(pf, positions)
-    thumbs = thumbnails(root, {p: (rows[p]["shard"], rows[p]["key"]) for p in positions})
-    nsfw_max = data.setting(run.config, "filters.nsfw_max")
+    rows = _rows(manifest, positions)
+    thumbs = thumbnails(run, {p: (rows[p]["shard"], rows[p]["key"]) for p in positions})
+    nsfw_max = data.setting(info.config, "filters.nsfw_max")
     sections = []
     for grid in grids:
         cards = [page.card(rows[p], thumbs.get(p, ""), grid.marks.get(p), p in grid.group_starts,
                            _blurred(rows[p], nsfw_max)) for p in grid.rows]
         sections.append(page.grid_section(grid, cards))
-    html = page.page(run, funnel, data.histograms(table, run.config), data.style_balance(table), "".join(sections))
-    path = root / "report.html"
-    write_text(html, path)
-    log.info("report: %s (%.1f MB, %d thumbnails) in %.1f s", path, len(html) / 1e6, len(thumbs),
+    html = page.page(info, tally.funnel(), hists, tally.style_balance(), "".join(sections))
+    uri = run.file("report.html")
+    run.storage.write_text(uri, html)
+    log.info("report: %s (%.1f MB, %d thumbnails) in %.1f s", uri, len(html) / 1e6, len(thumbs),
              time.time() - started)
-    return path
+    return uri
 
 
-def _rows(pf, positions: list[int]) -> dict[int, dict]:
+def _rows(manifest, positions: list[Position]) -> dict[Position, dict]:
     """Caption and scores of the sampled rows only, read from the row groups that hold them."""
     if not positions:
         return {}
-    table = take_rows(pf, np.array(positions), CARD_COLUMNS)
-    return dict(zip(positions, table.to_pylist()))
+    return dict(zip(positions, manifest.rows(positions, CARD_COLUMNS).to_pylist()))
 
 
 def _blurred(row: dict, nsfw_max: float | None) -> bool:
     """NSFW-rejected rows, and any row whose NSFW score reaches the threshold, are hidden behind a click."""
     score = row.get("nsfw")
     return row.get("reason") == "nsfw" or (nsfw_max is not None and score is not None and score >= nsfw_max)
-

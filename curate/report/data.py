@@ -1,21 +1,21 @@
 """What the report shows, computed from a run directory's files (never from a live pipeline).
 
-The manifest is read once, without captions or URLs (those come later for sampled rows only), so
-a report on millions of rows costs a few column reads.
+The manifest dataset is streamed twice, without captions or URLs (those come later for sampled
+rows only), and never held whole: the first pass counts reasons and styles and keeps a bounded
+sample of each metric to place its axis; the second counts every value into the bins and every
+threshold's drops exactly.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
 
-from manifests.inspect import funnel_of, open_manifest, read_columns
+from curate.storage import Storage, join
+from manifests.inspect import Sampler, funnel_of_counts, value_counts
 from manifests.schema import ALL
 
 
@@ -59,7 +59,7 @@ RANGE_SAMPLE = 1_000_000
 class Run:
     """A run directory's files, each optional: a report of a half-finished run shows what exists."""
 
-    root: Path
+    root: str
     config_text: str = ""
     config: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
@@ -67,15 +67,15 @@ class Run:
     timings: dict = field(default_factory=dict)
 
 
-def load_run(root: Path) -> Run:
+def load_run(root: str, storage: Storage) -> Run:
     run = Run(root)
-    if (root / "config.yaml").exists():
-        run.config_text = (root / "config.yaml").read_text(encoding="utf-8")
+    if storage.exists(join(root, "config.yaml")):
+        run.config_text = storage.read_text(join(root, "config.yaml"))
         run.config = yaml.safe_load(run.config_text) or {}
     for name in ("stats", "models", "timings"):
-        path = root / f"{name}.json"
-        if path.exists():
-            setattr(run, name, json.loads(path.read_text(encoding="utf-8")))
+        uri = join(root, f"{name}.json")
+        if storage.exists(uri):
+            setattr(run, name, storage.read_json(uri))
     run.timings = run.stats.get("timings") or run.timings
     run.models = run.models or run.stats.get("models", {})
     return run
@@ -91,49 +91,88 @@ def setting(config: dict, dotted: str):
     return node
 
 
-def read_light(root: Path) -> tuple[pq.ParquetFile, pa.Table]:
-    """The manifest handle (for later sample reads) and every column the report needs, minus text."""
-    pf = open_manifest(str(root))
-    return pf, read_columns(pf, LIGHT)
-
-
-def values(table: pa.Table, column: str) -> np.ndarray | None:
-    """Finite values of a metric over the rows that have it (all scored rows), or None if absent."""
+def metric_column(table: pa.Table, column: str) -> pa.Array | pa.ChunkedArray | None:
+    """A metric's values in a batch (MIN_SIDE derived), or None when the manifest lacks it."""
     if column == MIN_SIDE:
         if "original_width" not in table.column_names:
             return None
-        col = pc.min_element_wise(table.column("original_width"), table.column("original_height"))
-    elif column in table.column_names:
-        col = table.column(column)
-    else:
-        return None
-    v = col.to_numpy().astype(np.float64, copy=False)
+        return pc.min_element_wise(table.column("original_width"), table.column("original_height"))
+    return table.column(column) if column in table.column_names else None
+
+
+def finite(column) -> np.ndarray:
+    v = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
     return v[np.isfinite(v)]
+
+
+class Tally:
+    """Pass 1: rows per reason, styles before and after rebalance, and each metric's axis sample."""
+
+    def __init__(self, rows: int, seed: int = 0):
+        self.reasons: dict = {}
+        self.before: dict = {}
+        self.after: dict = {}
+        self.samplers = {m.column: Sampler(RANGE_SAMPLE / max(rows, 1), seed) for m in METRICS}
+
+    def add(self, table: pa.Table) -> None:
+        value_counts(table.column("reason"), self.reasons)
+        if "style" in table.column_names:
+            keep = pc.fill_null(table.column("keep"), False)
+            seen = pc.or_(keep, pc.fill_null(pc.equal(table.column("reason"), "rebalanced"), False))
+            value_counts(table.column("style").filter(seen), self.before)
+            value_counts(table.column("style").filter(keep), self.after)
+        for column, sampler in self.samplers.items():
+            values = metric_column(table, column)
+            if values is not None:
+                sampler.add(values)
+
+    def funnel(self) -> dict:
+        return funnel_of_counts(self.reasons)
+
+    def style_balance(self) -> dict | None:
+        """Style counts before rebalance (kept + rebalanced rows) and after (kept); None without styles.
+
+        Rebalance is the last rule, so the rows it saw are exactly those two groups.
+        """
+        before = {s: n for s, n in self.before.items() if s is not None}
+        if not before:
+            return None
+        labels = sorted(before, key=lambda s: -before[s])
+        return {"labels": labels, "before": [before[s] for s in labels],
+                "after": [self.after.get(s, 0) for s in labels]}
 
 
 @dataclass
 class Histogram:
     metric: Metric
     doc: str
-    counts: np.ndarray
     edges: np.ndarray
-    n: int
-    outside: int
-    thresholds: list[tuple[Rule, float, float]]  # rule, value, share of scored rows it removes
+    rules: list[tuple[Rule, float]]
+    counts: np.ndarray
+    removed: list[int]
+    n: int = 0
+    outside: int = 0
+
+    @property
+    def thresholds(self) -> list[tuple[Rule, float, float]]:
+        """(rule, value, share of scored rows it removes)."""
+        return [(rule, t, removed / max(self.n, 1)) for (rule, t), removed in zip(self.rules, self.removed)]
+
+    def add(self, v: np.ndarray) -> None:
+        """Pass 2: count a batch's finite values into the bins (the tails into the end bins)."""
+        self.counts += np.histogram(np.clip(v, self.edges[0], self.edges[-1]), bins=self.edges)[0]
+        self.n += len(v)
+        self.outside += int(((v < self.edges[0]) | (v > self.edges[-1])).sum())
+        for i, (rule, t) in enumerate(self.rules):
+            self.removed[i] += int({"below": v < t, "above": v > t, "at_or_above": v >= t}[rule.drops].sum())
 
 
-def histogram(metric: Metric, v: np.ndarray, config: dict) -> Histogram:
-    """Bins over p1..p99 widened to show every threshold; rows beyond go to the end bins (long tails
-    such as 4000:1 banners or 3000-character captions would otherwise squash the body into one bar)."""
-    thresholds = []
-    for rule in metric.rules:
-        t = setting(config, rule.key)
-        if t is None:
-            continue
-        removed = {"below": v < t, "above": v > t, "at_or_above": v >= t}[rule.drops]
-        thresholds.append((rule, float(t), float(removed.mean())))
-    lo, hi = np.quantile(v[:: max(len(v) // RANGE_SAMPLE, 1)], [0.01, 0.99])  # the axis only: counts are exact
-    lo, hi = min([lo, *(t for _, t, _ in thresholds)]), max([hi, *(t for _, t, _ in thresholds)])
+def axis(metric: Metric, sample: np.ndarray, config: dict) -> Histogram:
+    """Bins over p1..p99 (of the sample) widened to show every threshold; rows beyond go to the end
+    bins (long tails such as 4000:1 banners or 3000-character captions would otherwise squash the body)."""
+    rules = [(rule, float(t)) for rule in metric.rules if (t := setting(config, rule.key)) is not None]
+    lo, hi = np.quantile(sample, [0.01, 0.99])
+    lo, hi = min([lo, *(t for _, t in rules)]), max([hi, *(t for _, t in rules)])
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
     integral = metric.column == MIN_SIDE or pa.types.is_integer(ALL[metric.column].type)
@@ -141,41 +180,28 @@ def histogram(metric: Metric, v: np.ndarray, config: dict) -> Histogram:
         edges = np.arange(np.floor(lo), np.floor(hi) + 2) - 0.5
     else:
         edges = np.linspace(lo, hi, BINS + 1)
-    counts, _ = np.histogram(np.clip(v, edges[0], edges[-1]), bins=edges)
     doc = ("min(original_width, original_height); " + ALL["original_width"].doc) if metric.column == MIN_SIDE \
         else ALL[metric.column].doc
-    outside = int(((v < edges[0]) | (v > edges[-1])).sum())
-    return Histogram(metric, doc, counts, edges, len(v), outside, thresholds)
+    return Histogram(metric, doc, edges, rules, np.zeros(len(edges) - 1, np.int64), [0] * len(rules))
 
 
-def histograms(table: pa.Table, config: dict) -> list[Histogram]:
-    """One histogram per metric present with at least one scored value, in METRICS order."""
+def axes(tally: Tally, config: dict) -> list[Histogram]:
+    """One empty histogram per metric with at least one scored value, in METRICS order."""
     out = []
     for metric in METRICS:
-        v = values(table, metric.column)
-        if v is not None and len(v):
-            out.append(histogram(metric, v, config))
+        sample = tally.samplers[metric.column].values()
+        if len(sample):
+            out.append(axis(metric, sample, config))
     return out
 
 
-def style_balance(table: pa.Table) -> dict | None:
-    """Style counts before rebalance (kept + rebalanced rows) and after (kept); None without styles.
-
-    Rebalance is the last rule, so the rows it saw are exactly those two groups.
-    """
-    if "style" not in table.column_names or table.column("style").null_count == table.num_rows:
-        return None
-    keep = pc.fill_null(table.column("keep"), False)
-    seen = pc.or_(keep, pc.fill_null(pc.equal(table.column("reason"), "rebalanced"), False))
-
-    def counts(mask) -> dict[str, int]:
-        return {r["values"]: r["counts"] for r in pc.value_counts(table.column("style").filter(mask)).to_pylist()
-                if r["values"] is not None}
-
-    before, after = counts(seen), counts(keep)
-    labels = sorted(before, key=lambda s: -before[s])
-    return {"labels": labels, "before": [before[s] for s in labels], "after": [after.get(s, 0) for s in labels]}
+def fill(hists: list[Histogram], table: pa.Table) -> None:
+    for h in hists:
+        h.add(finite(metric_column(table, h.metric.column)))
 
 
-def funnel(table: pa.Table) -> dict:
-    return funnel_of(table.column("reason"))
+def pass2_columns(hists: list[Histogram]) -> list[str]:
+    cols = []
+    for h in hists:
+        cols += ["original_width", "original_height"] if h.metric.column == MIN_SIDE else [h.metric.column]
+    return cols

@@ -8,6 +8,7 @@ from importlib import metadata
 from curate.report import svg
 from curate.report.data import Histogram, Run
 from curate.report.samples import Grid
+from curate.storage import name as base_name
 from manifests.schema import REASONS
 
 VERSIONED = ("curate-zh", "ray", "torch", "open-clip-torch", "timm", "pyarrow", "pillow", "img2dataset")
@@ -42,7 +43,7 @@ SCRIPT = """document.addEventListener('click', function (e) {
 
 
 def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, grids_html: str) -> str:
-    title = f"Curation report: {run.root.name}"
+    title = f"Curation report: {base_name(run.root)}"
     parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run, funnel),
              "<h2>Funnel</h2>", funnel_section(funnel),
              "<h2>Score distributions</h2>", histogram_section(hists),

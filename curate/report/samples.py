@@ -1,22 +1,25 @@
 """Which rows the image grids show, and their 128 px thumbnails read from raw/{shard}.tar.
 
-A fixed number of rows per grid keeps the report a few MB whatever the run size; each raw tar
-is opened at most once and its scan stops as soon as every wanted image was found.
+Rows are drawn while the manifest streams by (never held whole): a fixed number per grid keeps
+the report a few MB whatever the run size. Each raw tar is read at most once, and its scan stops
+as soon as every wanted image was found.
 """
 from __future__ import annotations
 
 import base64
 import io
-from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from curate.rebalance import key_hashes
+from curate.rundir import RunDir
+from curate.storage import is_local
+from curate.tario import TruncatedTar, members
+from manifests.inspect import Position, Reservoir
 from manifests.schema import REASONS
 
 THUMB = 128
@@ -24,152 +27,170 @@ PER_GRID = 12
 KEPT_SAMPLE = 24
 DUP_GROUPS = 6
 DUP_MEMBERS = 3
-BLOCK = 512
+DISTINCT_SKETCH = 1024   # smallest target hashes kept: exact group counts up to this, an estimate beyond
 NO_IMAGE = {"shard_failed", "download_failed"}  # these rows were never stored in raw/
+PASS1 = ["keep", "reason", "aesthetic", "dup_of"]
+PASS2 = ["key", "dup_of"]
 
 
 @dataclass
 class Grid:
     title: str
     note: str
-    rows: list[int]  # positions in the manifest
-    marks: dict[int, str] = field(default_factory=dict)  # position -> badge, e.g. the kept member of a group
-    group_starts: set[int] = field(default_factory=set)  # positions that open a duplicate group
+    rows: list[Position]
+    marks: dict[Position, str] = field(default_factory=dict)  # position -> badge, e.g. the kept member of a group
+    group_starts: set[Position] = field(default_factory=set)  # positions that open a duplicate group
 
 
 def _mask(expr) -> np.ndarray:
     return pc.fill_null(expr, False).to_numpy(zero_copy_only=False)
 
 
-def _codes(table: pa.Table, column: str) -> tuple[np.ndarray, list]:
-    """Dictionary codes (NaN for null) and their values: one pass instead of a comparison per value."""
-    arr = table.select([column]).unify_dictionaries().column(0).combine_chunks()
-    if not pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_encode()
-    return arr.indices.to_numpy(zero_copy_only=False), arr.dictionary.to_pylist()
+class Extremes:
+    """The k lowest (or highest) scores seen, with their positions; ties go to the earlier row."""
+
+    def __init__(self, k: int, highest: bool):
+        self.k, self.sign = k, -1.0 if highest else 1.0
+        self.score = np.empty(0)
+        self.pos = np.empty((0, 2), np.int64)
+
+    def add(self, file: int, rows: np.ndarray, score: np.ndarray) -> None:
+        score = np.concatenate([self.score, self.sign * score])
+        pos = np.concatenate([self.pos, np.column_stack([np.full(len(rows), file), rows])])
+        keep = np.lexsort((pos[:, 1], pos[:, 0], score))[:self.k]
+        self.score, self.pos = score[keep], pos[keep]
+
+    def positions(self) -> list[Position]:
+        return [tuple(p) for p in self.pos.tolist()]
 
 
-def _sample(where: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
-    found = np.flatnonzero(where)
-    return sorted(rng.choice(found, size=min(k, len(found)), replace=False).tolist()) if len(found) else []
+class Picker:
+    """Pass 1 draws the grids' rows; pass 2 finds the members of the chosen duplicate groups."""
 
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.kept = Reservoir(KEPT_SAMPLE, rng)
+        self.dropped = {r: Reservoir(PER_GRID, rng) for r in REASONS if r not in NO_IMAGE}
+        self.low, self.high = Extremes(PER_GRID, False), Extremes(PER_GRID, True)
+        self.salt = np.uint64(rng.integers(0, 2**63))
+        self.target_hash = np.empty(0, np.uint64)   # the smallest distinct hashes of dup_of values
+        self.targets = np.empty(0, object)
+        self.kept_at: dict[str, Position] = {}
+        self.members: dict[str, list[Position]] = {}
 
-def pick(table: pa.Table, seed: int = 0) -> list[Grid]:
-    """Kept sample, one grid per reason with images, aesthetic extremes, duplicate groups."""
-    rng = np.random.default_rng(seed)
-    keep = _mask(table.column("keep"))
-    codes, names = _codes(table, "reason")
-    grids = [Grid("Random sample of kept images", f"{min(KEPT_SAMPLE, int(keep.sum()))} of {int(keep.sum()):,}",
-                  _sample(keep, KEPT_SAMPLE, rng))]
-    for name in REASONS:
-        hit = codes == names.index(name) if name in names else np.zeros(len(codes), bool)
-        if not hit.any():
-            continue
-        if name in NO_IMAGE:
-            grids.append(Grid(f"Dropped: {name}", f"{int(hit.sum()):,} rows; {REASONS[name]}; no image was stored", []))
-        else:
-            grids.append(Grid(f"Dropped: {name}", f"{min(PER_GRID, int(hit.sum()))} of {int(hit.sum()):,}; "
-                              f"{REASONS[name]}", _sample(hit, PER_GRID, rng)))
-    if "aesthetic" in table.column_names and keep.any():
-        score = table.column("aesthetic").to_numpy().astype(np.float64, copy=False)
-        ok = np.flatnonzero(keep & np.isfinite(score))
-        order = ok[np.argsort(score[ok], kind="stable")]
-        grids.append(Grid("Lowest aesthetic among kept", "", order[:PER_GRID].tolist()))
-        grids.append(Grid("Highest aesthetic among kept", "", order[::-1][:PER_GRID].tolist()))
-    dups = duplicate_groups(table, rng)
-    if dups.rows:
-        grids.append(dups)
-    return grids
+    def add(self, file: int, rows: np.ndarray, table: pa.Table) -> None:
+        keep = _mask(table.column("keep"))
+        self.kept.add(file, rows[keep])
+        reason = table.column("reason")
+        for name in pc.unique(reason.filter(pc.is_valid(reason))).to_pylist():
+            if name in self.dropped:
+                self.dropped[name].add(file, rows[_mask(pc.equal(reason, name))])
+        if "aesthetic" in table.column_names:
+            score = table.column("aesthetic").to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+            ok = keep & np.isfinite(score)
+            self.low.add(file, rows[ok], score[ok])
+            self.high.add(file, rows[ok], score[ok])
+        if "dup_of" in table.column_names:
+            self._sketch(table.column("dup_of"))
 
+    def _sketch(self, dup_of) -> None:
+        """Keep the DISTINCT_SKETCH smallest (salted) hashes of dup_of values, with the values."""
+        dup_of = dup_of.filter(pc.is_valid(dup_of))
+        if not len(dup_of):
+            return
+        h = key_hashes(dup_of) ^ self.salt
+        if len(self.target_hash) >= DISTINCT_SKETCH:
+            small = h < self.target_hash[-1]
+            dup_of, h = dup_of.filter(pa.array(small)), h[small]
+        h = np.concatenate([self.target_hash, h])
+        values = np.concatenate([self.targets, np.array(dup_of.to_pylist(), object)])
+        h, first = np.unique(h, return_index=True)
+        self.target_hash, self.targets = h[:DISTINCT_SKETCH], values[first][:DISTINCT_SKETCH]
 
-def duplicate_groups(table: pa.Table, rng: np.random.Generator) -> Grid:
-    """A few groups: the member dedup kept (marked), then up to DUP_MEMBERS rows that name it in dup_of."""
-    grid = Grid("Duplicate groups", "", [])
-    dup_of = table.column("dup_of")
-    if dup_of.null_count == len(dup_of):
+    def chosen(self) -> list[str]:
+        return self.targets[:DUP_GROUPS].tolist()
+
+    def add_groups(self, file: int, rows: np.ndarray, table: pa.Table) -> None:
+        """Pass 2: the kept row each chosen group names, and its first DUP_MEMBERS members."""
+        chosen = pa.array(self.chosen(), pa.string())
+        if not len(chosen):
+            return
+        key, dup_of = table.column("key"), table.column("dup_of")
+        hit = np.flatnonzero(_mask(pc.is_in(key, value_set=chosen)))
+        for k, i in zip(key.take(pa.array(hit)).to_pylist(), hit.tolist()):
+            self.kept_at[k] = (file, int(rows[i]))
+        hit = np.flatnonzero(_mask(pc.is_in(dup_of, value_set=chosen)))
+        for target, i in zip(dup_of.take(pa.array(hit)).to_pylist(), hit.tolist()):
+            found = self.members.setdefault(target, [])
+            if len(found) < DUP_MEMBERS:
+                found.append((file, int(rows[i])))
+
+    def groups(self) -> int | str:
+        """Distinct duplicate groups: exact below the sketch size, else the k-minimum-values estimate."""
+        if len(self.target_hash) < DISTINCT_SKETCH:
+            return len(self.target_hash)
+        return int((DISTINCT_SKETCH - 1) / (float(self.target_hash[-1]) / 2.0**64))
+
+    def grids(self, reasons: dict) -> list[Grid]:
+        """Kept sample, one grid per reason with images, aesthetic extremes, duplicate groups."""
+        kept = reasons.get(None, 0)
+        grids = [Grid("Random sample of kept images", f"{min(KEPT_SAMPLE, kept)} of {kept:,}", self.kept.positions())]
+        for name in REASONS:
+            count = reasons.get(name, 0)
+            if not count:
+                continue
+            if name in NO_IMAGE:
+                grids.append(Grid(f"Dropped: {name}", f"{count:,} rows; {REASONS[name]}; no image was stored", []))
+            else:
+                grids.append(Grid(f"Dropped: {name}", f"{min(PER_GRID, count)} of {count:,}; {REASONS[name]}",
+                                  self.dropped[name].positions()))
+        if len(self.low.pos):
+            grids.append(Grid("Lowest aesthetic among kept", "", self.low.positions()))
+            grids.append(Grid("Highest aesthetic among kept", "", self.high.positions()))
+        dups = self._duplicate_grid()
+        if dups.rows:
+            grids.append(dups)
+        return grids
+
+    def _duplicate_grid(self) -> Grid:
+        """A few groups: the member dedup kept (marked), then up to DUP_MEMBERS rows that name it in dup_of."""
+        grid = Grid("Duplicate groups", "", [])
+        shown = [k for k in self.chosen() if k in self.kept_at]
+        total = self.groups()
+        grid.note = (f"{len(shown)} of {'about ' if len(self.target_hash) >= DISTINCT_SKETCH else ''}{total:,} groups; "
+                     f"each starts with the member dedup kept (marked)")
+        for key in shown:
+            start = self.kept_at[key]
+            grid.group_starts.add(start)
+            grid.marks[start] = "kept member"
+            grid.rows += [start, *self.members.get(key, [])]
         return grid
-    targets = pc.unique(dup_of.filter(pc.is_valid(dup_of)))
-    chosen = targets.take(pa.array(rng.choice(len(targets), size=min(DUP_GROUPS, len(targets)), replace=False)))
-    hit = np.flatnonzero(_mask(pc.is_in(table.column("key"), value_set=chosen)))
-    kept_at = dict(zip(table.column("key").take(pa.array(hit)).to_pylist(), hit.tolist()))
-    members = defaultdict(list)
-    rows = np.flatnonzero(_mask(pc.is_in(dup_of, value_set=chosen)))
-    for pos, target in zip(rows.tolist(), dup_of.take(pa.array(rows)).to_pylist()):
-        if len(members[target]) < DUP_MEMBERS:
-            members[target].append(pos)
-    total = len(targets)
-    grid.note = f"{len(kept_at)} of {total:,} groups; each starts with the member dedup kept (marked)"
-    for key in chosen.to_pylist():
-        if key not in kept_at:
-            continue
-        grid.group_starts.add(kept_at[key])
-        grid.marks[kept_at[key]] = "kept member"
-        grid.rows += [kept_at[key], *members[key]]
-    return grid
 
 
-def thumbnails(root: Path, where: dict[int, tuple[str, str]]) -> dict[int, str]:
+def thumbnails(run: RunDir, where: dict[Position, tuple[str, str]]) -> dict[Position, str]:
     """Position -> data URI of a JPEG thumbnail; `where` maps positions to (shard, key).
 
-    Rows whose image is missing (tar absent or member gone) are simply left out.
+    Rows whose image is missing (tar absent, cut off, or member gone) are simply left out.
     """
-    by_shard: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    by_shard: dict[str, dict[str, list[Position]]] = {}
     for pos, (shard, key) in where.items():
-        by_shard[shard][f"{key}.jpg"].append(pos)
-    out: dict[int, str] = {}
-    for shard, wanted in by_shard.items():
-        path = root / "raw" / f"{shard}.tar"
-        if path.exists():
-            for name, data in tar_members(path, set(wanted)):
-                uri = _thumb(data)
-                for pos in wanted[name]:
-                    out[pos] = uri
-    return out
-
-
-def tar_members(path: Path, names: set[str]) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the wanted regular members, stopping once all are found.
-
-    Reads each 512-byte header and seeks past the data: the stdlib's tarfile parses every header
-    field in Python and costs ~0.3 ms a member, too slow for raw shards of 10k images.
-    """
-    left = set(names)
-    long_name = None
-    with open(path, "rb") as f:
-        while left:
-            head = f.read(BLOCK)
-            if len(head) < BLOCK or head == bytes(BLOCK):
-                return
-            size = int(head[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            kind = head[156:157]
-            data_blocks = -(-size // BLOCK) * BLOCK
-            if kind in (b"L", b"x"):  # GNU long name or pax header: the next member's real name
-                meta = f.read(data_blocks)[:size]
-                long_name = _meta_name(meta, kind) or long_name
+        by_shard.setdefault(shard, {}).setdefault(f"{key}.jpg", []).append(pos)
+    out: dict[Position, str] = {}
+    storage = run.storage
+    for shard, wanted in sorted(by_shard.items()):
+        uri = run.raw_tar(shard)
+        if not storage.exists(uri):
+            continue
+        # a local tar is seeked through; an object is streamed (a range request per member would be slower)
+        with (storage.open_random(uri) if is_local(uri) else storage.open_input(uri)) as f:
+            try:
+                for name, data in members(f, set(wanted)):
+                    uri_ = _thumb(data)
+                    for pos in wanted[name]:
+                        out[pos] = uri_
+            except TruncatedTar:
                 continue
-            name = long_name or _header_name(head)
-            long_name = None
-            if kind in (b"0", b"\0") and name in left:
-                yield name, f.read(data_blocks)[:size]
-                left.discard(name)
-            else:
-                f.seek(data_blocks, 1)
-
-
-def _header_name(head: bytes) -> str:
-    name = head[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-    prefix = head[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") if head[257:262] == b"ustar" else ""
-    return f"{prefix}/{name}" if prefix else name
-
-
-def _meta_name(meta: bytes, kind: bytes) -> str | None:
-    if kind == b"L":
-        return meta.split(b"\0", 1)[0].decode("utf-8", "replace")
-    for record in meta.decode("utf-8", "replace").splitlines():
-        length_and_key, _, value = record.partition("=")
-        if length_and_key.split(" ", 1)[-1] == "path":
-            return value
-    return None
+    return out
 
 
 def _thumb(data: bytes) -> str:

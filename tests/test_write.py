@@ -1,0 +1,246 @@
+"""The write phase on a synthetic decided run: exact shards, the manifest dataset, one read per raw
+tar, rewrites only where the plan changed, refusal of stale decisions, failures per shard."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import tarfile
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pytest
+
+from curate import write
+from curate.storage import Storage
+from curate.write import SAMPLE_EXCLUDE, DecisionsNotReady, finish, plan, run_write, write_group
+from manifests.schema import REASONS
+from synthetic_write import MODELS, config, decide, decided_run, image, reasons_of
+
+ROWS = [23, 17, 30, 5, 26, 12, 9]
+SIZE = 7
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server in this process, on a free loopback port."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_root(request, tmp_path, monkeypatch) -> str:
+    """A run directory on local disk, or in a fresh bucket of the moto server (credentials from the environment)."""
+    if request.param == "local":
+        return str(tmp_path / "run")
+    import pyarrow.fs as pafs
+
+    endpoint = request.getfixturevalue("s3_endpoint")
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"write-{uuid.uuid4().hex[:8]}"
+    pafs.S3FileSystem(endpoint_override=endpoint.split("//")[1], scheme="http",
+                      allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}/run"
+
+
+@pytest.fixture
+def small_tasks(monkeypatch):
+    monkeypatch.setattr(write, "ROWS_PER_TASK", 10)
+
+
+@pytest.fixture
+def run(tmp_path, small_tasks):
+    """Seven shards (the 4th failed at download, the 5th at score) in tasks of >= 10 kept rows."""
+    return decided_run(str(tmp_path / "run"), ROWS, failed_download={3}, failed_score={4})
+
+
+def kept_in_order(run) -> list[tuple[str, str]]:
+    """(input shard, key) of every kept row, in plan order: shard, then key."""
+    out = []
+    for shard in run.shard_names():
+        d = run.storage.read_parquet(run.decisions(shard))
+        out += [(shard, k) for k in d.filter(d.column("keep")).column("key").to_pylist()]
+    return out
+
+
+def tar_members(run, uri: str) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(run.storage.read_bytes(uri))) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def shard_files(run) -> list[str]:
+    return [n for n in run.storage.list(run.uri("shards")) if n.endswith(".tar")]
+
+
+def check_shards(run, stats: dict) -> None:
+    """Exact names and sizes; each shard holds its slice of the kept rows, grouped by input shard in
+    raw-tar order, with the image, the sample record and the caption."""
+    kept = kept_in_order(run)
+    count = -(-len(kept) // SIZE)
+    names = [f"train-{n:06d}.tar" for n in range(count)]
+    assert shard_files(run) == names and stats["shards"] == {"count": count, "samples": len(kept), "names": names}
+    raw_order = {s: [n for n, _ in tar_members(run, run.raw_tar(s))] for s in run.shard_names() if s != "00003"}
+    for n, name in enumerate(names):
+        members = tar_members(run, run.out_shard(name))
+        chunk = kept[n * SIZE:(n + 1) * SIZE]
+        assert len(members) == 3 * len(chunk) == 3 * (SIZE if n < count - 1 else len(kept) - SIZE * (count - 1))
+        assert [m for m, _ in members[::3]] == [
+            m for s in dict.fromkeys(s for s, _ in chunk) for m in raw_order[s] if (s, m[:-4]) in chunk]
+        for (jpg, data), (js, meta), (txt, text) in zip(members[::3], members[1::3], members[2::3]):
+            key = jpg[:-4]
+            assert (js, txt) == (f"{key}.json", f"{key}.txt") and data == image(key)
+            record = json.loads(meta)
+            assert record["key"] == key and not SAMPLE_EXCLUDE & set(record)
+            assert text.decode() == f"第{key}张：一只猫" and record["caption"] == text.decode()
+            assert len(record["phash"]) == 16 and int(record["phash"], 16) % 2 == 1
+            row = int(key.split("_")[1])
+            assert record["aesthetic"] is None if row % 5 == 0 else 3 <= record["aesthetic"] <= 7
+            assert record["tags"] == [f"t{row % 3}"] * (row % 3)
+            assert record["meta"] == {"src": f"s{row % 2}", "rank": row}
+    assert stats["funnel"]["rows_in"] == sum(ROWS) and stats["funnel"]["kept"] == len(kept)
+    assert list(stats["funnel"]["dropped"]) == [r for r in REASONS if r in stats["funnel"]["dropped"]]
+    assert stats["funnel"]["dropped"]["shard_failed"] == ROWS[3] + ROWS[4]
+    assert stats["download_status"]["success"] + stats["download_status"]["failed_to_download"] == sum(ROWS) - ROWS[3]
+    assert stats["models"] == MODELS and stats["styles"] and stats["failures"] == []
+    assert "out_shard" in stats["columns"] and run.storage.read_json(run.stats) == stats
+
+
+def test_shards_hold_the_kept_rows_in_plan_order(ray_session, run):
+    check_shards(run, run_write(config(run, SIZE), run.shard_names(), []))
+
+
+def test_the_manifest_is_one_dataset_for_every_reader(ray_session, run):
+    import duckdb
+    import polars as pl
+
+    run_write(config(run, SIZE), run.shard_names(), [])
+    folder = run.uri("manifest")
+    assert sorted(os.listdir(folder)) == [f"{s}.parquet" for s in run.shard_names()]
+    table = ds.dataset(folder, format="parquet").to_table()
+    assert table.num_rows == sum(ROWS) and len(pc.unique(table.column("key"))) == sum(ROWS)
+    assert table.schema.field("tags").type == pa.list_(pa.string())
+    assert pa.types.is_struct(table.schema.field("meta").type)
+    assert json.loads(table.schema.metadata[b"curate.models"]) == MODELS
+    by_key = {r["key"]: r for r in table.select(["key", "out_shard", "tags", "meta", "reason", "status"]).to_pylist()}
+    assert by_key["00002_000005"]["tags"] == ["t2", "t2"] and by_key["00002_000005"]["meta"] == {"src": "s1", "rank": 5}
+    assert {r["reason"] for k, r in by_key.items() if k.startswith(("00003", "00004"))} == {"shard_failed"}
+    assert all(r["status"] is None for k, r in by_key.items() if k.startswith("00003"))
+    for name in shard_files(run):
+        keys = {m.rsplit(".", 1)[0] for m, _ in tar_members(run, run.out_shard(name))}
+        assert keys == {k for k, r in by_key.items() if r["out_shard"] == name}
+    assert sum(r["out_shard"] is not None for r in by_key.values()) == len(kept_in_order(run))
+    pattern = f"{folder}/*.parquet"
+    [(rows, placed)] = duckdb.sql(f"select count(*), count(out_shard) from read_parquet('{pattern}')").fetchall()
+    assert (rows, placed) == (sum(ROWS), len(kept_in_order(run)))
+    frame = pl.scan_parquet(pattern).select("key", "tags", "meta").collect()
+    assert frame.height == sum(ROWS) and frame.schema["tags"] == pl.List(pl.String)
+
+
+def test_each_raw_tar_is_read_about_once(any_root, small_tasks, monkeypatch):
+    """Tasks run in this process here, so that every stream the storage opens is counted."""
+    run = decided_run(any_root, ROWS, failed_download={3}, failed_score={4})
+    opened: list[str] = []
+    real = Storage.open_input
+    monkeypatch.setattr(Storage, "open_input", lambda self, uri: opened.append(uri) or real(self, uri))
+    p = plan(config(run, SIZE), run.shard_names())
+    assert len(p.tasks) >= 3
+    markers = {}
+    for task in p.tasks:
+        markers.update(write_group(p.job, task))
+    stats = finish(p, markers, [])
+    tars = [u for u in opened if u.endswith(".tar")]
+    readable = [run.raw_tar(s) for s in run.shard_names() if s != "00003"]
+    assert set(tars) <= set(readable) and all(tars.count(u) <= 2 for u in tars)
+    assert len(tars) <= len(readable) + len(p.tasks) - 1, "one read per tar, one more per task boundary at most"
+    check_shards(run, stats)
+    fs, folder = run.storage.resolve(run.uri("manifest"))
+    table = ds.dataset(folder, filesystem=fs, format="parquet").to_table()
+    assert table.num_rows == sum(ROWS) and table.column("out_shard").null_count == sum(ROWS) - stats["shards"]["samples"]
+
+
+def _outputs(run) -> list[Path]:
+    """Every output tar and its marker."""
+    return [Path(run.uri("shards", n)) for n in shard_files(run)] + list(Path(run.uri("_done", "shards")).glob("*.json"))
+
+
+def _age(run) -> None:
+    for p in _outputs(run):
+        os.utime(p, ns=(10**9, 10**9))
+
+
+def _touched(run) -> set[str]:
+    """Names of the outputs written since `_age`."""
+    return {p.name for p in _outputs(run) if p.stat().st_mtime_ns != 10**9}
+
+
+def test_only_shards_whose_content_changed_are_rewritten(ray_session, run):
+    cfg = config(run, SIZE)
+    run_write(cfg, run.shard_names(), [])
+    _age(run)
+    run_write(cfg, run.shard_names(), [])
+    assert _touched(run) == set(), "an unchanged plan rewrites nothing"
+
+    old = kept_in_order(run)
+    reasons = {s: reasons_of(i, n) for i, (s, n) in enumerate(zip(run.shard_names(), ROWS))}
+    reasons["00003"] = reasons["00004"] = None
+    why = reasons["00005"]                      # swap one kept and one dropped row: same count
+    k, d = why.index(None), next(i for i, r in enumerate(why) if r == "too_small")
+    why[k], why[d] = "too_small", None
+    decide(run, {s: r if r is not None else ["shard_failed"] * n for (s, r), n in zip(reasons.items(), ROWS)})
+    run_write(cfg, run.shard_names(), [])
+    kept = kept_in_order(run)
+    changed = {f"train-{n:06d}" for n in range(len(kept) // SIZE + 1)
+               if kept[n * SIZE:(n + 1) * SIZE] != old[n * SIZE:(n + 1) * SIZE]}
+    assert changed and len(changed) < len(shard_files(run))
+    assert _touched(run) == {f"{n}.tar" for n in changed} | {f"{n}.json" for n in changed}
+    for n, name in enumerate(shard_files(run)):
+        got = {m[:-4] for m, _ in tar_members(run, run.out_shard(name))[::3]}
+        assert got == {k for _, k in kept[n * SIZE:(n + 1) * SIZE]}
+
+    before = shard_files(run)
+    decide(run, {s: ["too_small"] * n for s, n in zip(run.shard_names(), ROWS[:5])} |
+           {s: reasons_of(i + 5, n) for i, (s, n) in enumerate(zip(run.shard_names()[5:], ROWS[5:]))})
+    stats = run_write(cfg, run.shard_names(), [])
+    assert len(shard_files(run)) == stats["shards"]["count"] < len(before)
+    assert sorted(p.stem for p in Path(run.uri("_done", "shards")).glob("*.json")) == \
+        [n[:-4] for n in shard_files(run)], "the markers of deleted shards go too"
+
+
+def test_missing_or_stale_decisions_are_refused(run):
+    cfg = config(run, SIZE)
+    marker = Path(run.marker("decide", "00002"))
+    saved = marker.read_text()
+    marker.write_text(json.dumps({**json.loads(saved), "attempt": "older"}))
+    with pytest.raises(DecisionsNotReady, match="another decide attempt.*_done/decide/00002.json"):
+        plan(cfg, run.shard_names())
+    marker.unlink()
+    with pytest.raises(DecisionsNotReady, match="no decisions marker.*00002.json"):
+        plan(cfg, run.shard_names())
+    marker.write_text(saved)
+    Path(run.decided).unlink()
+    with pytest.raises(DecisionsNotReady, match="_decided.json is missing"):
+        plan(cfg, run.shard_names())
+
+
+def test_a_cut_raw_tar_fails_its_task_not_the_run(ray_session, run):
+    tar = Path(run.raw_tar("00006"))
+    tar.write_bytes(tar.read_bytes()[:1500])
+    stats = run_write(config(run, SIZE), run.shard_names(), [{"phase": "score", "shard": "00004", "error": "x"}])
+    failed = {f["shard"] for f in stats["failures"] if f["phase"] == "write"}
+    assert "00006" in failed and "00000" not in failed and len(stats["failures"]) == len(failed) + 1
+    assert all("tar stream ends" in f["error"] for f in stats["failures"] if f["phase"] == "write")
+    assert Path(run.out_shard("train-000000.tar")).exists() and Path(run.marker("write", "00000")).exists()
+    assert not Path(run.marker("write", "00006")).exists()
