@@ -146,11 +146,16 @@ def _phases(cfg: Config, run: RunDir, phases: tuple[str, ...], models: dict | No
 
 
 def _report(run: RunDir) -> None:
-    """report.html only views files already written, so failing to draw it must not fail the run."""
+    """report.html only views files already written, so failing to draw it must not fail the run.
+
+    It streams the whole manifest, so it runs as a Ray task: the driver stays at paths and counts.
+    """
+    import ray
+
     from curate.report import build_report
 
     try:
-        build_report(run.root)
+        ray.get(ray.remote(num_cpus=1, max_retries=1)(build_report).remote(run.root, storage=run.storage))
     except Exception:
         log.exception("report: could not write %s; retry with `curate report %s`", run.file("report.html"), run.root)
 

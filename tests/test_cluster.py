@@ -7,6 +7,7 @@ has a deadline.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,8 +21,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -31,6 +33,7 @@ from tests.procs import ROOT, descendants, env
 
 RAY = str(Path(sys.executable).with_name("ray"))
 N = 200
+SHARD_ROWS = 20   # ten shards: score has a middle to be killed in
 # Kept out of the uploaded working dir (on top of .gitignore): nodes bring their own venv.
 EXCLUDES = [".git", ".venv*", "runs", "bench", ".ci", ".hypothesis", ".pytest_cache", "*.egg-info"]
 JOB_TIMEOUT = 540
@@ -77,31 +80,67 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@dataclass
+class Cluster:
+    address: str   # the job submission (dashboard) address
+    gcs: str       # what `ray start --address` joins
+
+
+def start_node(args: list[str], temp: str) -> subprocess.Popen:
+    with open(Path(temp) / "node.log", "wb") as log:
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--temp-dir", temp, *args],
+                                env=node_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @pytest.fixture
-def head() -> Iterator[str]:
-    """A one-node Ray cluster with a dashboard on 127.0.0.1; yields the job submission address."""
+def head() -> Iterator[Cluster]:
+    """A one-node Ray cluster with a dashboard on 127.0.0.1; yields its addresses."""
     temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dash = free_port()
-    ports = {"--port": free_port(), "--dashboard-port": dash,
+    dash, gcs = free_port(), free_port()
+    ports = {"--port": gcs, "--dashboard-port": dash,
              "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
              "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
-    args = [RAY, "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
-            "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--temp-dir", temp,
-            "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())]
-    with open(Path(temp) / "head.log", "wb") as log:
-        proc = subprocess.Popen(args, env=node_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_node(["--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--dashboard-host",
+                       "127.0.0.1", "--include-dashboard", "true", *(f"{k}={v}" for k, v in ports.items())], temp)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 180
         while True:
-            assert proc.poll() is None, (Path(temp) / "head.log").read_text()[-4000:]
+            assert proc.poll() is None, (Path(temp) / "node.log").read_text()[-4000:]
             assert time.time() < deadline, "the head's dashboard never answered"
             try:
                 api(address, "/api/version")
                 break
             except OSError:
                 time.sleep(1)
-        yield address
+        yield Cluster(address, f"127.0.0.1:{gcs}")
+    finally:
+        stop(proc)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def alive_nodes(cluster: Cluster) -> list[str]:
+    """IPs of the nodes the state API lists as alive (empty until the head has registered itself)."""
+    nodes = api(cluster.address, "/api/v0/nodes")["data"]["result"]["result"]
+    return sorted(n["node_ip"] for n in nodes if n["state"] == "ALIVE")
+
+
+@pytest.fixture
+def worker_node(head) -> Iterator[subprocess.Popen]:
+    """A second node on 127.0.0.2 (another "host" on the loopback), with its own temp dir."""
+    temp = tempfile.mkdtemp(prefix="rayw", dir="/tmp")
+    proc = start_node(["--address", head.gcs, "--num-cpus", "1", "--node-ip-address", "127.0.0.2",
+                       "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+                       "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+                       "--dashboard-agent-listen-port", str(free_port()),
+                       "--dashboard-agent-grpc-port", str(free_port())], temp)
+    try:
+        deadline = time.time() + 120
+        while not (len(nodes := alive_nodes(head)) == 2 and "127.0.0.2" in nodes):
+            assert proc.poll() is None, (Path(temp) / "node.log").read_text()[-4000:]
+            assert time.time() < deadline, f"the worker node never joined: {nodes}"
+            time.sleep(1)
+        yield proc
     finally:
         stop(proc)
         shutil.rmtree(temp, ignore_errors=True)
@@ -113,19 +152,29 @@ def ray_cli(*args: str, timeout: float = 120) -> str:
     return done.stdout
 
 
+def submit(cluster: Cluster, job: str, args: list[str], env_vars: dict[str, str] | None = None) -> None:
+    runtime_env = {"excludes": EXCLUDES, "env_vars": env_vars or {}}
+    ray_cli("job", "submit", "--address", cluster.address, "--submission-id", job, "--no-wait", "--working-dir", ".",
+            "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "jobs.curate", *args)
+
+
+def wait_for(cluster: Cluster, job: str, started: float, each: Callable[[], None] = lambda: None) -> tuple[str, str]:
+    """Poll the job to its end (calling `each` between polls); its final status and its logs."""
+    while (status := api(cluster.address, f"/api/jobs/{job}")["status"]) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
+        if time.time() - started > JOB_TIMEOUT:
+            ray_cli("job", "stop", "--address", cluster.address, job)
+            pytest.fail(f"job still {status} after {JOB_TIMEOUT}s")
+        each()
+        time.sleep(0.2)
+    return status, ray_cli("job", "logs", "--address", cluster.address, job)
+
+
 def test_demo_runs_as_a_submitted_job(head, tmp_path):
     out = tmp_path / "demo"
     job = f"curate-demo-{os.getpid()}"
     started = time.time()
-    ray_cli("job", "submit", "--address", head, "--submission-id", job, "--no-wait", "--working-dir", ".",
-            "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-            "--", "python", "-m", "jobs.curate", "demo", "--out", str(out), "--n", str(N))
-    while (status := api(head, f"/api/jobs/{job}")["status"]) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
-        if time.time() - started > JOB_TIMEOUT:
-            ray_cli("job", "stop", "--address", head, job)
-            pytest.fail(f"job still {status} after {JOB_TIMEOUT}s")
-        time.sleep(2)
-    logs = ray_cli("job", "logs", "--address", head, job)
+    submit(head, job, ["demo", "--out", str(out), "--n", str(N)])
+    status, logs = wait_for(head, job, started)
     assert status == "SUCCEEDED", logs[-4000:]
     print(f"job {job}: {status} in {time.time() - started:.1f}s")
 
@@ -144,3 +193,44 @@ def test_demo_runs_as_a_submitted_job(head, tmp_path):
             in_shards += [m.name.rsplit(".", 1)[0] for m in t if m.name.endswith(".jpg")]
     assert sorted(in_shards) == sorted(manifest[manifest.keep].key)
     assert stats["shards"]["samples"] == len(in_shards) > 0
+
+
+def test_a_two_node_job_on_s3_loses_its_worker_node_during_score_and_completes(s3, head, worker_node):
+    """The cluster case: run_dir on S3, a second node that dies in the middle of score (SIGKILL of
+    its raylet and workers). Ray re-runs the lost work on the head; every input row is accounted for."""
+    root = f"s3://{s3.bucket('cluster')}/demo"
+    shards = N // SHARD_ROWS
+    job = f"curate-s3-{os.getpid()}"
+    killed: list[int] = []
+
+    def kill_the_worker_node_mid_score() -> None:
+        if killed:
+            return
+        scored = sum(k.startswith("_done/score/") for k in s3.objects(root))
+        if 1 <= scored < shards:
+            killed.append(scored)
+            for pid in [worker_node.pid, *descendants(worker_node.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    started = time.time()
+    submit(head, job, ["demo", "--out", root, "--n", str(N), "--set", f"input.shard_rows={SHARD_ROWS}",
+                       "--set", "score.batch_size=8"], env_vars=s3.env)
+    status, logs = wait_for(head, job, started, kill_the_worker_node_mid_score)
+    assert killed, "score finished before the worker node could be killed in its middle"
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert worker_node.poll() is not None
+    manifest = pads.dataset(root.removeprefix("s3://") + "/manifest", filesystem=s3.filesystem(),
+                            format="parquet").to_table()
+    assert manifest.num_rows == N and len(set(manifest.column("key").to_pylist())) == N
+    assert "shard_failed" not in manifest.column("reason").to_pylist()
+    stats = json.loads(s3.read(f"{root}/stats.json"))
+    assert stats["funnel"]["rows_in"] == N and stats["failures"] == []
+    kept = {k for k, keep in zip(manifest.column("key").to_pylist(), manifest.column("keep").to_pylist()) if keep}
+    in_shards = set()
+    for key in (k for k in s3.objects(root) if k.startswith("shards/") and k.endswith(".tar")):
+        with tarfile.open(fileobj=io.BytesIO(s3.read(f"{root}/{key}"))) as tar:
+            in_shards |= {m.name.rsplit(".", 1)[0] for m in tar if m.name.endswith(".jpg")}
+    assert kept and in_shards == kept
