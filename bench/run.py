@@ -213,8 +213,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         _write(args.results / f"{name}.json", {**result, "ratios": ratios, "ratios_missing": missing})
     info = machine()
     command = "make bench FULL=1" if mode == "full" else "make bench" if mode == "quick" else "python -m bench.run --smoke"
+    if args.only:
+        command = f"python -m bench.run{' --full' if mode == 'full' else ''} --only {' '.join(args.only)}"
     header = (f"`{command}` on {info['cpu_model']}, {info['cores']} cores, {info['memory_gb']} GB, "
-              f"GPU: {info['gpu'] or 'none'}; finished {time.strftime('%Y-%m-%d %H:%M')}.")
+              f"GPU: {info['gpu'] or 'none'}; finished {time.strftime('%Y-%m-%d %H:%M')}."
+              + (" Other rows: each benchmark's last run, in bench/results/." if args.only else ""))
     text = markdown(table_rows(results, ratios), missing, header)
     print("\n" + text)
     if args.results == RESULTS:

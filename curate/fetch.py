@@ -2,9 +2,14 @@
 
 img2dataset's own fetcher follows redirects anywhere and reads whole responses into memory;
 `fetch` keeps its signature and result shape so the download phase can use it in its place.
+Every connection (the first and each redirect's) resolves its host once, under the fetch's
+timeout, checks those addresses and connects to one of them: the address checked is the
+address connected to.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import http.client
 import io
 import ipaddress
 import socket
@@ -23,6 +28,8 @@ BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8",
 ))
 USER_AGENT = "Mozilla/5.0 (compatible; curate-zh)"
+# getaddrinfo has no timeout of its own: lookups run here so `download.timeout` bounds them too.
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="curate-dns")
 
 
 class Refused(Exception):
@@ -49,31 +56,95 @@ def address_blocked(address: str, allowed: Iterable[ipaddress._BaseNetwork] = ()
     return not ip.is_global or any(ip.version == n.version and ip in n for n in BLOCKED_NETWORKS)
 
 
-def check_url(url: str, allowed: Iterable[ipaddress._BaseNetwork] = ()) -> None:
-    """Raise Refused unless the URL's scheme is allowed and every address of its host is public."""
+def _host(url: str) -> urllib.parse.SplitResult:
     err = scheme_error(url)
     if err:
         raise Refused(err)
     parts = urllib.parse.urlsplit(url)
     if not parts.hostname:
         raise Refused("URL has no host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts
+
+
+def resolve_checked(host: str, port: int, allowed: Iterable[ipaddress._BaseNetwork] = (),
+                    timeout: float | None = None) -> list[str]:
+    """The host's addresses from one lookup (bounded by `timeout`), refused unless every one is allowed."""
+    future = _RESOLVER.submit(socket.getaddrinfo, host, port, proto=socket.IPPROTO_TCP)
     try:
-        infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
+        infos = future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise Refused(f"cannot resolve {host}: lookup timed out after {timeout} s") from None
     except socket.gaierror as exc:
-        raise Refused(f"cannot resolve {parts.hostname}: {exc}") from None
+        raise Refused(f"cannot resolve {host}: {exc}") from None
     allowed = tuple(allowed)
-    for info in infos:
-        if address_blocked(info[4][0], allowed):
-            raise Refused(f"address not allowed: {parts.hostname} resolves to {info[4][0]}")
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for address in addresses:
+        if address_blocked(address, allowed):
+            raise Refused(f"address not allowed: {host} resolves to {address}")
+    return addresses
+
+
+def check_url(url: str, allowed: Iterable[ipaddress._BaseNetwork] = ()) -> None:
+    """Raise Refused unless the URL's scheme is allowed and every address of its host is public."""
+    parts = _host(url)
+    resolve_checked(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), allowed)
+
+
+def _connect_checked(host: str, port: int, timeout: float | None, allowed: tuple) -> socket.socket:
+    """A socket to an address of `host` that was checked in this very lookup: no second lookup
+    happens between the check and the connection, so DNS rebinding cannot slip past the guard."""
+    error: OSError | None = None
+    limit = timeout if isinstance(timeout, (int, float)) else None   # not http.client's "default" sentinel
+    for address in resolve_checked(host, port, allowed, limit):
+        try:
+            return socket.create_connection((address, port), timeout)
+        except OSError as exc:
+            error = exc
+    raise error or OSError(f"cannot connect to {host}")
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    def __init__(self, *args, allowed: tuple = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allowed = allowed
+
+    def connect(self) -> None:
+        self.sock = _connect_checked(self.host, self.port, self.timeout, self.allowed)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    def __init__(self, *args, allowed: tuple = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.allowed = allowed
+
+    def connect(self) -> None:   # TLS still verifies the certificate against the host name
+        sock = _connect_checked(self.host, self.port, self.timeout, self.allowed)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _PinnedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allowed: tuple):
+        super().__init__()
+        self.allowed = allowed
+
+    def http_open(self, req):
+        return self.do_open(_PinnedHTTP, req, allowed=self.allowed)
+
+
+class _PinnedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allowed: tuple):
+        super().__init__()
+        self.allowed = allowed
+
+    def https_open(self, req):
+        return self.do_open(_PinnedHTTPS, req, context=self._context, allowed=self.allowed)
 
 
 class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, allowed: tuple):
-        self.allowed = allowed
+    """Redirects keep to http(s); their addresses are checked when their connection opens."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        check_url(newurl, self.allowed)
+        _host(newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -83,13 +154,14 @@ class Fetcher:
     def __init__(self, allowed_networks: Iterable[str], max_bytes: int):
         self.allowed = tuple(ipaddress.ip_network(n, strict=False) for n in allowed_networks)
         self.max_bytes = max_bytes
-        self.opener = urllib.request.build_opener(_GuardedRedirects(self.allowed))
+        self.opener = urllib.request.build_opener(_PinnedHTTPHandler(self.allowed), _PinnedHTTPSHandler(self.allowed),
+                                                  _GuardedRedirects())
 
     def __call__(self, row, timeout, user_agent_token, disallowed_header_directives):
         key, url = row
         agent = USER_AGENT if not user_agent_token else f"{USER_AGENT} ({user_agent_token})"
         try:
-            check_url(url, self.allowed)
+            _host(url)   # addresses are checked in the connection itself, on its one lookup
             request = urllib.request.Request(url, headers={"User-Agent": agent})
             with self.opener.open(request, timeout=timeout) as resp:
                 if disallowed_header_directives and is_disallowed(

@@ -112,3 +112,39 @@ def test_a_100_mb_response_is_refused_within_the_cap(images, declare):
         tracemalloc.stop()
     assert body is None and error == f"response larger than {20 * MB} bytes"
     assert peak < 30 * MB  # at most the cap plus one byte was read; the other 80 MB never arrived
+
+
+def test_the_address_checked_is_the_address_connected_to(images, monkeypatch):
+    """DNS rebinding: a name that answers an allowed address to the check and another to a second
+    lookup. There is only one lookup per connection, and the connection goes where it pointed
+    (the second answer is a loopback address nothing listens on, so a regression fails without
+    sending traffic anywhere else)."""
+    import socket
+
+    real = socket.getaddrinfo
+    lookups = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "images.test":   # literal addresses (the connection's own) resolve as ever
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        return real("127.0.0.1" if len(lookups) == 1 else "127.0.0.3", port, *args, **kwargs)
+
+    with serve(images) as srv:
+        monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+        port = urllib.parse.urlsplit(srv.base).port
+        body, error = _fetch(Fetcher(["127.0.0.1/32"], 20 * MB), f"http://images.test:{port}/img/a.jpg")
+    assert error is None and body == (images / "a.jpg").read_bytes()
+    assert lookups == ["images.test"]
+    assert len(srv.hits) == 1
+
+
+def test_a_hanging_lookup_is_bounded_by_the_timeout(monkeypatch):
+    import socket
+    import time
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(3) or [])
+    started = time.time()
+    _, stream, error = Fetcher([], 20 * MB)((0, "http://slow-dns.test/a.jpg"), 0.5, None, [])
+    assert stream is None and "lookup timed out" in error
+    assert time.time() - started < 2
