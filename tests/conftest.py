@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import LOOPBACK_ONLY
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# An embedded Ray on Linux binds to the machine's outward address; with this switch off it binds
+# to 127.0.0.1, as on a laptop, so every embedded Ray of the tests (and of the CLI runs they start,
+# which inherit it) stays on the loopback. The multi-node tests turn it back on for their nodes.
+os.environ[LOOPBACK_ONLY] = "0"
 
 DEMO_N = 300
 

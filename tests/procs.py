@@ -16,6 +16,9 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 
 
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # Ray's switch between single-machine and cluster mode
+
+
 def env() -> dict[str, str]:
     """The test environment for a child, without a Ray address that would attach it elsewhere."""
     out = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -1,4 +1,5 @@
-"""The demo as a Ray job: a real head node on 127.0.0.1, `ray job submit`, `ray job logs`.
+"""The demo as a Ray job: a real head node on 127.0.0.3 (and a second node on 127.0.0.2),
+`ray job submit`, `ray job logs`.
 
 The head runs in its own session with its own temp dir, free ports and a fresh auth token,
 so it never meets the test session's embedded Ray or anyone else's; it is stopped by
@@ -29,7 +30,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from tests.procs import ROOT, descendants, env
+from tests.procs import LOOPBACK_ONLY, ROOT, descendants, env
 
 RAY = str(Path(sys.executable).with_name("ray"))
 N = 200
@@ -37,6 +38,9 @@ SHARD_ROWS = 20   # ten shards: score has a middle to be killed in
 # Kept out of the uploaded working dir (on top of .gitignore): nodes bring their own venv.
 EXCLUDES = [".git", ".venv*", "runs", "bench", ".ci", ".hypothesis", ".pytest_cache", "*.egg-info"]
 JOB_TIMEOUT = 540
+# Ray swaps 127.0.0.1 (and "localhost") for the machine's outward address; any other loopback
+# address it keeps, so every node of these clusters stays on 127.0.0.0/8.
+HEAD_IP = "127.0.0.3"
 
 
 def free_port() -> int:
@@ -52,6 +56,7 @@ def node_env() -> dict[str, str]:
     """The nodes' and CLI's environment: the venv first on PATH (the job's `python` is the venv's),
     and token auth with this test's own token (a head enables auth when ~/.ray/auth_token exists)."""
     out = env()
+    out.pop(LOOPBACK_ONLY, None)   # cluster mode: the nodes bind to the loopback addresses given below
     out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
     out.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
     return out
@@ -100,7 +105,7 @@ def head() -> Iterator[Cluster]:
     ports = {"--port": gcs, "--dashboard-port": dash,
              "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
              "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port()}
-    proc = start_node(["--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--dashboard-host",
+    proc = start_node(["--head", "--num-cpus", "2", "--node-ip-address", HEAD_IP, "--dashboard-host",
                        "127.0.0.1", "--include-dashboard", "true", *(f"{k}={v}" for k, v in ports.items())], temp)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -113,7 +118,7 @@ def head() -> Iterator[Cluster]:
                 break
             except OSError:
                 time.sleep(1)
-        yield Cluster(address, f"127.0.0.1:{gcs}")
+        yield Cluster(address, f"{HEAD_IP}:{gcs}")
     finally:
         stop(proc)
         shutil.rmtree(temp, ignore_errors=True)
@@ -136,7 +141,7 @@ def worker_node(head) -> Iterator[subprocess.Popen]:
                        "--dashboard-agent-grpc-port", str(free_port())], temp)
     try:
         deadline = time.time() + 120
-        while not (len(nodes := alive_nodes(head)) == 2 and "127.0.0.2" in nodes):
+        while (nodes := alive_nodes(head)) != sorted([HEAD_IP, "127.0.0.2"]):
             assert proc.poll() is None, (Path(temp) / "node.log").read_text()[-4000:]
             assert time.time() < deadline, f"the worker node never joined: {nodes}"
             time.sleep(1)
