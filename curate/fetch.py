@@ -103,39 +103,31 @@ def _connect_checked(host: str, port: int, timeout: float | None, allowed: tuple
     raise error or OSError(f"cannot connect to {host}")
 
 
-class _PinnedHTTP(http.client.HTTPConnection):
+class _Allowed:
+    """Carries the allowed networks into a connection or handler class from the standard library."""
+
     def __init__(self, *args, allowed: tuple = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.allowed = allowed
 
+
+class _PinnedHTTP(_Allowed, http.client.HTTPConnection):
     def connect(self) -> None:
         self.sock = _connect_checked(self.host, self.port, self.timeout, self.allowed)
 
 
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, *args, allowed: tuple = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.allowed = allowed
-
+class _PinnedHTTPS(_Allowed, http.client.HTTPSConnection):
     def connect(self) -> None:   # TLS still verifies the certificate against the host name
         sock = _connect_checked(self.host, self.port, self.timeout, self.allowed)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-class _PinnedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, allowed: tuple):
-        super().__init__()
-        self.allowed = allowed
-
+class _PinnedHTTPHandler(_Allowed, urllib.request.HTTPHandler):
     def http_open(self, req):
         return self.do_open(_PinnedHTTP, req, allowed=self.allowed)
 
 
-class _PinnedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, allowed: tuple):
-        super().__init__()
-        self.allowed = allowed
-
+class _PinnedHTTPSHandler(_Allowed, urllib.request.HTTPSHandler):
     def https_open(self, req):
         return self.do_open(_PinnedHTTPS, req, context=self._context, allowed=self.allowed)
 
@@ -154,8 +146,8 @@ class Fetcher:
     def __init__(self, allowed_networks: Iterable[str], max_bytes: int):
         self.allowed = tuple(ipaddress.ip_network(n, strict=False) for n in allowed_networks)
         self.max_bytes = max_bytes
-        self.opener = urllib.request.build_opener(_PinnedHTTPHandler(self.allowed), _PinnedHTTPSHandler(self.allowed),
-                                                  _GuardedRedirects())
+        self.opener = urllib.request.build_opener(_PinnedHTTPHandler(allowed=self.allowed),
+                                                  _PinnedHTTPSHandler(allowed=self.allowed), _GuardedRedirects())
 
     def __call__(self, row, timeout, user_agent_token, disallowed_header_directives):
         key, url = row

@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import tarfile
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,35 +23,11 @@ ROWS = [23, 17, 30, 5, 26, 12, 9]
 SIZE = 7
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """moto's S3 server in this process, on a free loopback port."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture(params=["local", "s3"])
-def any_root(request, tmp_path, monkeypatch) -> str:
-    """A run directory on local disk, or in a fresh bucket of the moto server (credentials from the environment)."""
-    if request.param == "local":
-        return str(tmp_path / "run")
-    import pyarrow.fs as pafs
-
-    endpoint = request.getfixturevalue("s3_endpoint")
-    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    bucket = f"write-{uuid.uuid4().hex[:8]}"
-    pafs.S3FileSystem(endpoint_override=endpoint.split("//")[1], scheme="http",
-                      allow_bucket_creation=True).create_dir(bucket)
-    return f"s3://{bucket}/run"
+def any_root(request, tmp_path, s3) -> str:
+    """A run directory on local disk, or in a fresh bucket of the session's S3 server (found
+    through the standard AWS environment variables only)."""
+    return str(tmp_path / "run") if request.param == "local" else f"s3://{s3.bucket('write')}/run"
 
 
 @pytest.fixture
