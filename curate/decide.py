@@ -46,7 +46,7 @@ from manifests.schema import REASONS, TEXT, conform
 
 RAW_INPUTS = ["key", "status", "original_width", "original_height", "sha256"]
 SCORE_INPUTS = ["score_error", "aspect_ratio", "entropy", "edge_density", *TEXT,
-                "phash", "clip_score", "aesthetic", "nsfw", "watermark", "style"]
+                "phash", "clip_score", "aesthetic", "nsfw", "watermark", "text_area", "style"]
 REASONS_LIST = list(REASONS)
 CODES = {name: i for i, name in enumerate(REASONS)}
 NONE = -1
@@ -119,6 +119,7 @@ def late_codes(t: pa.Table, cfg: Config) -> np.ndarray:
     code = np.full(t.num_rows, NONE, np.int8)
     for name, col, bad in (("nsfw", "nsfw", lambda x: x >= f.nsfw_max),
                            ("watermark", "watermark", lambda x: x >= f.watermark_max),
+                           ("text_heavy", "text_area", lambda x: x > f.text_area_max),
                            ("low_clip", "clip_score", lambda x: x < f.clip_min if f.clip_min is not None else False),
                            ("low_aesthetic", "aesthetic",
                             lambda x: x < f.aesthetic_min if f.aesthetic_min is not None else False)):

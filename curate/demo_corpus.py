@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 # Kinds served as files, and kinds that are server behaviours (no file).
 SERVER_KINDS = ("http_404", "http_500", "html_page", "slow")
@@ -119,12 +119,15 @@ def cartoon(rng: np.random.Generator, h: int, w: int) -> Image.Image:
 
 
 def text_image(rng: np.random.Generator, h: int, w: int) -> Image.Image:
-    """A screenshot-like page of text lines."""
+    """A screenshot-like page of text lines (Pillow's built-in scalable font: Latin only)."""
     img = Image.new("RGB", (w, h), (250, 250, 250))
     draw = ImageDraw.Draw(img)
-    for y in range(10, h - 12, 14):
-        words = "".join(chr(int(c)) for c in rng.integers(65, 91, size=int(rng.integers(20, 60))))
-        draw.text((8, y), words, fill=(20, 20, 20))
+    size = int(rng.integers(18, 34))
+    font = ImageFont.load_default(size)
+    for y in range(size // 2, h - size, int(size * 1.5)):
+        words = " ".join("".join(chr(int(c)) for c in rng.integers(65, 91, size=int(rng.integers(2, 9))))
+                         for _ in range(int(rng.integers(3, 10))))
+        draw.text((size // 2, y), words, fill=(20, 20, 20), font=font)
     return img
 
 

@@ -1,8 +1,13 @@
 """Phase 2, score: a Ray Data stream over the raw shards that computes every score column.
 
 read raw shard (parquet + streamed tar) -> CPU stage (decode once: image metrics, caption
-metrics, model view) -> model actors (when models are enabled) -> the last stage writes each
-batch's score columns to storage as a part of its shard and returns only (shard, rows, error).
+metrics, model view) -> model actors (when view scorers are enabled) -> OCR actors (when ocr
+is enabled) -> the last stage writes each batch's score columns to storage as a part of its
+shard and returns only (shard, rows, error).
+OCR is its own actor pool, sized apart from the model actors, and it is handed the stored JPEG
+bytes rather than a decoded view: it needs a larger view (models.ocr_side) than the models, and
+bytes are about a tenth of that view's pixels in the object store; its decode is cheap next to
+its detection (see bench/bench_ocr.py).
 The driver counts rows per shard; when a shard is complete a small task merges its parts into
 scores/{shard}.parquet (sorted by key) and writes the shard's marker. No score row ever
 reaches the driver, and a worker holds one batch, never a shard.
@@ -24,7 +29,8 @@ from curate.config import Config
 from curate.rundir import RunDir
 from curate.runtime import Progress, Window, log
 from curate.storage import join
-from filters.image import aspect_ratio, image_columns
+from filters.image import aspect_ratio, decode, image_columns
+from filters.models.options import VIEW_SCORERS
 from filters.text import caption_columns
 from manifests.schema import IMAGE, MODEL, TEXT, build, conform
 
@@ -85,12 +91,17 @@ def _failed_batch(keys: list, shards: list, exc: BaseException, stage: str) -> p
                      "_shard_error": pa.array([error] * len(keys), pa.string())})
 
 
-def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None) -> pa.Table:
-    """Image and caption metrics for a batch; an unexpected exception fails the batch's shards, not the run."""
+def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None, keep_image: bool = False) -> pa.Table:
+    """Image and caption metrics for a batch; an unexpected exception fails the batch's shards, not the run.
+
+    `keep_image` passes the image bytes on (as `_image`) for the OCR actors."""
     try:
-        return _score_cpu(batch, cfg, model_side)
+        table = _score_cpu(batch, cfg, model_side)
     except Exception as exc:
         return _failed_batch(batch["key"].tolist(), batch["shard"].tolist(), exc, "CPU scoring")
+    if keep_image:
+        table = table.append_column("_image", pa.array(list(batch["_image"]), pa.binary()))
+    return table
 
 
 def _score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None) -> pa.Table:
@@ -114,6 +125,17 @@ def _score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None
     return table
 
 
+def _with_scores(batch: pa.Table, scores: dict[str, np.ndarray], consumed: str) -> pa.Table:
+    """The batch less its `consumed` input column, plus the score columns (typed by the schema);
+    the columns already there pass through untouched (pHash stays uint64)."""
+    batch = batch.drop_columns([consumed])
+    for name, values in scores.items():
+        column = ArrowTensorArray.from_numpy(values) if name == "image_embedding" else \
+            pa.array(values.tolist() if values.dtype == object else values, type=MODEL[name].type)
+        batch = batch.append_column(name, column)
+    return batch
+
+
 class ModelStage:
     """Ray actor: loads every enabled model once, then scores batches of model views."""
 
@@ -127,20 +149,39 @@ class ModelStage:
         if "_view" not in batch.column_names:
             return batch
         try:
-            return self._score(batch)
+            views = [v if v.size else None for c in batch.column("_view").chunks for v in c.to_numpy()]
+            return _with_scores(batch, self.scorer(views, batch.column("caption_norm").to_pylist()), "_view")
         except Exception as exc:
             return _failed_batch(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), exc, "models")
 
-    def _score(self, batch: pa.Table) -> pa.Table:
-        """The score columns pass through untouched (pHash stays uint64)."""
-        views = [v if v.size else None for c in batch.column("_view").chunks for v in c.to_numpy()]
-        scores = self.scorer(views, batch.column("caption_norm").to_pylist())
-        batch = batch.drop_columns(["_view"])
-        for name, values in scores.items():
-            column = ArrowTensorArray.from_numpy(values) if name == "image_embedding" else \
-                pa.array(values.tolist() if values.dtype == object else values, type=MODEL[name].type)
-            batch = batch.append_column(name, column)
-        return batch
+
+class OcrStage:
+    """Ray actor: PP-OCRv4 on the stored image bytes, decoded at models.ocr_side."""
+
+    def __init__(self, cfg: Config):
+        from filters.models.ocr import Ocr
+
+        m = cfg.models
+        self.side, self.max_pixels = m.ocr_side, cfg.download.max_pixels
+        self.ocr = Ocr(m.ocr_side, m.ocr_recognize, m.ocr_text_max, "cuda" if m.num_gpus > 0 else "cpu")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if "_image" not in batch.column_names:
+            return batch
+        try:
+            return _with_scores(batch, self.ocr(self._views(batch.column("_image").to_pylist())), "_image")
+        except Exception as exc:
+            return _failed_batch(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), exc, "ocr")
+
+    def _views(self, images: list[bytes | None]) -> list[np.ndarray | None]:
+        """RGB views no smaller than needed (JPEG draft); None where the CPU stage already found no image."""
+        views = []
+        for data in images:
+            try:
+                views.append(np.asarray(decode(data, self.side, self.max_pixels)[0]) if data else None)
+            except Exception:   # its score_error is already the CPU stage's decode error
+                views.append(None)
+        return views
 
 
 def write_parts(batch: pa.Table, run: RunDir, columns: list[str]) -> pa.Table:
@@ -204,16 +245,22 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
         return []
     expected = {s: m["rows"] for s, m in zip(todo, run.markers("download", todo))}
     models_on = bool(cfg.models.enabled)
-    model_side = cfg.models.image_size if models_on else None
+    views_on = any(s in VIEW_SCORERS for s in cfg.models.enabled)
+    ocr_on = "ocr" in cfg.models.enabled
+    model_side = cfg.models.image_size if views_on else None
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
     # Reading is light: its own small CPU share keeps it from fusing with scoring, so one
     # shard's batches spread over every scoring task.
     ds = ds.map_batches(read_raw, batch_size=1, num_cpus=0.25, fn_kwargs={"run": run, "rows": cfg.score.batch_size})
     ds = ds.map_batches(score_cpu, batch_size=cfg.score.batch_size, num_cpus=cfg.score.num_cpus,
-                        fn_kwargs={"cfg": cfg, "model_side": model_side})
-    if models_on:
+                        fn_kwargs={"cfg": cfg, "model_side": model_side, "keep_image": ocr_on})
+    if views_on:
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.models.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.models.num_actors), batch_format="pyarrow",
+                            num_gpus=cfg.models.num_gpus or None, num_cpus=0.5)
+    if ocr_on:
+        ds = ds.map_batches(OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.score.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.models.ocr_actors), batch_format="pyarrow",
                             num_gpus=cfg.models.num_gpus or None, num_cpus=0.5)
     columns = SCORE_COLUMNS + (list(MODEL) if models_on else [])
     if models_on and cfg.models.keep_embeddings:

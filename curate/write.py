@@ -50,6 +50,7 @@ class Job:
     schema: pa.Schema
     downloaded: frozenset[str]
     scored: frozenset[str]
+    ocr_caption: str | None = None   # write.ocr_caption
 
     def stem(self, n: int) -> str:
         """Output shard n's name without `.tar`: its marker is `_done/shards/{stem}.json`."""
@@ -207,11 +208,20 @@ def read_group(job: Job, task: Task) -> tuple[dict[int, _Out], dict[str, dict]]:
         if not mine.any():
             continue
         kept = table.take(pa.array(rows[mine]))
-        txt = kept.column("caption_norm").fill_null("").to_pylist() if "caption_norm" in kept.column_names \
-            else [""] * kept.num_rows
-        for key, text, meta, out in zip(kept.column("key").to_pylist(), txt, sample_json(kept), n[mine].tolist()):
+        for key, text, meta, out in zip(kept.column("key").to_pylist(), captions(kept, job.ocr_caption),
+                                        sample_json(kept), n[mine].tolist()):
             outs[out].samples.append((shard, Sample(key, text.encode("utf-8"), meta)))
     return outs, markers
+
+
+def captions(kept: pa.Table, template: str | None) -> list[str]:
+    """Each sample's .txt: the normalised caption, or `write.ocr_caption` filled in where OCR read text."""
+    n = kept.num_rows
+    txt = kept.column("caption_norm").fill_null("").to_pylist() if "caption_norm" in kept.column_names else [""] * n
+    if template is None or "ocr_text" not in kept.column_names:
+        return txt
+    return [template.format(caption=c, ocr_text=o) if o else c
+            for c, o in zip(txt, kept.column("ocr_text").to_pylist())]
 
 
 def digest(samples: list[tuple[str, Sample]]) -> str:
@@ -301,7 +311,7 @@ def plan(cfg: Config, shards: list[str]) -> Plan:
     schema = manifest_schema(run, shards, downloaded, scored, cfg.input.extra_cols).with_metadata(
         {"curate.models": json.dumps(models, ensure_ascii=False)})
     job = Job(run, cfg.write.samples_per_shard, cfg.write.prefix, decided["attempt"], schema,
-              frozenset(downloaded), frozenset(scored))
+              frozenset(downloaded), frozenset(scored), cfg.write.ocr_caption)
     kept = [m["kept"] for m in decide_markers]
     return Plan(job, plan_tasks(shards, kept, job.size, ROWS_PER_TASK), decided, models, sum(kept))
 

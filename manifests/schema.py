@@ -69,6 +69,9 @@ MODEL = _cols(
     Column("watermark", pa.float32(), "probability the image carries a watermark"),
     Column("style", pa.string(), "zero-shot style label (photo, cartoon, anime, ...)"),
     Column("style_prob", pa.float32(), "softmax probability of the chosen style"),
+    Column("text_area", pa.float32(), "share of the image covered by detected text boxes (PP-OCRv4), 0..1"),
+    Column("text_boxes", pa.int32(), "number of detected text boxes"),
+    Column("ocr_text", pa.string(), "recognised text in reading order (models.ocr_recognize), cut at models.ocr_text_max"),
 )
 
 DECISION = _cols(
@@ -101,6 +104,7 @@ REASONS: dict[str, str] = {
     "caption_common": "the caption is shared by more distinct images than text.max_caption_images",
     "nsfw": "NSFW probability is at or above filters.nsfw_max",
     "watermark": "watermark probability is at or above filters.watermark_max",
+    "text_heavy": "detected text covers more of the image than filters.text_area_max (posters, screenshots)",
     "low_clip": "image-caption CLIP similarity is below filters.clip_min",
     "low_aesthetic": "aesthetic score is below filters.aesthetic_min",
     "duplicate": "an exact or near duplicate of a kept row (dup_of names it)",

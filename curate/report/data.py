@@ -47,6 +47,7 @@ METRICS = (
     Metric("aesthetic score", "aesthetic", (Rule("filters.aesthetic_min", "below"),)),
     Metric("NSFW probability", "nsfw", (Rule("filters.nsfw_max", "at_or_above"),)),
     Metric("watermark probability", "watermark", (Rule("filters.watermark_max", "at_or_above"),)),
+    Metric("text area: share of the image under detected text", "text_area", (Rule("filters.text_area_max", "above"),)),
     Metric("JPEG bits per pixel", "jpeg_bpp"),
 )
 LIGHT = ["key", "shard", "status", "keep", "reason", "dup_of", "style", "original_width", "original_height",

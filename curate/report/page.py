@@ -12,7 +12,7 @@ from curate.storage import name as base_name
 from manifests.schema import REASONS
 
 VERSIONED = ("curate-zh", "ray", "torch", "open-clip-torch", "timm", "pyarrow", "pillow", "img2dataset")
-CARD_SCORES = ("aesthetic", "clip_score", "nsfw", "watermark", "style", "n_chars", "zh_ratio")
+CARD_SCORES = ("aesthetic", "clip_score", "nsfw", "watermark", "text_area", "ocr_text", "style", "n_chars", "zh_ratio")
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:0 20px 40px;color:#222}

@@ -5,7 +5,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCORERS: tuple[str, ...] = ("clip_score", "aesthetic", "nsfw", "watermark", "style")
+SCORERS: tuple[str, ...] = ("clip_score", "aesthetic", "nsfw", "watermark", "style", "ocr")
+# Scorers that read the model view in the model actors; ocr has its own actor pool (curate/score.py).
+VIEW_SCORERS: tuple[str, ...] = SCORERS[:5]
 
 # Zero-shot style prompts, Chinese and English for each label. The labels are what the
 # `style` column holds; the prompts of a label are averaged into one text embedding.
@@ -47,6 +49,12 @@ class ModelOptions(BaseModel):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="autocast dtype on CUDA; auto = bf16 where supported else fp16; CPU always fp32")
     keep_embeddings: bool = Field(False, description="also return image_embedding (float16) for semantic dedup")
+    ocr_side: int = Field(480, ge=64, description=(
+        "longer side OCR detection runs at (never enlarged): text_area is measured at this size; 480 keeps "
+        "text 10 px high in a 1024 px image and costs about half of 640"))
+    ocr_recognize: bool = Field(False, description="also read the detected text into ocr_text (PP-OCRv4 recognition)")
+    ocr_text_max: int = Field(200, ge=1, description="ocr_text is cut to this many characters")
+    ocr_actors: int = Field(1, ge=1, description="OCR actors in their own Ray actor pool (one CPU each)")
     image_size: int = Field(256, ge=32, description=(
         "shorter side the CPU stage downsizes images to (to_rgb_array(img, image_size)); 256 keeps every "
         "model input (224 crops for the towers and open_nsfw, 256x256 squash for watermark) at full detail"))
