@@ -27,7 +27,7 @@ START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 RATIOS = ("download.ours_over_img2dataset", "score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer",
           "scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min", "score_gpu.pipeline_over_model_alone",
           "scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
-          "scale.write_samples_per_s_per_core")
+          "scale.write_samples_per_s_per_core", "ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model")
 
 
 def _models(mode: str) -> dict:
@@ -81,7 +81,7 @@ def _bench(name: str) -> Callable[[str], dict]:
     return module.run
 
 
-BENCHMARKS = ("download", "score_cpu", "models", "decide", "scaling", "scale", "score_gpu")
+BENCHMARKS = ("download", "score_cpu", "models", "decide", "scaling", "scale", "ocr", "score_gpu")
 
 
 def run_one(name: str, mode: str) -> dict:
@@ -159,6 +159,13 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     rows.append(("scale", "driver peak max / min", _fmt(ratios["scale.driver_peak_max_over_min"]), "≤ 1.2"))
     rows.append(("scale", "driver peak MB at max", _fmt(ratios["scale.driver_peak_mb_at_max"]), "≤ 2,000"))
     rows.append(("scale", "write samples/s per core", _fmt(ratios["scale.write_samples_per_s_per_core"]), "≥ 5,000"))
+    ocr = results.get("ocr", {})
+    for label, v in ocr.get("scorer_alone", {}).get("images_per_s_per_core", {}).items():
+        rows.append(("ocr", f"{label} images/s per core (scorer alone)", _fmt(v), ""))
+    for label, v in ocr.get("stage_rows_per_s", {}).items():
+        rows.append(("ocr", f"score stage, models {label}: rows/s", _fmt(v), ""))
+    rows.append(("ocr", "score stage: nsfw+ocr / nsfw time", _fmt(ratios["ocr.stage_nsfw_ocr_over_nsfw"]), "≤ 2"))
+    rows.append(("ocr", "score stage: ocr / no model time", _fmt(ratios["ocr.stage_ocr_over_no_model"]), ""))
     rows.append(("score_gpu", "pipeline / model alone", _fmt(ratios["score_gpu.pipeline_over_model_alone"]), "≥ 0.8"))
     return rows
 

@@ -18,7 +18,8 @@ from manifests.schema import REASONS, build
 
 STYLES = ["photo", "cartoon", "anime", "painting"]
 CONFIG = {"filters": {"min_side": 200, "max_aspect_ratio": 3.0, "min_entropy": 1.0, "min_edge_density": 0.0,
-                      "nsfw_max": 0.5, "watermark_max": 0.8, "clip_min": 0.2, "aesthetic_min": 4.5},
+                      "nsfw_max": 0.5, "watermark_max": 0.8, "text_area_max": 0.2, "clip_min": 0.2,
+                      "aesthetic_min": 4.5},
           "text": {"min_chars": 5, "max_chars": 300, "min_zh_ratio": 0.25, "max_repeat_ratio": 0.4}}
 WARNING = "models ran with RANDOM weights: every model score is meaningless"
 
@@ -54,6 +55,8 @@ def manifest_columns(n: int, shards: int, seed: int = 0) -> dict:
     dup_of[dups] = np.array(key, dtype=object)[kept[rng.integers(0, max(len(kept) // 20, 1), len(dups))]]
     nsfw = rng.beta(0.5, 8, n)
     nsfw[reason == "nsfw"] = rng.uniform(0.5, 1, int((reason == "nsfw").sum()))
+    text_area = rng.beta(0.3, 8, n)
+    text_area[reason == "text_heavy"] = rng.uniform(0.2, 0.8, int((reason == "text_heavy").sum()))
     fetched = ~np.isin(reason, ["download_failed", "shard_failed"])
     return {
         "key": key, "shard": shard, "url": [f"http://127.0.0.1/{k}.jpg" for k in key],
@@ -67,6 +70,7 @@ def manifest_columns(n: int, shards: int, seed: int = 0) -> dict:
         "n_chars": rng.integers(1, 400, n).astype(np.int32), "zh_ratio": rng.uniform(0, 1, n),
         "repeat_ratio": rng.uniform(0, 0.6, n), "clip_score": rng.normal(0.3, 0.06, n),
         "aesthetic": rng.normal(5.5, 1.0, n), "nsfw": nsfw, "watermark": rng.beta(0.5, 3, n),
+        "text_area": text_area, "text_boxes": (text_area * 40).astype(np.int32),
         "style": style.tolist(), "style_prob": rng.uniform(0.3, 1, n),
         "keep": (reason == None).tolist(), "reason": reason.tolist(), "dup_of": dup_of.tolist(),  # noqa: E711
     }

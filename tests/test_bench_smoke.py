@@ -18,6 +18,7 @@ OWN_RATIOS = {
               "scale.write_samples_per_s_per_core"],
     "models": [],
     "decide": [],
+    "ocr": ["ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model"],
 }
 
 
@@ -40,6 +41,9 @@ def test_benchmark_smoke(name):
             assert not size["failures"] and 0 < size["kept"] < size["rows"]
             assert size["out_shards"] == -(-size["kept"] // result["samples_per_shard"])
             assert size["peak_mb"]["driver_mb"] > 0 and size["peak_mb"]["worker_max_mb"] > 0
+    if name == "ocr":   # real inference through the score stage: OCR costs time, never nothing
+        assert result["scorer_alone"]["images_per_s_per_core"]["detect"] > 0
+        assert result["own_ratios"]["ocr.stage_ocr_over_no_model"] > 1
     if name == "scaling":
         assert all(not s["failures"] and s["peak_mb"]["workers_mb"] > 0 for s in result["per_size"].values())
 

@@ -112,7 +112,7 @@ def test_stats_funnel_adds_up(demo_run):
     assert funnel["rows_in"] == DEMO_N
     assert funnel["kept"] + sum(funnel["dropped"].values()) == DEMO_N
     assert list(funnel["dropped"]) == [r for r in REASONS if r in funnel["dropped"]]
-    assert stats["models"]["enabled"] == ["nsfw"]  # open_nsfw ran for real
+    assert stats["models"]["enabled"] == ["nsfw", "ocr"]  # open_nsfw and PP-OCRv4 ran for real
 
 
 def test_open_nsfw_scores_are_probabilities_and_low(demo_run):
@@ -120,6 +120,16 @@ def test_open_nsfw_scores_are_probabilities_and_low(demo_run):
     scored = m.nsfw.dropna()
     assert len(scored) > DEMO_N // 2
     assert scored.between(0, 1).all() and scored.median() < 0.1
+
+
+def test_ocr_drops_text_images_as_text_heavy_and_no_photo(demo_run):
+    m = _manifest(demo_run)
+    limit = 0.2  # filters.text_area_max
+    scored = m[m.text_area.notna()]
+    assert len(scored) > DEMO_N // 2 and scored.text_boxes.notna().all()
+    assert (scored[scored.kind == "text_image"].text_area > limit).all()
+    assert (scored[scored.kind == "photo"].text_area <= limit).all() and scored[scored.kind == "photo"].text_boxes.eq(0).all()
+    assert set(m[m.reason == "text_heavy"].kind) == {"text_image"}
 
 
 @pytest.mark.parametrize("phase", ["download", "score", "decide", "write"])

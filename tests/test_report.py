@@ -69,8 +69,9 @@ def test_report_shows_warnings_funnel_histograms_styles_and_grids(small_run):
     shown = [r for r in funnel_rows if r in REASONS]
     assert shown == [r for r in REASONS if r in shown] and len(shown) == len(REASONS)
     assert funnel_rows[0] == "rows in" and "kept" in funnel_rows
-    for column in ("min_side", "aspect_ratio", "n_chars", "aesthetic", "nsfw", "clip_score", "watermark"):
+    for column in ("min_side", "aspect_ratio", "n_chars", "aesthetic", "nsfw", "clip_score", "watermark", "text_area"):
         assert f'data-column="{column}"' in html
+    assert "filters.text_area_max = 0.2" in html and "Dropped: text_heavy" in html
     assert "filters.aesthetic_min = 4.5" in html and "text.max_chars = 300" in html
     assert 'id="styles"' in html and "before rebalance" in html
     assert html.count("data:image/jpeg;base64,") >= 50

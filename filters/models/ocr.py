@@ -46,13 +46,16 @@ class TextBoxes:
     area: float          # share of the image covered by the union of the boxes, 0..1
 
 
-def _session(path: str, device: str):
+def _session(path: str, device: str, threads: int | None):
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(path, providers=providers)
+    return ort.InferenceSession(path, options, providers=providers)
 
 
 def det_input(bgr: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -153,14 +156,16 @@ def ctc_decode(probs: np.ndarray, charset: Sequence[str]) -> list[tuple[str, flo
 class Ocr:
     """PP-OCRv4 text detection, and recognition when `recognize`; built once per Ray actor."""
 
-    def __init__(self, side: int = 640, recognize: bool = False, text_max: int = 200, device: str = "cpu") -> None:
+    def __init__(self, side: int = 480, recognize: bool = False, text_max: int = 200, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        """`threads`: onnxruntime's threads per session; None lets it use every core."""
         from curate.weights import shipped_path
 
         self.side, self.recognize, self.text_max = side, recognize, text_max
-        self._det = _session(str(shipped_path("ocr_det")), device)
+        self._det = _session(str(shipped_path("ocr_det")), device, threads)
         self._rec = None
         if recognize:
-            self._rec = _session(str(shipped_path("ocr_rec")), device)
+            self._rec = _session(str(shipped_path("ocr_rec")), device, threads)
             chars = self._rec.get_modelmeta().custom_metadata_map["character"].splitlines()
             self._charset = ["", *chars, " "]   # class 0 is CTC's blank; the last is a space
 

@@ -1,0 +1,105 @@
+"""The OCR scorer on real PP-OCRv4 inference (the ONNX files of the rapidocr-onnxruntime wheel).
+
+Ground truth comes from tests/text_images.py: Chinese and Latin lines drawn with Noto Sans CJK SC
+(shipped by the mplfonts wheel) at 16-96 px, plain and photo-like grounds, posters, and no text.
+`text_area` is the share under the detected boxes; the truth is the share under the ink boxes.
+Detected boxes include the margin DB grows around the ink, so small text reads up to about 2.9x
+its ink area, but never more than AREA_TOLERANCE away in absolute terms.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from curate import weights
+from curate.config import FiltersConfig
+from curate.write import captions
+from filters.models import ModelOptions
+from filters.models.ocr import Ocr, reading_order
+from tests.text_images import corpus
+
+AREA_TOLERANCE = 0.03   # |text_area - ink area| on every image with text, at the default side
+NO_TEXT = 0.005         # text_area on every image without text
+
+
+@pytest.fixture(scope="module")
+def ocr() -> Ocr:
+    return Ocr(side=ModelOptions().ocr_side, recognize=True)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return corpus(seed=0)
+
+
+def test_text_area_is_within_tolerance_of_the_ink_area(ocr, images):
+    with_text = [r for r in images if r.boxes]
+    assert len(with_text) >= 16
+    for r in with_text:
+        found = ocr.detect(np.asarray(r.image))
+        assert abs(found.area - r.area) <= AREA_TOLERANCE, (r.texts, found.area, r.area)
+        assert len(found.boxes) == len(r.boxes), r.texts
+
+
+def test_images_without_text_score_near_zero(ocr, images):
+    empty = [r for r in images if not r.boxes]
+    assert len(empty) == 8
+    for r in empty:
+        found = ocr.detect(np.asarray(r.image))
+        assert found.area <= NO_TEXT and len(found.boxes) == 0
+
+
+def test_recognition_returns_the_rendered_strings_in_reading_order(ocr, images):
+    large = [r for r in images if r.boxes and min(y1 - y0 for _, y0, _, y1 in r.boxes) >= 28]
+    assert len(large) >= 8 and any("新品上市" in r.texts or "欢迎光临" in r.texts for r in large)
+    for r in large:
+        out = ocr([np.asarray(r.image)])
+        assert out["ocr_text"][0] == " ".join(r.texts)
+
+
+def test_posters_are_text_heavy_and_photos_are_not(ocr, images):
+    threshold = FiltersConfig().text_area_max
+    posters = [r for r in images if len(r.boxes) == 6]
+    assert posters and all(ocr.detect(np.asarray(r.image)).area > threshold for r in posters)
+    assert all(ocr.detect(np.asarray(r.image)).area <= threshold for r in images if len(r.boxes) < 6)
+
+
+def test_missing_images_get_nulls_and_text_is_cut(images):
+    short = Ocr(recognize=True, text_max=4)
+    poster = next(r for r in images if len(r.boxes) == 6)
+    out = short([None, np.asarray(poster.image)])
+    assert np.isnan(out["text_area"][0]) and out["text_boxes"][0] is None and out["ocr_text"][0] is None
+    assert out["text_boxes"][1] == 6 and len(out["ocr_text"][1]) == 4
+
+
+def test_reading_order_is_lines_top_down_then_left_to_right():
+    def box(x, y, w=40, h=20):
+        return np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float32)
+
+    boxes = [box(200, 103), box(10, 100), box(10, 200), box(100, 98)]
+    assert reading_order(boxes) == [1, 3, 0, 2]
+
+
+def test_shipped_models_are_listed_and_verified():
+    rows = {r["name"]: r for r in weights.list_weights(ModelOptions(enabled=["ocr"], ocr_recognize=True), verify=True)}
+    assert rows["ocr_det"]["checksum"] == rows["ocr_rec"]["checksum"] == "ok"
+    assert rows["ocr_det"]["present"] and "rapidocr_onnxruntime" in rows["ocr_det"]["source"]
+    assert {"ocr_det", "ocr_rec"} <= {r["name"] for r in weights.check(ModelOptions())}
+
+
+def test_a_shipped_file_with_another_checksum_is_refused(monkeypatch):
+    monkeypatch.setitem(weights.SHIPPED, "ocr_det", replace(weights.SHIPPED["ocr_det"], sha256="0" * 64))
+    with pytest.raises(ValueError, match="ch_PP-OCRv4_det_infer.onnx: sha256 .* does not match"):
+        Ocr()
+    monkeypatch.setitem(weights.SHIPPED, "ocr_det", replace(weights.SHIPPED["ocr_det"], package="no_such_package_x"))
+    with pytest.raises(FileNotFoundError, match="no_such_package_x"):
+        Ocr()
+
+
+def test_ocr_text_goes_into_the_caption_only_when_a_template_asks():
+    kept = pa.table({"caption_norm": ["一只猫", "海边", None], "ocr_text": ["SALE", None, "OPEN"]})
+    assert captions(kept, None) == ["一只猫", "海边", ""]
+    assert captions(kept, "{caption} 图中文字：{ocr_text}") == ["一只猫 图中文字：SALE", "海边", " 图中文字：OPEN"]
