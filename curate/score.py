@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.extensions import ArrowTensorArray
 
-from curate.config import Config
+from curate.config import Config, ConfigError
 from curate.rundir import RunDir
 from curate.runtime import Progress, Window, log
 from curate.storage import join
@@ -35,6 +35,9 @@ from filters.text import caption_columns
 from manifests.schema import IMAGE, MODEL, TEXT, build, conform
 
 RAW_FIELDS = ["key", "shard", "caption", "status", "original_width", "original_height"]
+# CPUs each actor reserves: shares, so the CPU tasks always find room beside the pools; an OCR
+# actor runs one onnxruntime thread, so more cores want more models.ocr_actors.
+MODEL_ACTOR_CPUS, OCR_ACTOR_CPUS = 0.5, 0.25
 SCORE_COLUMNS = ["key", "shard", *IMAGE, *TEXT]
 
 
@@ -163,7 +166,8 @@ class OcrStage:
 
         m = cfg.models
         self.side, self.max_pixels = m.ocr_side, cfg.download.max_pixels
-        self.ocr = Ocr(m.ocr_side, m.ocr_recognize, m.ocr_text_max, "cuda" if m.num_gpus > 0 else "cpu")
+        self.ocr = Ocr(m.ocr_side, m.ocr_recognize, m.ocr_text_max, "cuda" if m.num_gpus > 0 else "cpu",
+                       threads=1, screen_side=m.ocr_screen_side)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if "_image" not in batch.column_names:
@@ -207,7 +211,7 @@ def write_parts(batch: pa.Table, run: RunDir, columns: list[str]) -> pa.Table:
 
 
 def finish_shard(run: RunDir, shard: str, expected: int) -> str | None:
-    """Merge a shard's parts into scores/{shard}.parquet (+ embeddings), mark it done, drop the parts.
+    """Merge a shard's parts into scores/{shard}.parquet (+ embeddings), drop the parts, mark it done.
 
     Returns None when done, else why not (rows missing: a retried batch may still be on its way).
     """
@@ -229,9 +233,18 @@ def finish_shard(run: RunDir, shard: str, expected: int) -> str | None:
         storage.write_bytes(run.embeddings(shard), buf.getvalue())
         table = table.drop_columns(["image_embedding"])
     storage.write_parquet(conform(table), run.scores(shard))
+    storage.delete_dir(folder)   # before the marker: a kill in between leaves the shard unscored, never parts behind
     run.mark("score", shard, {"rows": table.num_rows})
-    storage.delete_dir(folder)
     return None
+
+
+def check_room(cfg: Config, views_on: bool, ocr_on: bool, cpus: float) -> None:
+    """Refuse actor pools that would leave no CPU for a scoring task: the stream would wait forever."""
+    reserved = cfg.models.num_actors * MODEL_ACTOR_CPUS * views_on + cfg.models.ocr_actors * OCR_ACTOR_CPUS * ocr_on
+    if reserved + cfg.score.num_cpus > cpus:
+        raise ConfigError(f"score: the model and OCR actors reserve {reserved:g} CPUs and a CPU scoring task needs "
+                          f"score.num_cpus={cfg.score.num_cpus:g}, more than the cluster's {cpus:g}: lower "
+                          f"models.num_actors, models.ocr_actors or score.num_cpus")
 
 
 def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
@@ -254,14 +267,15 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
     ds = ds.map_batches(read_raw, batch_size=1, num_cpus=0.25, fn_kwargs={"run": run, "rows": cfg.score.batch_size})
     ds = ds.map_batches(score_cpu, batch_size=cfg.score.batch_size, num_cpus=cfg.score.num_cpus,
                         fn_kwargs={"cfg": cfg, "model_side": model_side, "keep_image": ocr_on})
+    check_room(cfg, views_on, ocr_on, ray.cluster_resources().get("CPU", 0.0))
     if views_on:
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.models.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.models.num_actors), batch_format="pyarrow",
-                            num_gpus=cfg.models.num_gpus or None, num_cpus=0.5)
+                            num_gpus=cfg.models.num_gpus or None, num_cpus=MODEL_ACTOR_CPUS)
     if ocr_on:
         ds = ds.map_batches(OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.score.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.models.ocr_actors), batch_format="pyarrow",
-                            num_gpus=cfg.models.num_gpus or None, num_cpus=0.5)
+                            num_gpus=cfg.models.num_gpus or None, num_cpus=OCR_ACTOR_CPUS)
     columns = SCORE_COLUMNS + (list(MODEL) if models_on else [])
     if models_on and cfg.models.keep_embeddings:
         columns.append("image_embedding")

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 
 from curate import weights
-from curate.config import FiltersConfig
+from curate.config import Config, ConfigError, FiltersConfig, ScoreConfig
+from curate.score import check_room
 from curate.write import captions
 from filters.models import ModelOptions
 from filters.models.ocr import Ocr, reading_order
@@ -27,7 +28,14 @@ NO_TEXT = 0.005         # text_area on every image without text
 
 @pytest.fixture(scope="module")
 def ocr() -> Ocr:
-    return Ocr(side=ModelOptions().ocr_side, recognize=True)
+    """The scorer as the score stage builds it by default (screen at 320, measure at 480)."""
+    opts = ModelOptions()
+    return Ocr(side=opts.ocr_side, recognize=True, threads=1, screen_side=opts.ocr_screen_side)
+
+
+def _seen_by_the_screen(r) -> bool:
+    """Text at least 2% of the longer side tall: what the default screen promises to find."""
+    return min(y1 - y0 for _, y0, _, y1 in r.boxes) >= 0.02 * max(r.image.size)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,15 @@ def test_text_area_is_within_tolerance_of_the_ink_area(ocr, images):
     for r in with_text:
         found = ocr.detect(np.asarray(r.image))
         assert abs(found.area - r.area) <= AREA_TOLERANCE, (r.texts, found.area, r.area)
-        assert len(found.boxes) == len(r.boxes), r.texts
+        if _seen_by_the_screen(r):
+            assert len(found.boxes) == len(r.boxes), r.texts
+    assert sum(map(_seen_by_the_screen, with_text)) >= 12   # all but the smallest text
+
+
+def test_without_the_screen_every_line_is_found(images):
+    full = Ocr(side=ModelOptions().ocr_side, threads=1)
+    for r in images:
+        assert len(full.detect(np.asarray(r.image)).boxes) == len(r.boxes), r.texts
 
 
 def test_images_without_text_score_near_zero(ocr, images):
@@ -103,3 +119,12 @@ def test_ocr_text_goes_into_the_caption_only_when_a_template_asks():
     kept = pa.table({"caption_norm": ["一只猫", "海边", None], "ocr_text": ["SALE", None, "OPEN"]})
     assert captions(kept, None) == ["一只猫", "海边", ""]
     assert captions(kept, "{caption} 图中文字：{ocr_text}") == ["一只猫 图中文字：SALE", "海边", " 图中文字：OPEN"]
+
+
+def test_actor_pools_that_leave_no_cpu_for_scoring_are_refused():
+    crowded = Config.model_construct(models=ModelOptions(enabled=["nsfw", "ocr"], ocr_actors=4), score=ScoreConfig())
+    with pytest.raises(ConfigError, match="models.ocr_actors"):
+        check_room(crowded, True, True, 2.0)
+    check_room(crowded, True, False, 2.0)   # without OCR the model actor and one task fit
+    demo = Config.model_construct(models=ModelOptions(enabled=["nsfw", "ocr"]), score=ScoreConfig())
+    check_room(demo, True, True, 2.0)

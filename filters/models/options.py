@@ -52,9 +52,14 @@ class ModelOptions(BaseModel):
     ocr_side: int = Field(480, ge=64, description=(
         "longer side OCR detection runs at (never enlarged); on tests/text_images.py 480 finds every line, "
         "16 px text in 600-900 px images included, at about half the cost of 640"))
+    ocr_screen_side: int | None = Field(320, ge=64, description=(
+        "detect at this side first and at ocr_side only where text was found; null: every image at ocr_side. "
+        "Text under about 2% of the image's longer side can go unseen by the screen"))
     ocr_recognize: bool = Field(False, description="also read the detected text into ocr_text (PP-OCRv4 recognition)")
     ocr_text_max: int = Field(200, ge=1, description="ocr_text is cut to this many characters")
-    ocr_actors: int = Field(1, ge=1, description="OCR actors in their own Ray actor pool, sized apart from num_actors")
+    ocr_actors: int = Field(1, ge=1, description=(
+        "OCR actors in their own Ray actor pool, sized apart from num_actors; each runs one onnxruntime "
+        "thread on CPU (or CUDA when num_gpus > 0 and onnxruntime-gpu is installed)"))
     image_size: int = Field(256, ge=32, description=(
         "shorter side the CPU stage downsizes images to (to_rgb_array(img, image_size)); 256 keeps every "
         "model input (224 crops for the towers and open_nsfw, 256x256 squash for watermark) at full detail"))
