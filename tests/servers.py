@@ -75,7 +75,10 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)), **headers}.items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out first: as intended
+            pass
 
     def _big(self, mb: int, declare: bool) -> None:
         self.send_response(200)
