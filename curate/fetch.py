@@ -82,7 +82,7 @@ def _host(url: str) -> urllib.parse.SplitResult:
         raise Refused(err, "bad_url")
     try:
         parts = urllib.parse.urlsplit(url)
-        host, _ = parts.hostname, parts.port
+        host, _ = parts.hostname, parts.port   # .port raises on a bad port: a bad URL, not a crash
     except ValueError as exc:
         raise Refused(f"bad URL: {exc}", "bad_url") from None
     if not host:
