@@ -1,12 +1,17 @@
-"""Download phase vs plain img2dataset: images/s on one URL list from one local HTTP server.
+"""Download phase vs plain img2dataset: images/s on one URL list, from one host and from many.
 
-Ours wraps img2dataset's Downloader in-process, so the ratio prices the wrapper (address
-guard, our tar writer, the per-row manifest). Both get the same thread count and resize
-settings (keep_ratio, resize only if bigger, 1024 px, jpg, sha256 of the bytes). Each is
+Ours is our own fetch loop (per-host caps, retries, address guard) around img2dataset's Resizer;
+the single-host ratio prices all of it. Both get the same thread count and resize settings
+(keep_ratio, resize only if bigger, 1024 px, jpg, sha256 of the bytes) and our defaults
+otherwise (ours: download.per_host_connections; img2dataset has no such limit). Each is
 timed on the shard's download itself: ours around `download_shard`, img2dataset from the
 start/end times its own stats file records. Process and Ray start-up are excluded from
 both (img2dataset's CLI start-up is reported separately); the timed work includes reading
 the input shard and writing the tar and parquet.
+
+The many-hosts case serves the same images from 16 loopback addresses (bench.hosts_server),
+with the URL list sorted by host and half of it on the first host, as crawled lists are:
+it reports both contenders' images/s and the peak connections any one host saw.
 """
 from __future__ import annotations
 
@@ -16,18 +21,50 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import photos, rate, served, side_by_side, timer
+from bench.common import ROOT, photos, rate, served, side_by_side, timer
 from curate.config import DownloadConfig
 
 SIZES = {"smoke": 8, "quick": 500, "full": 3000}
+HOSTS = 16
 
 
-def _ours(urls: Path, work: Path, threads: int) -> float:
+@contextmanager
+def served_hosts(folder: Path, count: int) -> Iterator[list[str]]:
+    """bench.hosts_server in its own process; yields the base URL of each host."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.hosts_server", str(folder), str(count)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        bases = [proc.stdout.readline().strip() for _ in range(count)]
+        if not all(b.startswith("http://127.0.1.") for b in bases):
+            raise RuntimeError(f"the benchmark's host server did not start (exit {proc.poll()})")
+        yield bases
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def peaks(bases: list[str]) -> list[int]:
+    """Each host's peak concurrent connections since the last call (which resets them)."""
+    return [json.loads(urllib.request.urlopen(f"{b}/_peak", timeout=10).read())["peak"] for b in bases]
+
+
+def sorted_many_hosts(bases: list[str], names: list[str]) -> list[str]:
+    """Half the URLs on the first host, the rest spread over the others, sorted by host."""
+    half = len(names) // 2
+    urls = [f"{bases[0]}/{n}" for n in names[:half]]
+    urls += [f"{bases[1 + i % (len(bases) - 1)]}/{n}" for i, n in enumerate(names[half:])]
+    return sorted(urls)
+
+
+def _ours(urls: Path, work: Path, threads: int, allow: str = "127.0.0.1/32") -> float:
     from curate import config as config_mod
     from curate.download import download_shard
     from curate.inputs import plan
@@ -37,7 +74,7 @@ def _ours(urls: Path, work: Path, threads: int) -> float:
     rows = pq.ParquetFile(urls).metadata.num_rows
     cfg = config_mod.resolve(config_mod.validate({
         "run_dir": str(work), "input": {"paths": [str(urls)], "shard_rows": rows},
-        "download": {"thread_count": threads, "allow_networks": ["127.0.0.1/32"]},
+        "download": {"thread_count": threads, "allow_networks": [allow]},
     }))
     (shard,) = plan(cfg.input, RunDir(work))
     elapsed = timer()
@@ -67,10 +104,42 @@ def _img2dataset(urls: Path, work: Path, threads: int, cfg: DownloadConfig, star
     return seconds
 
 
+def _many_hosts(root: Path, files: list[Path], threads: int, cfg: DownloadConfig, repeats: int, warm) -> dict:
+    """Both contenders on the sorted 16-host list; every run's peak per-host connections recorded."""
+    with served_hosts(root / "images", HOSTS) as bases:
+        urls = root / "urls_hosts.parquet"
+        listed = sorted_many_hosts(bases, [p.name for p in files])
+        pq.write_table(pa.table({"url": listed, "caption": [f"样例图片 {i}" for i in range(len(listed))]}), urls)
+        seen: dict[str, list[list[int]]] = {"ours": [], "img2dataset": []}
+
+        def measured(name: str, fn):
+            def go() -> float:
+                peaks(bases)   # reset
+                seconds = fn()
+                seen[name].append(peaks(bases))
+                return seconds
+            return go
+
+        timings = side_by_side({
+            "ours": measured("ours", lambda: _ours(urls, root / "ours_h", threads, "127.0.1.0/24")),
+            "img2dataset": measured("img2dataset", lambda: _img2dataset(urls, root / "i2d_h", threads, cfg, [])),
+        }, repeats, warm=warm)
+    n = len(listed)
+    return {
+        "hosts": HOSTS, "urls_on_first_host": sum(u.startswith(bases[0] + "/") for u in listed),
+        "per_host_connections": cfg.per_host_connections, "timings": timings,
+        "images_per_s": {k: rate(n, t) for k, t in timings.items()},
+        "peak_per_host": {k: max(max(run) for run in runs) for k, runs in seen.items()},
+        "peak_first_host": {k: max(run[0] for run in runs) for k, runs in seen.items()},
+        "peaks_per_run": seen,
+    }
+
+
 def run(mode: str) -> dict:
-    """Both contenders on the same served URL list; the warm-up also fills the page cache."""
+    """Both contenders on the same served URL lists; the warm-up also fills the page cache."""
     n = SIZES[mode]
     repeats = 1 if mode == "smoke" else 3
+    warm = () if mode == "smoke" else None
     cfg = DownloadConfig()
     threads = cfg.thread_count
     with tempfile.TemporaryDirectory(prefix="bench_dl_") as tmp:
@@ -84,17 +153,23 @@ def run(mode: str) -> dict:
             timings = side_by_side({
                 "ours": lambda: _ours(urls, root / "ours", threads),
                 "img2dataset": lambda: _img2dataset(urls, root / "i2d", threads, cfg, startup),
-            }, repeats, warm=() if mode == "smoke" else None)
+            }, repeats, warm=warm)
+        many = _many_hosts(root, files, threads, cfg, repeats, warm)
     ours_rate, i2d_rate = rate(n, timings["ours"]), rate(n, timings["img2dataset"])
     return {
         "sizes": {"images": n, "sides_px": [512, 1536], "thread_count": threads, "repeats": repeats},
         "settings": {"image_size": cfg.image_size, "resize_mode": "keep_ratio", "resize_only_if_bigger": True,
                      "encode_format": "jpg", "encode_quality": cfg.encode_quality, "compute_hash": "sha256",
-                     "extract_exif": False, "img2dataset_processes": 1, "server": "ThreadingHTTPServer, own process"},
+                     "extract_exif": False, "img2dataset_processes": 1, "server": "ThreadingHTTPServer, own process",
+                     "per_host_connections": cfg.per_host_connections, "retries": cfg.retries},
         "timings": timings,
         "images_per_s": {"ours": ours_rate, "img2dataset": i2d_rate},
         "img2dataset_cli_startup_s": startup[-repeats:],
-        "ratios": {"download.ours_over_img2dataset": round(ours_rate / i2d_rate, 3)},
+        "many_hosts": many,
+        "ratios": {"download.ours_over_img2dataset": round(ours_rate / i2d_rate, 3),
+                   "download.many_hosts_ours_over_img2dataset": round(
+                       many["images_per_s"]["ours"] / many["images_per_s"]["img2dataset"], 3)},
         "notes": "timed: the shard's download (ours: download_shard; img2dataset: its stats start/end); "
-                 "start-up of the img2dataset CLI (listed) and of Ray excluded from both",
+                 "start-up of the img2dataset CLI (listed) and of Ray excluded from both; many_hosts: "
+                 f"{HOSTS} loopback hosts, sorted list, half on the first; peaks are connections open at once",
     }

@@ -24,7 +24,7 @@ from bench.common import ROOT, machine, versions
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "bench" / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
-RATIOS = ("download.ours_over_img2dataset", "score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer",
+RATIOS = ("download.ours_over_img2dataset", "download.many_hosts_ours_over_img2dataset", "score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer",
           "scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min", "score_gpu.pipeline_over_model_alone",
           "scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
           "scale.write_samples_per_s_per_core", "ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model")
@@ -130,6 +130,14 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     for who, v in dl.get("images_per_s", {}).items():
         rows.append(("download", f"{who} images/s", _fmt(v), ""))
     rows.append(("download", "ours / img2dataset", _fmt(ratios["download.ours_over_img2dataset"]), "≥ 0.9"))
+    many = dl.get("many_hosts", {})
+    for who, v in many.get("images_per_s", {}).items():
+        rows.append(("download, 16 hosts (sorted, half on one)", f"{who} images/s", _fmt(v), ""))
+    for who, v in many.get("peak_per_host", {}).items():
+        goal = f"≤ {many['per_host_connections']}" if who == "ours" else ""
+        rows.append(("download, 16 hosts (sorted, half on one)", f"{who} peak connections on one host", _fmt(v), goal))
+    rows.append(("download, 16 hosts (sorted, half on one)", "ours / img2dataset",
+                 _fmt(ratios["download.many_hosts_ours_over_img2dataset"]), ""))
     sc = results.get("score_cpu", {})
     for who, v in sc.get("images_per_s_per_core", {}).items():
         rows.append(("score_cpu", f"{who} images/s per core", _fmt(v), ""))

@@ -33,12 +33,32 @@ class InputConfig(_Section):
     caption_col: str = Field("caption", description="column holding the caption")
     extra_cols: list[str] = Field(default_factory=list, description="input columns carried into every manifest")
     shard_rows: int = Field(10_000, ge=1, description="rows per input shard (one download task each)")
+    shuffle: bool = Field(True, description=(
+        "order rows by a stable hash of the URL when cutting shards, so one host's URLs spread over "
+        "every shard and over the whole run instead of a few tasks (keys follow the shuffled order)"))
 
 
 class DownloadConfig(_Section):
     thread_count: int = Field(32, ge=1, description="concurrent fetches per download task")
+    per_host_connections: int = Field(
+        4, ge=1, description="most requests in flight to one host within a download task")
     timeout: float = Field(10.0, gt=0, description="seconds before a fetch is abandoned")
-    retries: int = Field(0, ge=0, description="extra attempts per URL")
+    retries: int = Field(2, ge=0, description=(
+        "extra attempts per URL after a transient failure (timeout, reset, 429, 5xx); "
+        "404, 410, refused addresses and opt-outs are never retried"))
+    backoff: float = Field(1.0, ge=0, description=(
+        "seconds before the first retry; doubled for each further one, with jitter (0.5-1.5x)"))
+    max_retry_after: float = Field(60.0, ge=0, description=(
+        "longest Retry-After (of a 429 or 503) waited for; longer ones are cut to this"))
+    host_window: int = Field(20, ge=2, description=(
+        "recent requests per host watched: when most of them failed transiently, the host is paused"))
+    host_pause: float = Field(30.0, ge=0, description=(
+        "seconds a failing host is paused before one probe request; doubles while probes fail"))
+    max_wait: float = Field(120.0, ge=0, description=(
+        "seconds a shard may sit with nothing in flight waiting on paused hosts and retry delays; "
+        "then the rest is given up (error_kind host_unavailable or the last error)"))
+    dns_ttl: float = Field(300.0, ge=0, description=(
+        "seconds a host's checked addresses (or its refusal) are reused within a task"))
     image_size: int = Field(1024, ge=64, description="images whose shorter side is larger are resized to this")
     encode_quality: int = Field(95, ge=50, le=100, description="JPEG quality of the stored image")
     max_pixels: int = Field(100_000_000, ge=1, description="images claiming more pixels are refused undecoded")

@@ -1,164 +1,200 @@
-"""Phase 1, download: img2dataset fetches each input shard inside a Ray task.
+"""Phase 1, download: each input shard is fetched inside one Ray task by our own threaded loop.
 
-We drive img2dataset's `Downloader` and `Resizer` directly (no process pool, no logger
-process) with our own sample writer, so samples land under our keys in raw/{shard}.tar and
-every input row, fetched or not, lands in raw/{shard}.parquet with its status and error.
+Why not img2dataset's Downloader any more: its thread pool takes URLs in input order, so a
+per-host cap would stall every thread behind one busy host and a Retry-After would hold a
+thread asleep. `HostQueue` (curate/hosts.py) decides which URL a fetch thread takes next;
+`Fetcher` (curate/fetch.py) fetches it behind the address guard. img2dataset's Resizer still
+decodes, resizes and re-encodes every image, on this task's main thread (it swaps stdout with
+os.dup2, which threads cannot share). The result keeps img2dataset's shape: fetched images
+under our keys in raw/{shard}.tar, and every input row in raw/{shard}.parquet with its
+status, error and error_kind.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import queue
 import shutil
-import tarfile
 import tempfile
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from curate.config import Config, DownloadConfig
-from curate.fetch import Fetcher, scheme_error
+from curate.fetch import Fetched, Fetcher, host_of, scheme_error
+from curate.hosts import HostQueue, Job, host_summary
 from curate.rundir import RunDir
 from curate.storage import Storage
+from curate.tario import TarWriter
 from filters.image import to_rgb
 from manifests.schema import conform
 
-RAW_COLUMNS = ["status", "error", "width", "height", "original_width", "original_height", "sha256"]
+RAW_COLUMNS = ["status", "error", "error_kind", "width", "height", "original_width", "original_height", "sha256"]
 
 
-class _RawShardWriter:
-    """img2dataset sample writer that keeps image bytes under our keys and metadata in memory."""
-
-    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
-        self.folder = Path(output_folder)
-        self.tar = tarfile.open(self.folder / "images.tar", "w")
-        self.meta: list[dict] = []
-
-    def write(self, img_str, key, caption, meta):
-        if img_str is not None:
-            info = tarfile.TarInfo(f"{meta['row_key']}.jpg")
-            info.size = len(img_str)
-            info.mtime = 0  # identical bytes on every run
-            self.tar.addfile(info, pa.BufferReader(img_str))
-        self.meta.append(dict(meta))
-
-    def close(self):
-        self.tar.close()
-        pq.write_table(pa.Table.from_pylist(self.meta), self.folder / "meta.parquet")
+@dataclass(frozen=True)
+class Row:
+    """One input row's download result, in RAW_COLUMNS order."""
+    status: str
+    error: str | None = None
+    error_kind: str | None = None
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    sha256: str | None = None
 
 
-class _GuardedResizer:
-    """img2dataset's resizer behind two checks its OpenCV decode lacks.
+class _Images:
+    """img2dataset's Resizer behind two checks its OpenCV decode lacks.
 
     The header is read first (PIL, no pixel decode): an image claiming more than max_pixels
     is refused before any allocation, and 16-bit images, which OpenCV would store as
     black JPEGs, are brought to 8 bits.
     """
 
-    def __init__(self, resizer, max_pixels: int):
-        self.resizer = resizer
-        self.max_pixels = max_pixels
+    def __init__(self, cfg: DownloadConfig):
+        from img2dataset.resizer import Resizer
 
-    def __call__(self, img_stream, blurring_bbox_list=None):
+        self.resizer = Resizer(image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=True,
+                               encode_quality=cfg.encode_quality, encode_format="jpg")
+        self.max_pixels = cfg.max_pixels
+
+    def __call__(self, body: bytes) -> tuple[bytes | None, Row]:
+        stream = io.BytesIO(body)
         try:
-            img = Image.open(img_stream)
+            img = Image.open(stream)
             width, height = img.size
         except Image.DecompressionBombError as exc:
-            return None, None, None, None, None, f"image too large: {exc}"
+            return None, Row("failed_to_resize", f"image too large: {exc}", "too_large")
         except Exception:  # not for PIL: let OpenCV try, and say why it fails
-            img_stream.seek(0)
-            return self.resizer(img_stream, blurring_bbox_list)
-        if width * height > self.max_pixels:
-            return None, None, None, None, None, f"image too large: {width}x{height} pixels"
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            buf = io.BytesIO()
-            to_rgb(img).save(buf, format="PNG")
-            img_stream = buf
-        img_stream.seek(0)
-        return self.resizer(img_stream, blurring_bbox_list)
+            img = None
+        if img is not None and width * height > self.max_pixels:
+            return None, Row("failed_to_resize", f"image too large: {width}x{height} pixels", "too_large")
+        if img is not None and img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            stream = io.BytesIO()
+            to_rgb(img).save(stream, format="PNG")
+        stream.seek(0)
+        image, width, height, original_width, original_height, error = self.resizer(stream)
+        if error is not None:
+            return None, Row("failed_to_resize", error, "not_an_image")
+        return image, Row("success", None, None, width, height, original_width, original_height,
+                          hashlib.sha256(body).hexdigest())
 
 
-def _downloader(cfg: DownloadConfig, folder: Path, n_rows: int):
-    from img2dataset import downloader as i2d
-    from img2dataset.resizer import Resizer
-
-    # img2dataset looks its fetch function up at call time; ours adds the address guard,
-    # the redirect check and the size cap.
-    i2d.download_image = Fetcher(cfg.allow_networks, cfg.max_bytes)
-    resizer = _GuardedResizer(Resizer(image_size=cfg.image_size, resize_mode="keep_ratio",
-                                      resize_only_if_bigger=True, encode_quality=cfg.encode_quality,
-                                      encode_format="jpg"), cfg.max_pixels)
-    return i2d.Downloader(
-        sample_writer_class=_RawShardWriter, resizer=resizer, thread_count=cfg.thread_count,
-        save_caption=False, extract_exif=False, output_folder=str(folder),
-        column_list=["url", "caption", "row_key"], timeout=cfg.timeout,
-        number_sample_per_shard=max(n_rows, 10), oom_shard_count=5, compute_hash="sha256",
-        verify_hash_type=None, encode_format="jpg", retries=cfg.retries,
-        user_agent_token=cfg.user_agent_token,
-        disallowed_header_directives=cfg.disallowed_header_directives or None,
-    )
+def _jobs(urls: list[str | None], rows: list[Row | None]) -> list[Job]:
+    """A job per fetchable URL; rows that are never fetched get their result here."""
+    jobs = []
+    for i, url in enumerate(urls):
+        refused = scheme_error(url)
+        host = host_of(url) if not refused else None
+        if refused:
+            rows[i] = Row("rejected", refused, "bad_url")
+        elif host is None:
+            rows[i] = Row("failed_to_download", "URL has no host", "bad_url")
+        else:
+            jobs.append(Job(i, url, host))
+    return jobs
 
 
-def _merge(rows: pa.Table, meta: pa.Table | None, extra: list[str]) -> pa.Table:
-    """One output row per input row: img2dataset's result where it has one, `rejected` otherwise."""
-    keys = rows.column("key").to_pylist()
-    found: dict[str, dict] = {}
-    if meta is not None and meta.num_rows:
-        for rec in meta.select(["row_key", "status", "error_message", "width", "height",
-                                "original_width", "original_height", "sha256"]).to_pylist():
-            found[rec.pop("row_key")] = rec
-    cols: dict[str, list] = {c: [] for c in RAW_COLUMNS}
-    for key, url in zip(keys, rows.column("url").to_pylist()):
-        rec = found.get(key)
-        if rec is None:
-            refused = scheme_error(url)
-            rec = {"status": "rejected" if refused else "failed_to_download",
-                   "error_message": refused or "no result from the downloader"}
-        cols["status"].append(rec["status"])
-        cols["error"].append(rec.get("error_message"))
-        for c in RAW_COLUMNS[2:]:
-            cols[c].append(rec.get(c))
+def fetch_rows(cfg: DownloadConfig, urls: list[str | None], keys: list[str], tar: TarWriter) -> tuple[list[Row], HostQueue]:
+    """Fetch every URL under the politeness rules; images go into `tar`, one Row per URL comes back."""
+    rows: list[Row | None] = [None] * len(urls)
+    hosts = HostQueue(_jobs(urls, rows), cfg)
+    fetcher = Fetcher(cfg.allow_networks, cfg.max_bytes, cfg.dns_ttl)
+    done: queue.Queue = queue.Queue(maxsize=2 * cfg.thread_count)   # bounds the bodies held in memory
+    last: dict[int, Fetched] = {}   # each retried row's latest failure, for rows given up on later
+
+    def fetch_loop() -> None:
+        try:
+            while (job := hosts.take()) is not None:
+                got = fetcher(job.url, cfg.timeout, cfg.user_agent_token, cfg.disallowed_header_directives)
+                if hosts.settle(job, got.kind, got.retry_after):
+                    done.put((job, got))
+                else:
+                    last[job.index] = got
+        except BaseException as exc:   # a bug, not a row's failure: stop the shard, loudly
+            hosts.close()
+            done.put(exc)
+        finally:
+            done.put(None)
+
+    threads = [threading.Thread(target=fetch_loop, daemon=True, name=f"curate-fetch-{i}")
+               for i in range(cfg.thread_count)]
+    for t in threads:
+        t.start()
+    images, running, crashed = _Images(cfg), len(threads), None
+    while running:
+        item = done.get()
+        if item is None:
+            running -= 1
+            continue
+        if isinstance(item, BaseException):
+            crashed = item
+            continue
+        job, got = item
+        row = Row("failed_to_download", got.error, got.kind)
+        if got.body is not None:
+            image, row = images(got.body)
+            if image is not None:
+                tar.add(f"{keys[job.index]}.jpg", image)
+        rows[job.index] = row
+        hosts.record(job, row.error_kind)
+    if crashed is not None:
+        raise crashed
+    for job in hosts.given_up:
+        got = last.get(job.index)
+        rows[job.index] = Row("failed_to_download", f"{got.error}; not retried: the shard's wait budget "
+                                                    f"(download.max_wait) was spent", got.kind) if got else \
+            Row("failed_to_download", f"not fetched: {job.host} stayed paused past the shard's wait budget "
+                                      f"(download.max_wait)", "host_unavailable")
+        hosts.record(job, rows[job.index].error_kind)
+    missing = [keys[i] for i, r in enumerate(rows) if r is None]
+    if missing:
+        raise RuntimeError(f"the fetch loop lost {len(missing)} row(s), e.g. {missing[:3]}")
+    return rows, hosts
+
+
+def _table(rows: pa.Table, results: list[Row], extra: list[str]) -> pa.Table:
     out = rows
-    for c in RAW_COLUMNS:
-        out = out.append_column(c, pa.array(cols[c]))
+    for name in RAW_COLUMNS:
+        out = out.append_column(name, pa.array([getattr(r, name) for r in results]))
     return conform(out, extra)
 
 
 def download_shard(cfg: Config, shard: str) -> dict:
     """Fetch one input shard; write raw/{shard}.tar, raw/{shard}.parquet, then the done marker.
 
-    img2dataset works in a scratch folder on the worker's local disk, which the task removes;
-    the run directory (possibly an object store) only ever receives finished objects.
+    Images are collected in a scratch tar on the worker's local disk, which the task removes;
+    the run directory (possibly an object store) only ever receives finished objects. The
+    marker carries the shard's counts, error kinds, wait and per-host stats for stats.json.
     """
     run = RunDir(cfg.run_dir, Storage(cfg.storage))
     started = time.time()
     rows = run.storage.read_parquet(run.input_shard(shard))
     with tempfile.TemporaryDirectory(prefix=f"curate-download-{shard}-") as scratch:
-        tmp = Path(scratch)
-        urls = rows.column("url").to_pylist()
-        fetchable = rows.filter(pa.array([scheme_error(u) is None for u in urls]))
-        meta = None
-        if fetchable.num_rows:
-            job = fetchable.select(["url", "caption"]).append_column("row_key", fetchable.column("key"))
-            with pa.OSFile(str(tmp / "input.arrow"), "wb") as sink, pa.ipc.new_file(sink, job.schema) as w:
-                w.write_table(job)
-            downloader = _downloader(cfg.download, tmp, fetchable.num_rows)
-            downloader.download_shard((int(shard), str(tmp / "input.arrow")))
-            meta = pq.read_table(tmp / "meta.parquet")
-        table = _merge(rows, meta, cfg.input.extra_cols)
-        images = tmp / "images.tar"
-        if not images.exists():
-            tarfile.open(images, "w").close()
+        images = Path(scratch) / "images.tar"
+        with open(images, "wb") as f:
+            tar = TarWriter(f)
+            results, hosts = fetch_rows(cfg.download, rows.column("url").to_pylist(),
+                                        rows.column("key").to_pylist(), tar)
+            tar.close()
         with open(images, "rb") as src, run.storage.open_output(run.raw_tar(shard)) as dest:
             shutil.copyfileobj(src, dest, 1 << 20)
         tar_bytes = images.stat().st_size
+    table = _table(rows, results, cfg.input.extra_cols)
     run.storage.write_parquet(table, run.raw_table(shard))
-    ok = int(pc.sum(pc.equal(table.column("status"), "success")).as_py() or 0)
-    run.mark("download", shard, {"rows": table.num_rows, "success": ok, "tar_bytes": tar_bytes})
+    ok = sum(r.status == "success" for r in results)
+    kinds = Counter(r.error_kind for r in results if r.error_kind)
+    run.mark("download", shard, {"rows": table.num_rows, "success": ok, "tar_bytes": tar_bytes,
+                                 "error_kinds": dict(kinds.most_common()), "wait_s": round(hosts.waited, 3),
+                                 "hosts": host_summary(hosts)})
     return {"shard": shard, "rows": table.num_rows, "success": ok, "seconds": time.time() - started}
-

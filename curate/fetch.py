@@ -1,20 +1,24 @@
 """Fetching one URL safely: http(s) only, no private addresses, bounded size, opt-outs honoured.
 
-img2dataset's own fetcher follows redirects anywhere and reads whole responses into memory;
-`fetch` keeps its signature and result shape so the download phase can use it in its place.
-Every connection (the first and each redirect's) resolves its host once, under the fetch's
-timeout, checks those addresses and connects to one of them: the address checked is the
-address connected to.
+Every connection (the first and each redirect's) takes its host's addresses from the task's
+`Resolver`, which looked them up once under the fetch's timeout and checked every one, and
+connects to one of them: the address checked is the address connected to. A fetch never
+raises: its `Fetched` names the error kind (manifests/schema.py ERROR_KINDS) and, for a 429
+or 503, the Retry-After the server asked for, so the caller can schedule a retry.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import email.utils
 import http.client
-import io
 import ipaddress
 import socket
+import threading
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from typing import Iterable
 
 from img2dataset.downloader import is_disallowed
@@ -30,10 +34,16 @@ BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
 USER_AGENT = "Mozilla/5.0 (compatible; curate-zh)"
 # getaddrinfo has no timeout of its own: lookups run here so `download.timeout` bounds them too.
 _RESOLVER = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="curate-dns")
+# HTTP statuses with a kind of their own; the others fall into http_4xx, http_5xx or http_other.
+_NAMED_STATUSES = {403: "http_403", 404: "http_404", 410: "http_410", 429: "http_429", 503: "http_503"}
 
 
 class Refused(Exception):
-    """The URL, or where it redirects, is not allowed; the message says why."""
+    """The URL, or where it redirects, is not fetched; the message says why, `kind` names it."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def scheme_error(url: str | None) -> str | None:
@@ -44,6 +54,16 @@ def scheme_error(url: str | None) -> str | None:
     if scheme not in ALLOWED_SCHEMES:
         return f"URL scheme not allowed: {scheme or '(none)'}"
     return None
+
+
+def host_of(url: str) -> str | None:
+    """The host name a URL is fetched from (lower case), None when it has none or is not fetched."""
+    if scheme_error(url):
+        return None
+    try:
+        return urllib.parse.urlsplit(url).hostname or None
+    except ValueError:
+        return None
 
 
 def address_blocked(address: str, allowed: Iterable[ipaddress._BaseNetwork] = ()) -> bool:
@@ -59,10 +79,14 @@ def address_blocked(address: str, allowed: Iterable[ipaddress._BaseNetwork] = ()
 def _host(url: str) -> urllib.parse.SplitResult:
     err = scheme_error(url)
     if err:
-        raise Refused(err)
-    parts = urllib.parse.urlsplit(url)
-    if not parts.hostname:
-        raise Refused("URL has no host")
+        raise Refused(err, "bad_url")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port   # .port raises on a bad port: a bad URL, not a crash
+    except ValueError as exc:
+        raise Refused(f"bad URL: {exc}", "bad_url") from None
+    if not host:
+        raise Refused("URL has no host", "bad_url")
     return parts
 
 
@@ -73,14 +97,14 @@ def resolve_checked(host: str, port: int, allowed: Iterable[ipaddress._BaseNetwo
     try:
         infos = future.result(timeout)
     except concurrent.futures.TimeoutError:
-        raise Refused(f"cannot resolve {host}: lookup timed out after {timeout} s") from None
-    except socket.gaierror as exc:
-        raise Refused(f"cannot resolve {host}: {exc}") from None
+        raise Refused(f"cannot resolve {host}: lookup timed out after {timeout} s", "dns_failed") from None
+    except (socket.gaierror, UnicodeError) as exc:
+        raise Refused(f"cannot resolve {host}: {exc}", "dns_failed") from None
     allowed = tuple(allowed)
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for address in addresses:
         if address_blocked(address, allowed):
-            raise Refused(f"address not allowed: {host} resolves to {address}")
+            raise Refused(f"address not allowed: {host} resolves to {address}", "refused_address")
     return addresses
 
 
@@ -90,12 +114,43 @@ def check_url(url: str, allowed: Iterable[ipaddress._BaseNetwork] = ()) -> None:
     resolve_checked(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), allowed)
 
 
-def _connect_checked(host: str, port: int, timeout: float | None, allowed: tuple) -> socket.socket:
-    """A socket to an address of `host` that was checked in this very lookup: no second lookup
-    happens between the check and the connection, so DNS rebinding cannot slip past the guard."""
+class Resolver:
+    """One task's DNS: each (host, port) is looked up and checked once, and the outcome (its checked
+    addresses, or the refusal) reused for `ttl` seconds. Connections only ever go to addresses that
+    this cache checked, so caching cannot let an unchecked address through; concurrent misses of one
+    host share a single lookup."""
+
+    def __init__(self, allowed: tuple, ttl: float, clock=time.monotonic):
+        self.allowed = allowed
+        self.ttl = ttl
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, int], tuple[float, concurrent.futures.Future]] = {}
+
+    def addresses(self, host: str, port: int, timeout: float | None) -> list[str]:
+        key = (host.lower(), port)
+        with self._lock:
+            entry = self._entries.get(key)
+            mine = entry is None or entry[0] <= self.clock()
+            if mine:
+                future: concurrent.futures.Future = concurrent.futures.Future()
+                self._entries[key] = (self.clock() + self.ttl, future)
+            else:
+                future = entry[1]
+        if mine:
+            try:
+                future.set_result(resolve_checked(host, port, self.allowed, timeout))
+            except Refused as exc:
+                future.set_exception(exc)
+        return future.result()
+
+
+def _connect_checked(host: str, port: int, timeout: float | None, resolver: Resolver) -> socket.socket:
+    """A socket to an address of `host` that the resolver checked: no lookup happens between the
+    check and the connection, so DNS rebinding cannot slip past the guard."""
     error: OSError | None = None
     limit = timeout if isinstance(timeout, (int, float)) else None   # not http.client's "default" sentinel
-    for address in resolve_checked(host, port, allowed, limit):
+    for address in resolver.addresses(host, port, limit):
         try:
             return socket.create_connection((address, port), timeout)
         except OSError as exc:
@@ -103,33 +158,33 @@ def _connect_checked(host: str, port: int, timeout: float | None, allowed: tuple
     raise error or OSError(f"cannot connect to {host}")
 
 
-class _Allowed:
-    """Carries the allowed networks into a connection or handler class from the standard library."""
+class _Resolving:
+    """Carries the task's resolver into a connection or handler class from the standard library."""
 
-    def __init__(self, *args, allowed: tuple = (), **kwargs):
+    def __init__(self, *args, resolver: Resolver, **kwargs):
         super().__init__(*args, **kwargs)
-        self.allowed = allowed
+        self.resolver = resolver
 
 
-class _PinnedHTTP(_Allowed, http.client.HTTPConnection):
+class _PinnedHTTP(_Resolving, http.client.HTTPConnection):
     def connect(self) -> None:
-        self.sock = _connect_checked(self.host, self.port, self.timeout, self.allowed)
+        self.sock = _connect_checked(self.host, self.port, self.timeout, self.resolver)
 
 
-class _PinnedHTTPS(_Allowed, http.client.HTTPSConnection):
+class _PinnedHTTPS(_Resolving, http.client.HTTPSConnection):
     def connect(self) -> None:   # TLS still verifies the certificate against the host name
-        sock = _connect_checked(self.host, self.port, self.timeout, self.allowed)
+        sock = _connect_checked(self.host, self.port, self.timeout, self.resolver)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
-class _PinnedHTTPHandler(_Allowed, urllib.request.HTTPHandler):
+class _PinnedHTTPHandler(_Resolving, urllib.request.HTTPHandler):
     def http_open(self, req):
-        return self.do_open(_PinnedHTTP, req, allowed=self.allowed)
+        return self.do_open(_PinnedHTTP, req, resolver=self.resolver)
 
 
-class _PinnedHTTPSHandler(_Allowed, urllib.request.HTTPSHandler):
+class _PinnedHTTPSHandler(_Resolving, urllib.request.HTTPSHandler):
     def https_open(self, req):
-        return self.do_open(_PinnedHTTPS, req, context=self._context, allowed=self.allowed)
+        return self.do_open(_PinnedHTTPS, req, context=self._context, resolver=self.resolver)
 
 
 class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
@@ -140,31 +195,87 @@ class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-class Fetcher:
-    """A callable with img2dataset's `download_image` signature that applies our guards."""
+@dataclass(frozen=True)
+class Fetched:
+    """One request's outcome: the body, or the error with its kind (and a Retry-After in seconds)."""
+    body: bytes | None = None
+    error: str | None = None
+    kind: str | None = None
+    retry_after: float | None = None
 
-    def __init__(self, allowed_networks: Iterable[str], max_bytes: int):
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def http_kind(code: int) -> str:
+    if code in _NAMED_STATUSES:
+        return _NAMED_STATUSES[code]
+    return "http_5xx" if 500 <= code < 600 else "http_4xx" if 400 <= code < 500 else "http_other"
+
+
+def failure(exc: BaseException) -> Fetched:
+    """The kind of a failed request, from the exception itself (never from its message)."""
+    if isinstance(exc, urllib.error.HTTPError):
+        wait = retry_after(exc.headers.get("Retry-After")) if exc.code in (429, 503) and exc.headers else None
+        return Fetched(error=f"HTTP {exc.code}: {exc.reason}", kind=http_kind(exc.code), retry_after=wait)
+    if isinstance(exc, Refused):
+        return Fetched(error=str(exc), kind=exc.kind)
+    cause = exc.reason if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException) else exc
+    if isinstance(cause, Refused):
+        return Fetched(error=str(cause), kind=cause.kind)
+    if isinstance(cause, (TimeoutError, socket.timeout)):
+        kind = "timeout"
+    elif isinstance(cause, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, http.client.IncompleteRead,
+                            http.client.BadStatusLine)):
+        kind = "connection_reset"
+    elif isinstance(cause, OSError):
+        kind = "connection_failed"
+    else:
+        kind = "error"
+    return Fetched(error=str(exc) or type(exc).__name__, kind=kind)
+
+
+class Fetcher:
+    """Fetches URLs behind our guards; one per download task, sharing its DNS cache across threads."""
+
+    def __init__(self, allowed_networks: Iterable[str], max_bytes: int, dns_ttl: float = 300.0):
         self.allowed = tuple(ipaddress.ip_network(n, strict=False) for n in allowed_networks)
         self.max_bytes = max_bytes
-        self.opener = urllib.request.build_opener(_PinnedHTTPHandler(allowed=self.allowed),
-                                                  _PinnedHTTPSHandler(allowed=self.allowed), _GuardedRedirects())
+        self.resolver = Resolver(self.allowed, dns_ttl)
+        self.opener = urllib.request.build_opener(_PinnedHTTPHandler(resolver=self.resolver),
+                                                  _PinnedHTTPSHandler(resolver=self.resolver), _GuardedRedirects())
 
-    def __call__(self, row, timeout, user_agent_token, disallowed_header_directives):
-        key, url = row
+    def __call__(self, url: str, timeout: float, user_agent_token: str | None = None,
+                 disallowed_header_directives: Iterable[str] = ()) -> Fetched:
         agent = USER_AGENT if not user_agent_token else f"{USER_AGENT} ({user_agent_token})"
+        directives = {d.strip().lower() for d in disallowed_header_directives}
+        token = user_agent_token.strip().lower() if user_agent_token else None
+        too_large = Fetched(error=f"response larger than {self.max_bytes} bytes", kind="too_large")
         try:
-            _host(url)   # addresses are checked in the connection itself, on its one lookup
+            _host(url)   # addresses are checked by the resolver, in the connection itself
             request = urllib.request.Request(url, headers={"User-Agent": agent})
             with self.opener.open(request, timeout=timeout) as resp:
-                if disallowed_header_directives and is_disallowed(
-                        resp.headers, user_agent_token, disallowed_header_directives):
-                    return key, None, "opted out by X-Robots-Tag"
+                if directives and is_disallowed(resp.headers, token, directives):
+                    return Fetched(error="opted out by X-Robots-Tag", kind="opted_out")
                 declared = resp.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                    return key, None, f"response larger than {self.max_bytes} bytes"
+                    return too_large
                 body = resp.read(self.max_bytes + 1)
                 if len(body) > self.max_bytes:
-                    return key, None, f"response larger than {self.max_bytes} bytes"
-            return key, io.BytesIO(body), None
-        except Exception as exc:  # every failure is a row's error message, never a crash
-            return key, None, str(exc) or type(exc).__name__
+                    return too_large
+            return Fetched(body=body)
+        except Exception as exc:  # every failure is a row's error and kind, never a crash
+            return failure(exc)

@@ -2,6 +2,15 @@
 
 Shards are the unit of work and of resume for every later phase. Each row gets a stable
 key, `{shard}_{row:06d}`, that survives every phase and names the sample in the shards.
+
+With `input.shuffle` (the default) the rows are cut in the order of a stable 64-bit hash of
+their URL, not in input order: a URL list sorted by host would otherwise hand one host's
+million URLs to a few consecutive tasks, all hitting it at once and for hours, while a
+hash order gives every shard its share of every host. The shuffle is an external one in
+bounded memory: rows are routed to hash-range buckets of about SHUFFLE_BUCKET_ROWS rows,
+spilled as runs (one parquet row group per bucket) under input_shards/_shuffle/ whenever
+SPILL_ROWS are buffered, then each bucket in turn is read back, sorted by (hash, input
+position) and cut. Equal input gives equal shards on every run.
 """
 from __future__ import annotations
 
@@ -9,15 +18,21 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
+import pyarrow.parquet as pq
 
 from curate.config import ConfigError, InputConfig
+from curate.rebalance import key_hashes
 from curate.rundir import RunDir, row_keys
 from curate.storage import Storage
 from manifests.schema import ALL
 
 MAX_SHARD_ROWS = 1_000_000  # keys carry the row index in six digits
+SHUFFLE_BUCKET_ROWS = 1_000_000   # rows of one hash bucket, sorted in memory when it is cut
+SPILL_ROWS = 1_000_000            # rows buffered before a run is spilled
+HASH, POSITION = "_url_hash", "_position"   # the shuffle's own columns, dropped before shards are cut
 _FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
@@ -85,15 +100,82 @@ def _as_strings(batch: pa.RecordBatch, cfg: InputConfig) -> dict[str, pa.Array]:
     return cols
 
 
+def _tables(files: list[str], cfg: InputConfig, storage: Storage) -> Iterator[pa.Table]:
+    """The input's rows in input order, as tables of url, caption and the extra columns."""
+    wanted = [cfg.url_col, cfg.caption_col, *cfg.extra_cols]
+    for path in files:
+        for batch in _batches(path, _format(path, cfg.format), wanted, storage):
+            yield pa.table(_as_strings(batch, cfg))
+
+
+def _count(files: list[str], cfg: InputConfig, storage: Storage) -> int:
+    """Rows in the input: parquet from its footers, other formats by reading them once."""
+    if all(_format(p, cfg.format) == "parquet" for p in files):
+        return sum(storage.parquet(p).metadata.num_rows for p in files)
+    return sum(t.num_rows for t in _tables(files, cfg, storage))
+
+
+def _shuffled(files: list[str], cfg: InputConfig, run: RunDir) -> Iterator[pa.Table]:
+    """The input's rows in (URL hash, input position) order, through spilled runs (module docstring)."""
+    storage = run.storage
+    buckets = max(1, -(-_count(files, cfg, storage) // SHUFFLE_BUCKET_ROWS))
+    buffered: list[list[pa.Table]] = [[] for _ in range(buckets)]
+    runs: list[tuple[str, dict[int, int]]] = []   # (uri, bucket -> row group)
+    position = n_buffered = 0
+
+    def spill() -> None:
+        nonlocal n_buffered
+        uri = run.uri("input_shards", "_shuffle", f"run-{len(runs):06d}.parquet")
+        groups: dict[int, int] = {}
+        writer = None
+        with storage.open_output(uri) as sink:
+            for b, parts in enumerate(buffered):
+                if parts:
+                    table = pa.concat_tables(parts)
+                    writer = writer or pq.ParquetWriter(sink, table.schema)
+                    writer.write_table(table, row_group_size=table.num_rows)
+                    groups[b] = len(groups)
+                    parts.clear()
+            writer.close()
+        runs.append((uri, groups))
+        n_buffered = 0
+
+    for table in _tables(files, cfg, storage):
+        hashes = key_hashes(table.column("url").fill_null(""))
+        table = table.append_column(HASH, pa.array(hashes)).append_column(
+            POSITION, pa.array(np.arange(position, position + table.num_rows, dtype=np.int64)))
+        position += table.num_rows
+        bucket = ((hashes >> np.uint64(32)) * np.uint64(buckets)) >> np.uint64(32)   # hash ranges, in order
+        order = np.argsort(bucket, kind="stable")
+        table, bucket = table.take(pa.array(order)), bucket[order]
+        edges = np.searchsorted(bucket, np.arange(buckets + 1, dtype=np.uint64))
+        for b in np.flatnonzero(np.diff(edges)):
+            buffered[b].append(table.slice(int(edges[b]), int(edges[b + 1] - edges[b])))
+        n_buffered += table.num_rows
+        if n_buffered >= SPILL_ROWS:
+            spill()
+    if n_buffered:
+        spill()
+    files_of_runs = [(storage.parquet(uri), groups) for uri, groups in runs]
+    for b in range(buckets):
+        parts = [pf.read_row_group(groups[b]) for pf, groups in files_of_runs if b in groups]
+        if parts:
+            table = pa.concat_tables(parts)
+            table = table.take(pc.sort_indices(table, sort_keys=[(HASH, "ascending"), (POSITION, "ascending")]))
+            yield table.drop_columns([HASH, POSITION])
+    storage.delete_dir(run.uri("input_shards", "_shuffle"))
+
+
 def signature(cfg: InputConfig) -> dict:
     """What an existing plan was cut from: changing any of it needs a new run directory."""
     return {"paths": list(cfg.paths), "shard_rows": cfg.shard_rows, "url_col": cfg.url_col,
-            "caption_col": cfg.caption_col, "extra_cols": list(cfg.extra_cols)}
+            "caption_col": cfg.caption_col, "extra_cols": list(cfg.extra_cols), "shuffle": cfg.shuffle}
 
 
 def check_plan(cfg: InputConfig, run: RunDir) -> None:
-    """Refuse a config whose input differs from the one the run's shards were cut from."""
-    recorded = run.storage.read_json(run.plan).get("input", {})
+    """Refuse a config whose input differs from the one the run's shards were cut from
+    (a plan recorded before `shuffle` existed was cut in input order)."""
+    recorded = {"shuffle": False, **run.storage.read_json(run.plan).get("input", {})}
     changed = {k: (recorded.get(k), v) for k, v in signature(cfg).items() if recorded.get(k) != v}
     if changed:
         lines = "\n".join(f"  - input.{k}: planned with {old!r}, now {new!r}" for k, (old, new) in changed.items())
@@ -117,7 +199,6 @@ def plan(cfg: InputConfig, run: RunDir) -> list[str]:
     if clash:
         raise ConfigError(f"input.extra_cols: {clash} collide with manifest columns; rename them")
     files = expand(cfg.paths, storage)
-    wanted = [cfg.url_col, cfg.caption_col, *cfg.extra_cols]
     shards: list[str] = []
     pending: list[pa.Table] = []
     n_pending = 0
@@ -136,13 +217,12 @@ def plan(cfg: InputConfig, run: RunDir) -> list[str]:
         pending, n_pending = ([rest] if rest.num_rows else []), rest.num_rows
 
     total = 0
-    for path in files:
-        for batch in _batches(path, _format(path, cfg.format), wanted, storage):
-            pending.append(pa.table(_as_strings(batch, cfg)))
-            n_pending += batch.num_rows
-            total += batch.num_rows
-            while n_pending >= cfg.shard_rows:
-                flush(cfg.shard_rows)
+    for table in _shuffled(files, cfg, run) if cfg.shuffle else _tables(files, cfg, storage):
+        pending.append(table)
+        n_pending += table.num_rows
+        total += table.num_rows
+        while n_pending >= cfg.shard_rows:
+            flush(cfg.shard_rows)
     if n_pending:
         flush(n_pending)
     if not shards:

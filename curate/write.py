@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
+from curate.hosts import download_stats
 from curate.rundir import RunDir
 from curate.runtime import Progress, Window, log
 from curate.storage import Storage
@@ -350,10 +351,12 @@ def run_write(cfg: Config, shards: list[str], failures: list[dict]) -> dict:
 
 
 def finish(p: Plan, per_shard: dict[str, dict], failures: list[dict]) -> dict:
-    """Delete what an older plan left beyond this one, then write stats.json from the shards' markers."""
+    """Delete what an older plan left beyond this one, then write stats.json from the shards' markers
+    (the funnel from the write markers; error kinds, waits and top hosts from the download markers)."""
     run = p.job.run
     _delete_stale(run, p.job.prefix, p.count)
     stats = aggregate(per_shard, p.job.schema)
+    stats["download"] = download_stats(run.markers("download", sorted(p.job.downloaded)))
     stats.update(shards={"count": p.count, "samples": p.total, "names": [p.job.name(n) for n in range(p.count)]},
                  failures=failures, models=p.models, styles=p.decided.get("styles"))
     run.storage.write_json(run.stats, stats)

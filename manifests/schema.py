@@ -34,6 +34,7 @@ IDENTITY = _cols(
 DOWNLOAD = _cols(
     Column("status", pa.string(), "download status: success, failed_to_download, failed_to_resize, rejected"),
     Column("error", pa.string(), "download error message, null on success"),
+    Column("error_kind", pa.string(), "coarse kind of the download error (see ERROR_KINDS), null on success"),
     Column("width", pa.int32(), "width of the stored image (after the download resize)"),
     Column("height", pa.int32(), "height of the stored image"),
     Column("original_width", pa.int32(), "width of the image as served"),
@@ -109,6 +110,31 @@ REASONS: dict[str, str] = {
     "low_aesthetic": "aesthetic score is below filters.aesthetic_min",
     "duplicate": "an exact or near duplicate of a kept row (dup_of names it)",
     "rebalanced": "dropped to bring its style's share to the configured target",
+}
+
+
+# Download error kinds: the coarse, named cause beside each failed row's free-text `error`.
+# curate/fetch.py and curate/download.py classify every failure into one of these.
+ERROR_KINDS: dict[str, str] = {
+    "bad_url": "empty URL, a scheme other than http(s), or no host",
+    "refused_address": "the host resolves to an address not allowed (private, loopback, metadata, ...)",
+    "dns_failed": "the host name could not be resolved within download.timeout",
+    "timeout": "no complete answer within download.timeout",
+    "connection_reset": "the server reset or closed the connection mid-request",
+    "connection_failed": "the connection could not be made (refused, unreachable, TLS)",
+    "http_403": "HTTP 403 Forbidden",
+    "http_404": "HTTP 404 Not Found",
+    "http_410": "HTTP 410 Gone",
+    "http_429": "HTTP 429 Too Many Requests",
+    "http_503": "HTTP 503 Service Unavailable",
+    "http_5xx": "another HTTP 5xx server error",
+    "http_4xx": "another HTTP 4xx client error",
+    "http_other": "any other unexpected HTTP status (a redirect loop, ...)",
+    "opted_out": "X-Robots-Tag opts the image out (download.disallowed_header_directives)",
+    "too_large": "more than download.max_bytes served, or more than download.max_pixels claimed",
+    "not_an_image": "the bytes could not be decoded and re-encoded as an image",
+    "host_unavailable": "never fetched: its host stayed paused past the shard's wait budget",
+    "error": "any other failure (the error column says what)",
 }
 
 

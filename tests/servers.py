@@ -1,16 +1,22 @@
-"""A misbehaving HTTP server on a loopback address, for the fetch, hostile-input and fault tests.
+"""A misbehaving HTTP server on a loopback address, for the fetch, politeness, hostile-input and fault tests.
 
 Routes: /img/NAME serves a file; /noai/NAME adds `X-Robots-Tag: noai` (or the header given
 by ?tag=); /slow/NAME waits `delay` seconds first; /redirect?to=URL answers 302;
 /big?mb=N streams N MB of zeros in 1 MB chunks (never held in memory), with
-Content-Length only when ?declare=1. Every request is counted in `hits`.
+Content-Length only when ?declare=1; /status/CODE always answers CODE; /once/CODE/NAME answers
+CODE to the first request of that exact path and serves the file after (CODE `reset` resets
+the connection instead); ?after=N adds `Retry-After: N` to those answers. Every request is
+counted in `hits` (with its time in `times`), and the connections open at once in `peak`.
+Several servers on 127.0.0.2, 127.0.0.3, ... act as separate hosts (`serve_hosts`).
 """
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 import urllib.parse
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +29,10 @@ CHUNK = b"\0" * (1 << 20)
 class Served:
     base: str
     hits: list[str] = field(default_factory=list)
+    times: list[tuple[float, str]] = field(default_factory=list)   # (time.monotonic(), path) per request
+    open: int = 0
+    peak: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -32,6 +42,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+    def handle(self) -> None:
+        """Counts the connections open at once (each request is a connection: the client closes it)."""
+        with self.served.lock:
+            self.served.open += 1
+            self.served.peak = max(self.served.peak, self.served.open)
+        try:
+            super().handle()
+        finally:
+            with self.served.lock:
+                self.served.open -= 1
+
+    def _answer(self, code: str, after: str | None) -> None:
+        if code == "reset":   # RST instead of an answer: linger 0, then the server closes the socket
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
+        self.send_response(int(code))
+        if after is not None:
+            self.send_header("Retry-After", after)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _file(self, name: str, headers: dict[str, str]) -> None:
         path = self.folder / name
@@ -43,7 +75,10 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in {"Content-Type": "application/octet-stream", "Content-Length": str(len(body)), **headers}.items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client timed out first: as intended
+            pass
 
     def _big(self, mb: int, declare: bool) -> None:
         self.send_response(200)
@@ -59,7 +94,10 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def do_GET(self) -> None:
-        self.served.hits.append(self.path)
+        with self.served.lock:
+            first = self.path not in self.served.hits
+            self.served.hits.append(self.path)
+            self.served.times.append((time.monotonic(), self.path))
         parts = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
         route, _, name = parts.path.lstrip("/").partition("/")
@@ -77,6 +115,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
         elif route == "big":
             self._big(int(query.get("mb", "100")), query.get("declare") == "1")
+        elif route == "status":
+            self._answer(name, query.get("after"))
+        elif route == "once":
+            code, _, file = name.partition("/")
+            if first:
+                self._answer(code, query.get("after"))
+            else:
+                self._file(file, {})
         else:
             self.send_error(404)
 
@@ -97,3 +143,10 @@ def serve(folder: Path, host: str = "127.0.0.1", delay: float = 0.0) -> Iterator
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def serve_hosts(folder: Path, count: int, delay: float = 0.0) -> Iterator[list[Served]]:
+    """`count` servers of `folder` on 127.0.0.2, 127.0.0.3, ...: separate hosts, each counting its own."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(serve(folder, host=f"127.0.0.{2 + i}", delay=delay)) for i in range(count)]

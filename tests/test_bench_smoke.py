@@ -10,7 +10,7 @@ import pytest
 from bench import common, run
 
 OWN_RATIOS = {
-    "download": ["download.ours_over_img2dataset"],
+    "download": ["download.ours_over_img2dataset", "download.many_hosts_ours_over_img2dataset"],
     "score_cpu": ["score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer"],
     "scaling": ["scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min"],
     "score_gpu": ["score_gpu.pipeline_over_model_alone"],
@@ -33,6 +33,10 @@ def test_benchmark_smoke(name):
     assert "error" not in result, result.get("traceback")
     if name == "download":
         assert result["own_ratios"]["download.ours_over_img2dataset"] > 0
+        many = result["many_hosts"]
+        assert many["urls_on_first_host"] == result["sizes"]["images"] // 2
+        assert 0 < many["peak_per_host"]["ours"] <= many["per_host_connections"]
+        assert many["peak_per_host"]["img2dataset"] > 0 and many["images_per_s"]["ours"] > 0
     if name == "score_cpu":
         assert result["images_per_s_per_core"]["ours"] > 0
         assert "smoke" in result["data_juicer"]["error"]  # Data-Juicer takes a minute: quick mode only

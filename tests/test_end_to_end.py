@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from manifests.schema import ALL, REASONS
+from manifests.schema import ALL, ERROR_KINDS, REASONS
 from tests.conftest import DEMO_N
 
 
@@ -44,9 +44,22 @@ def test_each_kind_of_trouble_ends_with_a_reason(demo_run):
         assert set(m.loc[[kind], "reason"]) == {reason}, kind
     bomb = m.loc[["bomb"]].iloc[0]
     assert "too large" in bomb.error
+    kinds = {"http_404": "http_404", "http_500": "http_5xx", "slow": "timeout", "bomb": "too_large",
+             "html_page": "not_an_image", "corrupt": "not_an_image"}
+    for kind, error_kind in kinds.items():
+        assert set(m.loc[[kind], "error_kind"]) == {error_kind}, kind
+    assert ((m.status == "success") == m.error_kind.isna()).all()
+    assert set(m.error_kind.dropna()) <= set(ERROR_KINDS)
     assert m.loc[["exact_dup"], "reason"].eq("duplicate").any()
     for kind in ("grayscale", "cmyk", "rgba_png", "png16", "palette_gif", "animated_gif"):
         assert m.loc[[kind], "entropy"].notna().all(), kind  # decoded and scored, whatever the mode
+
+
+def test_inspect_filters_on_error_kind(demo_run):
+    from manifests.inspect import summarize
+
+    m = _manifest(demo_run)
+    assert summarize(str(demo_run), where="error_kind == 'http_404'")["rows"] == (m.error_kind == "http_404").sum() > 0
 
 
 def test_duplicates_name_a_kept_row(demo_run):
@@ -113,6 +126,13 @@ def test_stats_funnel_adds_up(demo_run):
     assert funnel["kept"] + sum(funnel["dropped"].values()) == DEMO_N
     assert list(funnel["dropped"]) == [r for r in REASONS if r in funnel["dropped"]]
     assert stats["models"]["enabled"] == ["nsfw", "ocr"]  # open_nsfw and PP-OCRv4 ran for real
+    download = stats["download"]
+    m = _manifest(demo_run)
+    assert download["error_kinds"] == m.error_kind.value_counts().to_dict()
+    ((host, top),) = download["top_hosts"].items()   # the demo serves everything from one host
+    assert host == "127.0.0.1" and top["rows"] == DEMO_N - (m.error_kind == "bad_url").sum()
+    assert top["success_rate"] == pytest.approx((m.status == "success").sum() / top["rows"], abs=1e-3)
+    assert top["peak_connections"] <= 4   # download.per_host_connections
 
 
 def test_open_nsfw_scores_are_probabilities_and_low(demo_run):

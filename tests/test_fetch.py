@@ -1,4 +1,5 @@
-"""The fetch guard: schemes, private addresses (decided without connecting), redirects, size cap, opt-outs.
+"""The fetch guard: schemes, private addresses (decided without connecting), redirects, size cap, opt-outs,
+the per-task DNS cache, and the error kind of each failure.
 
 Nothing here sends traffic beyond 127.0.0.0/8: the address guard is checked on literal
 addresses, and the end-to-end cases fetch from test servers on loopback addresses.
@@ -66,8 +67,9 @@ def images(tmp_path_factory) -> Path:
 
 
 def _fetch(fetcher: Fetcher, url: str, token: str | None = None, directives=("noai", "noimageai")):
-    _, stream, error = fetcher((0, url), 5, token, list(directives))
-    return (stream.read() if stream else None), error
+    got = fetcher(url, 5, token, directives)
+    assert (got.error is None) == (got.kind is None)
+    return got.body, got.error
 
 
 def test_loopback_is_refused_while_the_switch_is_off(images):
@@ -145,6 +147,85 @@ def test_a_hanging_lookup_is_bounded_by_the_timeout(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(3) or [])
     started = time.time()
-    _, stream, error = Fetcher([], 20 * MB)((0, "http://slow-dns.test/a.jpg"), 0.5, None, [])
-    assert stream is None and "lookup timed out" in error
+    got = Fetcher([], 20 * MB)("http://slow-dns.test/a.jpg", 0.5)
+    assert got.body is None and "lookup timed out" in got.error and got.kind == "dns_failed"
     assert time.time() - started < 2
+
+
+def _counting_lookups(monkeypatch, answers: list[str]) -> list[str]:
+    """getaddrinfo for `images.test` answers the next of `answers` each time; returns the lookups made."""
+    import socket
+
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def lookup(host, port, *args, **kwargs):
+        if host != "images.test":
+            return real(host, port, *args, **kwargs)
+        lookups.append(host)
+        return real(answers[min(len(lookups), len(answers)) - 1], port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    return lookups
+
+
+def test_each_host_is_resolved_once_per_task_within_the_ttl(images, monkeypatch):
+    with serve(images) as srv:
+        port = urllib.parse.urlsplit(srv.base).port
+        lookups = _counting_lookups(monkeypatch, ["127.0.0.1"])
+        cached = Fetcher(["127.0.0.1/32"], 20 * MB, dns_ttl=300)
+        for _ in range(3):
+            assert _fetch(cached, f"http://images.test:{port}/img/a.jpg")[1] is None
+        assert len(lookups) == 1 and len(srv.hits) == 3
+        uncached = Fetcher(["127.0.0.1/32"], 20 * MB, dns_ttl=0)
+        for _ in range(2):
+            assert _fetch(uncached, f"http://images.test:{port}/img/a.jpg")[1] is None
+        assert len(lookups) == 3
+
+
+def test_a_host_rebinding_after_the_ttl_is_checked_again(images, monkeypatch):
+    """Once the entry expires the new answer is checked before any connection: 127.0.0.3 is refused."""
+    with serve(images) as srv:
+        port = urllib.parse.urlsplit(srv.base).port
+        lookups = _counting_lookups(monkeypatch, ["127.0.0.1", "127.0.0.3"])
+        fetcher = Fetcher(["127.0.0.1/32"], 20 * MB, dns_ttl=0)
+        assert _fetch(fetcher, f"http://images.test:{port}/img/a.jpg")[1] is None
+        got = fetcher(f"http://images.test:{port}/img/a.jpg", 5)
+    assert got.kind == "refused_address" and "127.0.0.3" in got.error
+    assert len(lookups) == 2 and len(srv.hits) == 1
+
+
+def test_a_refusal_is_cached_too(monkeypatch):
+    lookups = _counting_lookups(monkeypatch, ["10.0.0.1"])
+    fetcher = Fetcher([], 20 * MB)
+    kinds = [fetcher(f"http://images.test/{i}.jpg", 5).kind for i in range(3)]
+    assert kinds == ["refused_address"] * 3 and len(lookups) == 1
+
+
+@pytest.mark.parametrize("path,kind", [("/status/404", "http_404"), ("/status/410", "http_410"),
+                                       ("/status/500", "http_5xx"), ("/status/503", "http_503"),
+                                       ("/status/418", "http_4xx"), ("/once/reset/a.jpg", "connection_reset"),
+                                       ("/big?mb=30", "too_large"), ("/noai/a.jpg", "opted_out")])
+def test_failures_are_named_by_kind(images, path, kind):
+    with serve(images) as srv:
+        got = Fetcher(["127.0.0.1/32"], 20 * MB)(f"{srv.base}{path}", 5, None, ["noai"])
+    assert got.body is None and got.kind == kind, got
+
+
+def test_a_429_carries_its_retry_after(images):
+    with serve(images) as srv:
+        got = Fetcher(["127.0.0.1/32"], 20 * MB)(f"{srv.base}/status/429?after=7", 5)
+    assert (got.kind, got.retry_after) == ("http_429", 7.0)
+
+
+def test_a_timeout_is_named(images):
+    with serve(images, delay=2) as srv:
+        got = Fetcher(["127.0.0.1/32"], 20 * MB)(f"{srv.base}/slow/a.jpg", 0.3)
+    assert got.kind == "timeout", got
+
+
+def test_a_closed_port_is_a_connection_failure(images):
+    with serve(images) as srv:
+        base = srv.base
+    got = Fetcher(["127.0.0.1/32"], 20 * MB)(f"{base}/img/a.jpg", 2)
+    assert got.kind == "connection_failed", got

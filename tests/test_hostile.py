@@ -35,10 +35,10 @@ DOWNLOAD = """
 import json, resource, sys
 from pathlib import Path
 from curate.config import load
-from curate.download import _downloader, download_shard
+from curate.download import download_shard
 from curate.inputs import plan
 from curate.rundir import RunDir
-import img2dataset.downloader, img2dataset.resizer
+import img2dataset.resizer
 cfg = load(sys.argv[1])
 shards = plan(cfg.input, RunDir(Path(cfg.run_dir)))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -75,23 +75,26 @@ def test_hostile_rows_end_with_reasons_in_bounded_memory(files, tmp_path, ray_se
 
     marker = tmp_path / "pwned"
     with serve(files) as srv, serve(files, host="127.0.0.2") as other:
-        rows = {  # label: (url, caption, status, reason, error fragment)
-            "ok": (f"{srv.base}/img/photo.jpg", CAPTION, "success", None, None),
-            "file": ("file:///etc/passwd", CAPTION, "rejected", "download_failed", "scheme"),
-            "ftp": ("ftp://127.0.0.1/photo.jpg", CAPTION, "rejected", "download_failed", "scheme"),
-            "data": ("data:image/png;base64,iVBORw0KGgo=", CAPTION, "rejected", "download_failed", "scheme"),
+        rows = {  # label: (url, caption, status, reason, error fragment, error kind)
+            "ok": (f"{srv.base}/img/photo.jpg", CAPTION, "success", None, None, None),
+            "file": ("file:///etc/passwd", CAPTION, "rejected", "download_failed", "scheme", "bad_url"),
+            "ftp": ("ftp://127.0.0.1/photo.jpg", CAPTION, "rejected", "download_failed", "scheme", "bad_url"),
+            "data": ("data:image/png;base64,iVBORw0KGgo=", CAPTION, "rejected", "download_failed", "scheme", "bad_url"),
             "other_loopback": (f"{other.base}/img/photo.jpg", CAPTION, "failed_to_download", "download_failed",
-                               "address not allowed"),
+                               "address not allowed", "refused_address"),
             "redirect": (f"{srv.base}/redirect?to={other.base}/img/photo.jpg", CAPTION, "failed_to_download",
-                         "download_failed", "address not allowed"),
-            "noai": (f"{srv.base}/noai/photo3.jpg", CAPTION, "failed_to_download", "download_failed", "X-Robots-Tag"),
-            "bomb": (f"{srv.base}/img/bomb.png", CAPTION, "failed_to_resize", "download_failed", "too large"),
-            "100mb": (f"{srv.base}/big?mb=100", CAPTION, "failed_to_download", "download_failed", "larger than"),
-            "strip": (f"{srv.base}/img/strip.png", CAPTION, "success", "too_small", None),
+                         "download_failed", "address not allowed", "refused_address"),
+            "noai": (f"{srv.base}/noai/photo3.jpg", CAPTION, "failed_to_download", "download_failed", "X-Robots-Tag",
+                     "opted_out"),
+            "bomb": (f"{srv.base}/img/bomb.png", CAPTION, "failed_to_resize", "download_failed", "too large",
+                     "too_large"),
+            "100mb": (f"{srv.base}/big?mb=100", CAPTION, "failed_to_download", "download_failed", "larger than",
+                      "too_large"),
+            "strip": (f"{srv.base}/img/strip.png", CAPTION, "success", "too_small", None, None),
             "1mb_caption": (f"{srv.base}/img/photo2.jpg", (CAPTION * 40_000)[:MB // 3 + 1], "success",
-                            "caption_long", None),
+                            "caption_long", None, None),
             "shell": (f"{srv.base}/img/x;touch${{IFS}}{marker}", f"$(touch {marker})`touch {marker}`",
-                      "failed_to_download", "download_failed", "404"),
+                      "failed_to_download", "download_failed", "404", "http_404"),
         }
         cfg_path = write_config(tmp_path, [r[0] for r in rows.values()], [r[1] for r in rows.values()],
                                 allow_networks=["127.0.0.1/32"])
@@ -106,10 +109,13 @@ def test_hostile_rows_end_with_reasons_in_bounded_memory(files, tmp_path, ray_se
     run = tmp_path / "run"
     manifest = pq.read_table(run / "manifest").to_pylist()
     assert len(manifest) == len(rows)
-    for (label, (url, caption, status, reason, error)), row in zip(rows.items(), manifest):
-        assert row["url"] == url and row["caption"] == caption, label
+    by_url = {r["url"]: r for r in manifest}   # shards are cut in URL-hash order
+    for label, (url, caption, status, reason, error, kind) in rows.items():
+        row = by_url[url]
+        assert row["caption"] == caption, label
         assert (row["status"], row["reason"]) == (status, reason), (label, row["status"], row["reason"], row["error"])
         assert error is None or error in row["error"], (label, row["error"])
+        assert row["error_kind"] == kind, (label, row["error_kind"], row["error"])
     assert {r["status"] for r in manifest} <= STATUSES
     assert {r["reason"] for r in manifest} - {None} <= set(REASONS)
     assert not marker.exists()

@@ -1,4 +1,5 @@
-"""Input manifests of every format become key-stable shards; bad input is named clearly."""
+"""Input manifests of every format become key-stable shards, shuffled by URL hash or in input order;
+bad input is named clearly."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curate import inputs
 from curate.config import ConfigError, InputConfig
 from curate.inputs import plan
 from curate.rundir import RunDir
@@ -31,7 +33,7 @@ def _write(tmp_path, fmt: str):
 def test_every_format_shards_the_same(tmp_path, fmt):
     path = _write(tmp_path, fmt)
     run = RunDir(tmp_path / "run")
-    shards = plan(InputConfig(paths=[str(path)], shard_rows=10, extra_cols=["src"]), run)
+    shards = plan(InputConfig(paths=[str(path)], shard_rows=10, extra_cols=["src"], shuffle=False), run)
     assert shards == ["00000", "00001", "00002"]
     tables = [pq.read_table(run.input_shard(s)) for s in shards]
     assert [t.num_rows for t in tables] == [10, 10, 5]
@@ -68,7 +70,7 @@ def test_list_and_struct_extra_columns_are_carried_as_they_are(tmp_path):
     pq.write_table(pa.table({"url": ["http://h/a.jpg", "http://h/b.jpg"], "caption": ["猫", "狗"],
                              "tags": [["cat", "pet"], []], "meta": [{"w": 1, "src": "x"}, {"w": 2, "src": "y"}]}), path)
     run = RunDir(tmp_path / "run")
-    plan(InputConfig(paths=[str(path)], extra_cols=["tags", "meta"]), run)
+    plan(InputConfig(paths=[str(path)], extra_cols=["tags", "meta"], shuffle=False), run)
     rows = pq.read_table(run.input_shard("00000")).to_pylist()
     assert rows[0]["tags"] == ["cat", "pet"] and rows[1]["meta"] == {"w": 2, "src": "y"}
 
@@ -77,7 +79,7 @@ def test_globs_expand_in_order(tmp_path):
     for i in range(2):
         pq.write_table(pa.Table.from_pylist(ROWS[i * 10:(i + 1) * 10]), tmp_path / f"part-{i}.parquet")
     run = RunDir(tmp_path / "run")
-    plan(InputConfig(paths=[str(tmp_path / "part-*.parquet")], shard_rows=15), run)
+    plan(InputConfig(paths=[str(tmp_path / "part-*.parquet")], shard_rows=15, shuffle=False), run)
     captions = pa.concat_tables([pq.read_table(run.input_shard(s)) for s in run.shard_names()]).column("caption")
     assert captions.to_pylist() == [r["caption"] for r in ROWS[:20]]
 
@@ -97,3 +99,55 @@ def test_extra_column_may_not_shadow_a_manifest_column(tmp_path):
     path = _write(tmp_path, "parquet")
     with pytest.raises(ConfigError, match="collide"):
         plan(InputConfig(paths=[str(path)], extra_cols=["status"]), RunDir(tmp_path / "run"))
+
+
+def _planned(run: RunDir) -> list[dict]:
+    return pa.concat_tables([pq.read_table(run.input_shard(s)) for s in run.shard_names()]).to_pylist()
+
+
+def test_shuffle_is_a_stable_permutation_the_same_for_every_format_and_bucket_count(tmp_path, monkeypatch):
+    def shuffled(fmt: str, name: str) -> list[dict]:
+        run = RunDir(tmp_path / name)
+        plan(InputConfig(paths=[str(_write(tmp_path, fmt))], shard_rows=10, extra_cols=["src"]), run)
+        assert not run.storage.exists(run.uri("input_shards", "_shuffle"))   # the spill is cleaned up
+        return _planned(run)
+
+    first = shuffled("parquet", "a")
+    assert sorted(r["src"] for r in first) == sorted(r["src"] for r in ROWS)   # nothing lost or doubled
+    assert [r["src"] for r in first] != [r["src"] for r in ROWS]
+    assert [r["key"] for r in first[:2]] == ["00000_000000", "00000_000001"]   # keys follow the new order
+    assert shuffled("parquet", "b") == first
+    assert shuffled("csv", "c") == first
+    monkeypatch.setattr(inputs, "SHUFFLE_BUCKET_ROWS", 4)   # 7 buckets
+    monkeypatch.setattr(inputs, "SPILL_ROWS", 3)            # a spilled run every batch or so
+    assert shuffled("jsonl", "d") == first
+
+
+def test_shuffle_spreads_a_sorted_hosts_urls_over_every_shard(tmp_path):
+    """One host holds the first half of a sorted list: in input order it would fill the first half
+    of the shards alone; shuffled, every shard holds roughly its share."""
+    urls = [f"http://big.example/{i}.jpg" for i in range(500)] + \
+        [f"http://host{i % 15}.example/{i}.jpg" for i in range(500)]
+    path = tmp_path / "sorted.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": ["图"] * len(urls)}), path)
+    for shuffle, lo, hi in ((False, 0, 100), (True, 30, 70)):
+        run = RunDir(tmp_path / f"run-{shuffle}")
+        plan(InputConfig(paths=[str(path)], shard_rows=100, shuffle=shuffle), run)
+        shares = [sum("big.example" in u for u in pq.read_table(run.input_shard(s)).column("url").to_pylist())
+                  for s in run.shard_names()]
+        assert len(shares) == 10
+        assert all(lo <= n <= hi for n in shares), shares
+        if not shuffle:
+            assert shares == [100] * 5 + [0] * 5
+
+
+def test_a_plan_from_before_shuffle_existed_counts_as_unshuffled(tmp_path):
+    path = _write(tmp_path, "parquet")
+    run = RunDir(tmp_path / "run")
+    plan(InputConfig(paths=[str(path)], shard_rows=10, shuffle=False), run)
+    recorded = run.storage.read_json(run.plan)
+    del recorded["input"]["shuffle"]
+    run.storage.write_json(run.plan, recorded)
+    assert plan(InputConfig(paths=[str(path)], shard_rows=10, shuffle=False), run)
+    with pytest.raises(ConfigError, match="input.shuffle: planned with False, now True"):
+        plan(InputConfig(paths=[str(path)], shard_rows=10), run)

@@ -165,3 +165,25 @@ def test_cli_report(small_run):
 def test_pipeline_writes_the_report(demo_run):
     html = (demo_run / "report.html").read_text(encoding="utf-8")
     assert 'id="funnel"' in html and "data:image/jpeg;base64," in html
+
+
+def test_report_shows_error_kinds_wait_and_top_hosts(tmp_path):
+    import json
+
+    from curate.hosts import download_stats
+
+    root = make_dataset_run(tmp_path / "run", 200, shards=1)
+    marker = {"error_kinds": {"http_429": 7, "timeout": 2}, "wait_s": 12.5,
+              "hosts": {"img.example.cn": {"rows": 150, "success": 141, "requests": 170, "retries": 11, "pauses": 1,
+                                           "peak_connections": 4, "kinds": {"http_429": 7, "timeout": 2}},
+                        "cdn.example.com": {"rows": 50, "success": 50, "requests": 50, "retries": 0, "pauses": 0,
+                                            "peak_connections": 3, "kinds": {}}}}
+    stats = json.loads((root / "stats.json").read_text())
+    (root / "stats.json").write_text(json.dumps({**stats, "download": download_stats([marker])}))
+    build_report(str(root))
+    html = (root / "report.html").read_text(encoding="utf-8")
+    hosts = html.split('id="hosts"')[1]
+    assert hosts.index("img.example.cn") < hosts.index("cdn.example.com")   # by rows
+    assert "94.0%" in hosts and "http_429 7, timeout 2" in hosts
+    assert 'id="error-kinds"' in html and "HTTP 429 Too Many Requests" in html
+    assert "12.5 s" in html

@@ -9,7 +9,7 @@ from curate.report import svg
 from curate.report.data import Histogram, Run
 from curate.report.samples import Grid
 from curate.storage import name as base_name
-from manifests.schema import REASONS
+from manifests.schema import ERROR_KINDS, REASONS
 
 VERSIONED = ("curate-zh", "ray", "torch", "open-clip-torch", "timm", "pyarrow", "pillow", "img2dataset")
 CARD_SCORES = ("aesthetic", "clip_score", "nsfw", "watermark", "text_area", "ocr_text", "style", "n_chars", "zh_ratio")
@@ -45,7 +45,7 @@ SCRIPT = """document.addEventListener('click', function (e) {
 def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, grids_html: str) -> str:
     title = f"Curation report: {base_name(run.root)}"
     parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run, funnel),
-             "<h2>Funnel</h2>", funnel_section(funnel),
+             "<h2>Funnel</h2>", funnel_section(funnel), download_section(run.stats.get("download")),
              "<h2>Score distributions</h2>", histogram_section(hists),
              styles_section(styles), "<h2>Images</h2>", grids_html]
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
@@ -79,6 +79,32 @@ def funnel_section(funnel: dict) -> str:
                    for label, count in zip(labels, counts))
     return (f'<div id="funnel">{chart}<table class="funnel"><tr><th>step</th><th class="num">rows</th>'
             f'<th class="num">share of input</th><th>rule</th></tr>{rows}</table></div>')
+
+
+def download_section(download: dict | None) -> str:
+    """Error kinds, the shards' wait on paused hosts and retry delays, and the top hosts by rows."""
+    if not download:
+        return ""
+    kinds = "".join(f'<tr><td>{escape(k)}</td><td class="num">{n:,}</td><td>{escape(ERROR_KINDS.get(k, ""))}</td></tr>'
+                    for k, n in download["error_kinds"].items())
+    hosts = []
+    for host, h in download["top_hosts"].items():
+        rate = "-" if h.get("success_rate") is None else f"{100 * h['success_rate']:.1f}%"
+        main = ", ".join(f"{k} {n:,}" for k, n in list(h["kinds"].items())[:3]) or "-"
+        hosts.append(f'<tr><td>{escape(host)}</td><td class="num">{h["rows"]:,}</td><td class="num">{rate}</td>'
+                     f'<td class="num">{h["requests"]:,}</td><td class="num">{h["retries"]:,}</td>'
+                     f'<td class="num">{h["pauses"]:,}</td><td class="num">{h["peak_connections"]}</td>'
+                     f"<td>{escape(main)}</td></tr>")
+    wait = download["wait_s"]
+    return (f'<h2>Download</h2><div id="download"><p>{download["requests"]:,} requests, {download["retries"]:,} '
+            f'retries; shards waited {wait["total"]:,.1f} s in all on paused hosts and retry delays '
+            f'(longest shard {wait["max_shard"]:,.1f} s).</p>'
+            f'<div class="charts"><div><h3>Error kinds</h3><table id="error-kinds"><tr><th>error_kind</th>'
+            f'<th class="num">rows</th><th>meaning</th></tr>{kinds}</table></div>'
+            f'<div><h3>Top hosts by rows</h3><table id="hosts"><tr><th>host</th><th class="num">rows</th>'
+            f'<th class="num">success</th><th class="num">requests</th><th class="num">retries</th>'
+            f'<th class="num">pauses</th><th class="num">peak connections</th><th>main error kinds</th></tr>'
+            f'{"".join(hosts)}</table></div></div></div>')
 
 
 def histogram_section(hists: list[Histogram]) -> str:
