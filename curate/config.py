@@ -76,7 +76,9 @@ class FiltersConfig(_Section):
 class DedupeConfig(_Section):
     exact: bool = Field(True, description="group exact duplicates (same sha256 of the served bytes)")
     phash_max_distance: int | None = Field(
-        4, ge=0, le=8, description="group images whose 64-bit pHashes differ in at most this many bits; null disables")
+        6, ge=0, le=8, description=(
+            "group images when the whole or mirror hash of one is within this many bits of any view hash of "
+            "the other (filters/multihash.py; measured in bench/README.md); null disables"))
     semantic_threshold: float | None = Field(
         None, gt=0.0, le=1.0,
         description="group images whose embeddings have cosine >= this (needs models.keep_embeddings); null disables")

@@ -41,12 +41,13 @@ from curate.dedupe import KMEANS_SAMPLE, MAX_BUCKET, components, concat, kmeans,
 from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_limits
 from curate.rundir import RunDir, row_keys, shard_index
 from curate.runtime import Window, log
+from filters.multihash import VIEWS
 from filters.text import text_reasons
 from manifests.schema import REASONS, TEXT, conform
 
 RAW_INPUTS = ["key", "status", "original_width", "original_height", "sha256"]
 SCORE_INPUTS = ["score_error", "aspect_ratio", "entropy", "edge_density", *TEXT,
-                "phash", "clip_score", "aesthetic", "nsfw", "watermark", "style"]
+                "phash", "phash_views", "clip_score", "aesthetic", "nsfw", "watermark", "style"]
 REASONS_LIST = list(REASONS)
 CODES = {name: i for i, name in enumerate(REASONS)}
 NONE = -1
@@ -192,6 +193,19 @@ def preference(t: pa.Table, order: list[str]) -> np.ndarray:
     return np.stack(cols, axis=1) if cols else np.zeros((t.num_rows, 0))
 
 
+def view_hash_matrix(t: pa.Table) -> np.ndarray:
+    """(n, views) uint64: `phash`, then `phash_views` when the scores have them (rows without a
+    hash are masked by phash_valid, so their zeros are never routed)."""
+    whole = t.column("phash").fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
+    if "phash_views" not in t.column_names:
+        return whole[:, None]
+    views = t.column("phash_views").combine_chunks()
+    width = views.type.list_size
+    flat = pc.fill_null(views.values, 0).to_numpy(zero_copy_only=False).astype(np.uint64)
+    flat = flat[views.offset * width:(views.offset + len(views)) * width]
+    return np.column_stack([whole, flat.reshape(len(views), width)])
+
+
 def _load_npy(run: RunDir, shard: str) -> np.ndarray:
     return np.load(io.BytesIO(run.storage.read_bytes(run.embeddings(shard))))
 
@@ -211,7 +225,7 @@ def group_candidates(job: Job, shards: list[str], centroids: np.ndarray | None, 
                 "caption": hash64(sub.column("caption_norm")), "sha": hash64(sub.column("sha256"))}
         if "phash" in sub.column_names:
             node["phash_valid"] = pc.is_valid(sub.column("phash")).to_numpy(False)
-            node["phash"] = sub.column("phash").fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
+            node["phash"] = view_hash_matrix(sub)
         if centroids is not None and job.run.storage.exists(job.run.embeddings(shard)):
             emb, ok = normalised(_load_npy(job.run, shard)[alive])
             node["semantic"] = (ok, nearest(emb, centroids), emb.astype(np.float16))
