@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from curate.demo_corpus import cartoon, photo
+from curate.demo_corpus import cartoon, photo, text_image
 
 
 def pink_noise(rng: np.random.Generator, h: int, w: int, slope: float) -> np.ndarray:
@@ -138,3 +138,65 @@ TRANSFORMS: dict[str, Transform] = {
 def is_geometric(name: str) -> bool:
     """Crops and mirrors: the transforms a single hash cannot see (goal: recall >= 0.97, else 0.99)."""
     return "crop" in name or "mirror" in name
+
+
+# -- a labelled set for the graphic score: drawn kinds against photo-like ones --------------------
+
+def illustration(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """Flat-shaded polygons over a two-colour gradient, as vector illustrations and posters are."""
+    top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    t = np.linspace(0, 1, h)[:, None, None]
+    img = Image.fromarray(np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(4, 12))):
+        points = [(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(int(rng.integers(3, 7)))]
+        draw.polygon(points, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    return img
+
+
+def render(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """Lambert-shaded spheres on a smooth floor, noise-free: what a simple 3D render looks like."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    arr = np.broadcast_to((rng.uniform(60, 200, 3) * (0.6 + 0.4 * yy[..., None] / h)), (h, w, 3)).copy()
+    light = rng.normal(size=3)
+    light = np.abs(light) / np.linalg.norm(light)
+    for _ in range(int(rng.integers(1, 5))):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.1, 0.3) * min(h, w)
+        dx, dy = (xx - cx) / r, (yy - cy) / r
+        inside = dx ** 2 + dy ** 2 < 1
+        dz = np.sqrt(np.clip(1 - dx ** 2 - dy ** 2, 0, 1))
+        shade = np.clip(dx * light[0] + dy * light[1] + dz * light[2], 0.1, 1)
+        arr[inside] = (rng.uniform(80, 255, 3)[None, :] * shade[inside][:, None])
+    return Image.fromarray(arr.astype(np.uint8)).filter(ImageFilter.SMOOTH)
+
+
+def screenshot(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """An app screen: a title bar, panels, buttons and lines of text on a light background."""
+    img = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(225, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 0, w, 24), fill=tuple(int(c) for c in rng.integers(0, 120, 3)))
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(30, h - 30))
+        draw.rectangle((x0, y0, x0 + int(rng.integers(30, w // 2)), y0 + int(rng.integers(15, 60))),
+                       fill=tuple(int(c) for c in rng.integers(150, 256, 3)), outline=(90, 90, 90))
+    for y in range(34, h - 10, 16):
+        words = "".join(chr(int(c)) for c in rng.integers(97, 123, size=int(rng.integers(10, 50))))
+        draw.text((int(rng.integers(4, 30)), y), words, fill=(30, 30, 30))
+    return img
+
+
+def grainy(make: Callable) -> Callable:
+    """A photo generator with sensor grain added, as camera JPEGs carry."""
+    def draw(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+        arr = np.asarray(make(rng, h, w), np.float32) + rng.normal(0, rng.uniform(1.5, 4), (h, w, 1))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return draw
+
+
+# kind -> (generator, true coarse label)
+LABELLED: dict[str, tuple[Callable, str]] = {
+    "natural": (natural, "photo"), "natural_grain": (grainy(natural), "photo"), "demo_photo": (photo, "photo"),
+    "cartoon": (cartoon, "graphic"), "text_image": (text_image, "graphic"),
+    "illustration": (illustration, "graphic"), "render": (render, "graphic"), "screenshot": (screenshot, "graphic"),
+}
+

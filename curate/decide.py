@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 
 from curate.config import Config
 from curate.dedupe import KMEANS_SAMPLE, MAX_BUCKET, components, concat, kmeans, nearest, normalised, partition_edges, partition_of, route, split
-from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_limits
+from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_labels, style_limits
 from curate.rundir import RunDir, row_keys, shard_index
 from curate.runtime import Window, log
 from filters.multihash import VIEWS
@@ -47,7 +47,7 @@ from manifests.schema import REASONS, TEXT, conform
 
 RAW_INPUTS = ["key", "status", "original_width", "original_height", "sha256"]
 SCORE_INPUTS = ["score_error", "aspect_ratio", "entropy", "edge_density", *TEXT,
-                "phash", "phash_views", "clip_score", "aesthetic", "nsfw", "watermark", "style"]
+                "phash", "phash_views", "clip_score", "aesthetic", "nsfw", "watermark", "style", "graphic"]
 REASONS_LIST = list(REASONS)
 CODES = {name: i for i, name in enumerate(REASONS)}
 NONE = -1
@@ -70,8 +70,9 @@ def read_shard(job: Job, shard: str) -> pa.Table:
     """One shard's decide columns: raw (or the input rows, when the download failed) plus scores."""
     storage, run = job.run.storage, job.run
     downloaded = shard not in job.failed or storage.exists(run.marker("download", shard))
+    style_column = [job.cfg.rebalance.style_column] if job.cfg.rebalance.style_source == "column" else []
     table = storage.read_parquet(run.raw_table(shard) if downloaded else run.input_shard(shard),
-                                 columns=RAW_INPUTS)
+                                 columns=RAW_INPUTS + style_column)
     if shard not in job.failed:
         scores = storage.read_parquet(run.scores(shard), columns=["key", *SCORE_INPUTS])
         if not scores.column("key").equals(table.column("key")):
@@ -268,7 +269,7 @@ def group_state(job: Job, shards: list[str], dups: dict, *common: np.ndarray) ->
         code[hit & (code == NONE)] = CODES["duplicate"]
         dup_of = np.full(t.num_rows, -1, np.int64)
         dup_of[hit] = dups["dup_of"][where]
-        style = t.column("style") if "style" in t.column_names else pa.nulls(t.num_rows, pa.string())
+        style = style_labels(t, job.cfg.rebalance)
         hashes = key_hashes(t.column("key"))
         counts.append(bucket_counts(style, hashes, code == NONE))
         states.append((shard, code, dup_of, style, hashes))
@@ -292,7 +293,8 @@ def write_group(job: Job, states: list, limits: dict[str, int], attempt: str, wr
             "key": row_keys(shard_index(shard) << 32 | np.arange(n, dtype=np.int64)),
             "keep": pa.array(code == NONE),
             "reason": reason_names(code),
-            "dup_of": row_keys(dup_of, valid=dup_of >= 0)}))
+            "dup_of": row_keys(dup_of, valid=dup_of >= 0),
+            "style_label": style}))
         counts = {REASONS_LIST[c]: int(k) for c, k in zip(*np.unique(code[code != NONE], return_counts=True))}
         info = {"attempt": attempt, "rows": n, "kept": int((code == NONE).sum()), "reasons": counts}
         if write:

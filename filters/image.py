@@ -12,11 +12,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from filters.graphic import graphic_score
 from filters.multihash import view_hashes
 
 METRIC_SIDE = 256          # gray image side for entropy, edges and the hashes: enough, and cheap
 EDGE_THRESHOLD = 32.0      # gradient magnitude (0..~360) that counts as an edge
-IMAGE_COLUMNS = ("score_error", "entropy", "edge_density", "jpeg_bpp", "phash", "phash_views")
+IMAGE_COLUMNS = ("score_error", "entropy", "edge_density", "jpeg_bpp", "phash", "phash_views", "graphic")
 
 
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -105,7 +106,8 @@ def image_columns(images: Sequence[bytes | None], *, decode_side: int, max_pixel
                 hashes = view_hashes(gray)
                 row.update(entropy=entropy(gray), edge_density=edge_density(gray),
                            jpeg_bpp=8.0 * len(data) / (stored_w * stored_h),
-                           phash=int(hashes[0]), phash_views=hashes[1:].tolist())
+                           phash=int(hashes[0]), phash_views=hashes[1:].tolist(),
+                           graphic=graphic_score(rgb, gray))
                 if model_side:
                     view = np.asarray(shrink(rgb, model_side), dtype=np.uint8)
             except Exception as exc:  # a bad image is a row's error, never the batch's

@@ -53,6 +53,7 @@ IMAGE = _cols(
     Column("phash_views", pa.list_(pa.uint64(), len(VIEWS) - 1),
            "64-bit DCT hashes of the other views, in the order of filters.multihash.VIEWS[1:]: the mirror, "
            "then windows at 96% and 92% of each side anchored at the four corners and the centre"),
+    Column("graphic", pa.float32(), "0..1, how drawn the image looks (flat share, palette; filters/graphic.py)"),
 )
 
 TEXT = _cols(
@@ -80,6 +81,8 @@ DECISION = _cols(
     Column("keep", pa.bool_(), "true when the row goes into the shards"),
     Column("reason", pa.string(), "first rule that dropped the row (see REASONS), null when kept"),
     Column("dup_of", pa.string(), "key of the kept row this one duplicates"),
+    Column("style_label", pa.string(), "style the rebalance counted the row under (rebalance.style_source); "
+                                       "null: unlabelled"),
 )
 
 OUTPUT = _cols(
