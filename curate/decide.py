@@ -379,10 +379,11 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
         _collect(result, per_shard)
     result = _funnel(per_shard)
     if skipped:
-        log.warning("decide: %d rows sat in pHash band buckets larger than %d and were not compared", skipped, MAX_BUCKET)
+        log.warning("decide: %d hashes sat in pHash sub-band buckets larger than %d and were not compared",
+                    skipped, MAX_BUCKET)
     if not dry_run:
         storage.write_json(run.decided, {"fingerprint": fp, "attempt": attempt, "funnel": result, "styles": styles,
-                                              "dedupe": {"near_dup_skipped_rows": skipped}})
+                                              "dedupe": {"near_dup_skipped_hashes": skipped}})
     log.info("decide: %d rows, %d kept", result["rows_in"], result["kept"])
     return result
 
