@@ -6,18 +6,23 @@ and two images are near copies when some view of one is close to some view of th
 (the views compared are `MATCHES`, chosen by bench/bench_near_dup.py and documented there).
 
 Each view's hash is the classic pHash bit rule (the 8x8 lowest DCT frequencies against their
-median) computed as a projection: the low-frequency cosines of a window are sampled straight
-on the gray thumbnail, with fractional weights at the window's edges, so a window costs two
-small matrix products and no resize. Mirroring negates the odd horizontal frequencies, so a
-mirrored view costs a sign flip.
+median) computed as a projection: the gray thumbnail is box-averaged once onto a GRID x GRID
+square (pHash squashes too), and the low-frequency cosines of each window are sampled on that
+grid with fractional weights at the window's edges, so a window costs two 8 x GRID matrix
+products with precomputed bases and no resize of its own. Mirroring negates the odd horizontal
+frequencies, so a mirrored view costs a sign flip.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from functools import lru_cache
+
 import numpy as np
+from PIL import Image
 
 BITS = 8                     # 8x8 frequencies -> 64 bits
+GRID = 64                    # side of the square every view is projected from: 8x the highest frequency
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ ANCHORS = frozenset({"whole", "mirror"})
 MATCHES: np.ndarray = np.array([[a.name in ANCHORS or b.name in ANCHORS for b in VIEWS] for a in VIEWS])
 
 
+@lru_cache(maxsize=None)
 def _basis(length: int, start: float, span: float) -> np.ndarray:
     """(BITS, length) low-frequency cosines over the window [start, start + span) of `length` pixels.
 
@@ -68,16 +74,14 @@ _WEIGHTS = np.uint64(1) << np.arange(BITS * BITS - 1, -1, -1, dtype=np.uint64)  
 
 def frequencies(gray: np.ndarray, views: tuple[View, ...] = VIEWS) -> np.ndarray:
     """(len(views), 8, 8) low DCT frequencies (rows: vertical, columns: horizontal) of each view."""
-    g = np.asarray(gray, dtype=np.float32)
-    h, w = g.shape
-    rows = {(v.top, v.size): _basis(h, v.top, v.size) for v in views}
-    cols = {(v.left, v.size): _basis(w, v.left, v.size) for v in views}
-    col_keys = list(cols)
-    projected = g @ np.concatenate([cols[k].T for k in col_keys], axis=1)       # (h, 8 * distinct columns)
-    by_col = {k: projected[:, i * BITS:(i + 1) * BITS] for i, k in enumerate(col_keys)}
+    grid = np.asarray(Image.fromarray(np.asarray(gray, np.uint8)).resize((GRID, GRID), Image.Resampling.BOX),
+                      np.float32)
+    col_keys = list(dict.fromkeys((v.left, v.size) for v in views))
+    projected = grid @ np.concatenate([_basis(GRID, *k).T for k in col_keys], axis=1)   # (GRID, 8 * columns)
     out = np.empty((len(views), BITS, BITS), np.float32)
     for i, v in enumerate(views):
-        out[i] = rows[(v.top, v.size)] @ by_col[(v.left, v.size)]
+        c = col_keys.index((v.left, v.size))
+        out[i] = _basis(GRID, v.top, v.size) @ projected[:, c * BITS:(c + 1) * BITS]
         if v.mirror:
             out[i] *= _MIRROR[None, :]
     return out
