@@ -69,6 +69,7 @@ def manifest_columns(n: int, shards: int, seed: int = 0) -> dict:
         "aesthetic": rng.normal(5.5, 1.0, n), "nsfw": nsfw, "watermark": rng.beta(0.5, 3, n),
         "style": style.tolist(), "style_prob": rng.uniform(0.3, 1, n),
         "keep": (reason == None).tolist(), "reason": reason.tolist(), "dup_of": dup_of.tolist(),  # noqa: E711
+        "style_label": style.tolist(),   # rebalance counted the zero-shot style (style_source: clip)
     }
 
 
