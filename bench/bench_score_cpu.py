@@ -32,7 +32,8 @@ from PIL import Image
 from bench.common import ROOT, cpu_timer, photos, rate, side_by_side, summary
 from curate import config as config_mod
 from curate.score import score_cpu
-from filters.image import METRIC_SIDE, edge_density, entropy, phash64
+from filters.image import METRIC_SIDE, decode, edge_density, entropy
+from filters.multihash import VIEWS, view_hashes
 from filters.text import caption_columns
 
 SIZES = {"smoke": 8, "quick": 120, "full": 600}
@@ -115,10 +116,30 @@ def naive(images: list[bytes], captions: list[str], cfg: config_mod.Config) -> f
         gray = np.asarray(_gray(data))
         rows.append({"width": w, "height": h, "aspect_ratio": max(side_a, side_b) / min(side_a, side_b),
                      "entropy": entropy(gray), "edge_density": edge_density(gray),
-                     "jpeg_bpp": 8.0 * len(data) / (w * h), "phash": phash64(_gray(data)),
+                     "jpeg_bpp": 8.0 * len(data) / (w * h), "phash": view_hashes(np.asarray(_gray(data)), VIEWS[:1]),
                      "sha256": hashlib.sha256(data).hexdigest()})
     caption_columns(captions, cfg.text)
     return elapsed()
+
+
+def view_hash_cost(images: list[bytes], cfg: config_mod.Config, repeats: int) -> dict:
+    """CPU seconds of hashing the score stage's gray thumbnails with every view and with the whole
+    image alone (medians over `repeats`): their difference is what the extra views cost."""
+    grays = []
+    for data in images:
+        rgb, _ = decode(data, cfg.score.decode_size, cfg.download.max_pixels)
+        gray = rgb.convert("L")
+        gray.thumbnail((METRIC_SIDE, METRIC_SIDE), Image.BILINEAR)
+        grays.append(np.asarray(gray))
+
+    def hashing(views) -> float:
+        elapsed = cpu_timer()
+        for gray in grays:
+            view_hashes(gray, views)
+        return elapsed()
+
+    return side_by_side({"every_view": lambda: hashing(VIEWS), "whole_only": lambda: hashing(VIEWS[:1])},
+                        repeats, warm=None)
 
 
 def data_juicer_python() -> Path:
@@ -180,6 +201,7 @@ def run(mode: str) -> dict:
         contenders = {"ours": lambda: ours(images, captions, cfg), "naive": lambda: naive(images, captions, cfg),
                       "captions_only": lambda: captions_only(captions, cfg)}
         timings = side_by_side(contenders, repeats, warm=() if mode == "smoke" else None)
+        hash_cost = view_hash_cost(images, cfg, repeats)
         dj_error = None
         try:
             if mode == "smoke":
@@ -189,7 +211,9 @@ def run(mode: str) -> dict:
             dj_error = f"{type(exc).__name__}: {exc}"[:1200]
     per_core = {name: rate(n, t) for name, t in timings.items()}
     captions_per_core = per_core.pop("captions_only")
+    extra = hash_cost["every_view"]["median_s"] - hash_cost["whole_only"]["median_s"]
     ratios = {"score_cpu.ours_over_naive": round(per_core["ours"] / per_core["naive"], 3),
+              "score_cpu.view_hashes_overhead": round(extra / (timings["ours"]["median_s"] - extra), 4),
               "score_cpu.ours_over_data_juicer": (round(per_core["ours"] / per_core["data_juicer"], 3)
                                                   if "data_juicer" in per_core else None)}
     return {
@@ -197,6 +221,8 @@ def run(mode: str) -> dict:
         "timings": timings,
         "images_per_s_per_core": per_core,
         "captions_per_s_per_core": captions_per_core,
+        "view_hashes": {"views": len(VIEWS), "cpu_s": hash_cost,
+                        "overhead": "extra views' CPU time over ours without them (ours less that time)"},
         "captions_over_ours_images": round(captions_per_core / per_core["ours"], 2),
         "data_juicer": {"ops": DJ_OPS, "settings": {"np": 1, "use_cache": False}, "packages": DJ_PACKAGES,
                         "error": dj_error},

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Collection, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("ray", "img2dataset", "pillow", "numpy", "pyarrow", "imagehash", "torch", "open-clip-torch",
+PACKAGES = ("ray", "img2dataset", "pillow", "numpy", "pyarrow", "torch", "open-clip-torch",
             "opencv-python-headless")
 
 

@@ -27,7 +27,9 @@ START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 RATIOS = ("download.ours_over_img2dataset", "download.many_hosts_ours_over_img2dataset", "score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer",
           "scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min", "score_gpu.pipeline_over_model_alone",
           "scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
-          "scale.write_samples_per_s_per_core", "ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model")
+          "scale.write_samples_per_s_per_core", "ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model",
+          "score_cpu.view_hashes_overhead", "near_dup.min_recall_crops_mirrors",
+          "near_dup.min_recall_others", "near_dup.precision", "near_dup.false_merges_50k", "graphic.accuracy")
 
 
 def _models(mode: str) -> dict:
@@ -81,7 +83,7 @@ def _bench(name: str) -> Callable[[str], dict]:
     return module.run
 
 
-BENCHMARKS = ("download", "score_cpu", "models", "decide", "scaling", "scale", "ocr", "score_gpu")
+BENCHMARKS = ("download", "score_cpu", "models", "decide", "near_dup", "graphic", "scaling", "scale", "ocr", "score_gpu")
 
 
 def run_one(name: str, mode: str) -> dict:
@@ -146,6 +148,8 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
                      "well above ours images/s"))
     rows.append(("score_cpu", "ours / naive", _fmt(ratios["score_cpu.ours_over_naive"]), "≥ 3"))
     rows.append(("score_cpu", "ours / Data-Juicer", _fmt(ratios["score_cpu.ours_over_data_juicer"]), "≥ 3"))
+    rows.append(("score_cpu", "extra view hashes: CPU over ours without them",
+                 _fmt(ratios["score_cpu.view_hashes_overhead"]), "≤ 0.15"))
     for label, v in results.get("models", {}).get("images_per_s", {}).items():
         if label == "all" or "_without_" not in label:
             rows.append(("models (CPU, tiny towers)", f"{label} images/s", _fmt(v), ""))
@@ -153,6 +157,11 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     if "seconds" in dec and "rows" in dec:
         rows.append(("decide", f"near-dup {dec['rows']:,} rows: seconds", _fmt(dec["seconds"]), ""))
         rows.append(("decide", "peak memory MB (total)", _fmt(dec.get("peak_memory_mb", {}).get("total_mb")), ""))
+    rows.append(("near_dup", "min recall, crops and mirrors", _fmt(ratios["near_dup.min_recall_crops_mirrors"]), "≥ 0.97"))
+    rows.append(("near_dup", "min recall, other transforms", _fmt(ratios["near_dup.min_recall_others"]), "≥ 0.99"))
+    rows.append(("near_dup", "precision on pairs", _fmt(ratios["near_dup.precision"]), "≥ 0.999"))
+    rows.append(("near_dup", "rows merged among 50,000 distinct images", _fmt(ratios["near_dup.false_merges_50k"]), "0"))
+    rows.append(("graphic", "photo / graphic label accuracy", _fmt(ratios["graphic.accuracy"]), "≥ 0.9"))
     for n, s in results.get("scaling", {}).get("per_size", {}).items():
         rows.append(("scaling", f"{int(n):,} rows: s per 1k rows (x{s['repeats']})", _fmt(s["sec_per_1k"]), ""))
         rows.append(("scaling", f"{int(n):,} rows: peak MB driver / workers",

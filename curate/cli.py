@@ -186,10 +186,19 @@ def _weights_table(rows: list[dict], title: str) -> None:
 @models_app.command("list")
 def models_list(config: Optional[Path] = CONFIG_OPT,
                 verify: bool = typer.Option(False, help="Also verify checksums (reads every file).")) -> None:
-    """Show what each enabled scorer needs and whether it is present."""
+    """Show every scorer and what it runs on, then what each enabled scorer needs and whether it is present."""
+    from rich.table import Table
+
     from curate import weights
 
-    opts = _options(config).models
+    cfg = _options(config)
+    opts = cfg.models
+    scorers = Table(title="scorers (style: one source, chosen by rebalance.style_source)")
+    for col in ("scorer", "runs on / needs", "enabled"):
+        scorers.add_column(col, overflow="fold")
+    for row in weights.scorer_needs(opts, cfg.rebalance.style_source):
+        scorers.add_row(row["scorer"], row["needs"], "yes" if row["enabled"] else "no")
+    console.print(scorers)
     _weights_table(weights.list_weights(opts, verify=verify), f"weights in {weights.models_dir(opts)}")
 
 

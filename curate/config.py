@@ -99,7 +99,9 @@ class FiltersConfig(_Section):
 class DedupeConfig(_Section):
     exact: bool = Field(True, description="group exact duplicates (same sha256 of the served bytes)")
     phash_max_distance: int | None = Field(
-        4, ge=0, le=8, description="group images whose 64-bit pHashes differ in at most this many bits; null disables")
+        6, ge=0, le=8, description=(
+            "group images when the whole or mirror hash of one is within this many bits of any view hash of "
+            "the other (filters/multihash.py; measured in bench/README.md); null disables"))
     semantic_threshold: float | None = Field(
         None, gt=0.0, le=1.0,
         description="group images whose embeddings have cosine >= this (needs models.keep_embeddings); null disables")
@@ -127,11 +129,24 @@ class StyleTarget(_Section):
 class RebalanceConfig(_Section):
     styles: dict[str, StyleTarget] = Field(
         default_factory=dict, description="share targets per style label among labelled survivors; empty disables")
+    style_source: Literal["clip", "column", "graphic"] = Field(
+        "clip", description=(
+            "where style labels come from: clip (the style scorer's zero-shot label, needs the CLIP tower), "
+            "column (an input column through style_map), graphic (photo / graphic from the CPU graphic score)"))
+    style_column: str | None = Field(None, description="input column read when style_source is column "
+                                                       "(list it in input.extra_cols)")
+    style_map: dict[str, str] = Field(default_factory=dict, description=(
+        "input value -> style label when style_source is column; values not listed stay unlabelled"))
+    graphic_threshold: float = Field(0.35, ge=0.0, le=1.0, description=(
+        "graphic score at or above which a row is labelled graphic, else photo (style_source: graphic; "
+        "accuracy in bench/README.md)"))
 
     @model_validator(mode="after")
     def _reachable(self) -> "RebalanceConfig":
         if sum(t.min_share or 0.0 for t in self.styles.values()) > 1.0:
             raise ValueError("the min_share values add up to more than 1")
+        if self.style_source == "column" and not self.style_column:
+            raise ValueError("style_source column needs style_column")
         return self
 
 
@@ -171,6 +186,13 @@ class Config(_Section):
     rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _style_column_carried(self) -> "Config":
+        column = self.rebalance.style_column
+        if self.rebalance.style_source == "column" and column not in self.input.extra_cols:
+            raise ValueError(f"rebalance.style_column {column!r} must be listed in input.extra_cols")
+        return self
 
 
 def _describe(err: dict[str, Any]) -> str:

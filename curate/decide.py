@@ -38,15 +38,16 @@ import pyarrow.compute as pc
 
 from curate.config import Config
 from curate.dedupe import KMEANS_SAMPLE, MAX_BUCKET, components, concat, kmeans, nearest, normalised, partition_edges, partition_of, route, split
-from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_limits
+from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_labels, style_limits
 from curate.rundir import RunDir, row_keys, shard_index
 from curate.runtime import Window, log
+from filters.multihash import VIEWS
 from filters.text import text_reasons
 from manifests.schema import REASONS, TEXT, conform
 
 RAW_INPUTS = ["key", "status", "original_width", "original_height", "sha256"]
 SCORE_INPUTS = ["score_error", "aspect_ratio", "entropy", "edge_density", *TEXT,
-                "phash", "clip_score", "aesthetic", "nsfw", "watermark", "text_area", "style"]
+                "phash", "phash_views", "clip_score", "aesthetic", "nsfw", "watermark", "text_area", "style", "graphic"]
 REASONS_LIST = list(REASONS)
 CODES = {name: i for i, name in enumerate(REASONS)}
 NONE = -1
@@ -69,8 +70,9 @@ def read_shard(job: Job, shard: str) -> pa.Table:
     """One shard's decide columns: raw (or the input rows, when the download failed) plus scores."""
     storage, run = job.run.storage, job.run
     downloaded = shard not in job.failed or storage.exists(run.marker("download", shard))
+    style_column = [job.cfg.rebalance.style_column] if job.cfg.rebalance.style_source == "column" else []
     table = storage.read_parquet(run.raw_table(shard) if downloaded else run.input_shard(shard),
-                                 columns=RAW_INPUTS)
+                                 columns=RAW_INPUTS + style_column)
     if shard not in job.failed:
         scores = storage.read_parquet(run.scores(shard), columns=["key", *SCORE_INPUTS])
         if not scores.column("key").equals(table.column("key")):
@@ -193,6 +195,19 @@ def preference(t: pa.Table, order: list[str]) -> np.ndarray:
     return np.stack(cols, axis=1) if cols else np.zeros((t.num_rows, 0))
 
 
+def view_hash_matrix(t: pa.Table) -> np.ndarray:
+    """(n, views) uint64: `phash`, then `phash_views` when the scores have them (rows without a
+    hash are masked by phash_valid, so their zeros are never routed)."""
+    whole = t.column("phash").fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
+    if "phash_views" not in t.column_names:
+        return whole[:, None]
+    views = t.column("phash_views").combine_chunks()
+    width = views.type.list_size
+    flat = pc.fill_null(views.values, 0).to_numpy(zero_copy_only=False).astype(np.uint64)
+    flat = flat[views.offset * width:(views.offset + len(views)) * width]
+    return np.column_stack([whole, flat.reshape(len(views), width)])
+
+
 def _load_npy(run: RunDir, shard: str) -> np.ndarray:
     return np.load(io.BytesIO(run.storage.read_bytes(run.embeddings(shard))))
 
@@ -212,7 +227,7 @@ def group_candidates(job: Job, shards: list[str], centroids: np.ndarray | None, 
                 "caption": hash64(sub.column("caption_norm")), "sha": hash64(sub.column("sha256"))}
         if "phash" in sub.column_names:
             node["phash_valid"] = pc.is_valid(sub.column("phash")).to_numpy(False)
-            node["phash"] = sub.column("phash").fill_null(0).to_numpy(zero_copy_only=False).astype(np.uint64)
+            node["phash"] = view_hash_matrix(sub)
         if centroids is not None and job.run.storage.exists(job.run.embeddings(shard)):
             emb, ok = normalised(_load_npy(job.run, shard)[alive])
             node["semantic"] = (ok, nearest(emb, centroids), emb.astype(np.float16))
@@ -255,7 +270,7 @@ def group_state(job: Job, shards: list[str], dups: dict, *common: np.ndarray) ->
         code[hit & (code == NONE)] = CODES["duplicate"]
         dup_of = np.full(t.num_rows, -1, np.int64)
         dup_of[hit] = dups["dup_of"][where]
-        style = t.column("style") if "style" in t.column_names else pa.nulls(t.num_rows, pa.string())
+        style = style_labels(t, job.cfg.rebalance)
         hashes = key_hashes(t.column("key"))
         counts.append(bucket_counts(style, hashes, code == NONE))
         states.append((shard, code, dup_of, style, hashes))
@@ -279,7 +294,8 @@ def write_group(job: Job, states: list, limits: dict[str, int], attempt: str, wr
             "key": row_keys(shard_index(shard) << 32 | np.arange(n, dtype=np.int64)),
             "keep": pa.array(code == NONE),
             "reason": reason_names(code),
-            "dup_of": row_keys(dup_of, valid=dup_of >= 0)}))
+            "dup_of": row_keys(dup_of, valid=dup_of >= 0),
+            "style_label": style}))
         counts = {REASONS_LIST[c]: int(k) for c, k in zip(*np.unique(code[code != NONE], return_counts=True))}
         info = {"attempt": attempt, "rows": n, "kept": int((code == NONE).sum()), "reasons": counts}
         if write:
@@ -364,10 +380,11 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
         _collect(result, per_shard)
     result = _funnel(per_shard)
     if skipped:
-        log.warning("decide: %d rows sat in pHash band buckets larger than %d and were not compared", skipped, MAX_BUCKET)
+        log.warning("decide: %d hashes sat in pHash sub-band buckets larger than %d and were not compared",
+                    skipped, MAX_BUCKET)
     if not dry_run:
         storage.write_json(run.decided, {"fingerprint": fp, "attempt": attempt, "funnel": result, "styles": styles,
-                                              "dedupe": {"near_dup_skipped_rows": skipped}})
+                                              "dedupe": {"near_dup_skipped_hashes": skipped}})
     log.info("decide: %d rows, %d kept", result["rows_in"], result["kept"])
     return result
 

@@ -2,28 +2,31 @@
 
 decide.py drives these as Ray tasks; everything here is a pure function of numpy arrays.
 
-- route: a group's surviving rows become records keyed by sha256 (exact), by each pHash band
-  (near: any two hashes within k bits agree exactly on one of k + 1 bands) and by k-means
-  cluster (semantic), hash-partitioned so equal keys meet in one partition.
+- route: a group's surviving rows become records keyed by sha256 (exact), by each band of
+  each of a row's view hashes (near: any two hashes within k bits agree exactly on one of
+  k + 1 bands; filters/multihash.py names the views) and by k-means cluster (semantic),
+  hash-partitioned so equal keys meet in one partition.
 - partition_edges: inside a partition, equal sha256 become chains (n - 1 edges, never all
-  pairs), identical pHashes one chain, band buckets are verified pair by pair with sub-band
-  splitting (filters/phash.py), clusters compared in bounded blocks; the result is reduced to
-  a spanning forest, so a partition returns at most one edge per row it holds. A band bucket
-  holding more than MAX_BUCKET distinct hashes (a flat image shared by millions) is skipped
-  and counted.
+  pairs), identical anchor hashes one chain, band buckets are verified pair by pair with
+  sub-band splitting (filters/phash.py) and the matching rule (an anchor view on one side),
+  clusters compared in bounded blocks; the result is reduced to a spanning forest, so a
+  partition returns at most one edge per row it holds. A sub-band bucket holding more than
+  MAX_BUCKET distinct hashes (a flat image shared by millions) is skipped and counted.
 - components: connected components over the nodes that have an edge; each group keeps its
   best rows and the others point at the best one.
 
-Memory: a partition holds (k + 2) records of about 40 bytes per surviving row routed to it,
-plus its verified pairs; components holds about 64 bytes per row that has an edge.
+Memory: a partition holds 1 + len(VIEWS) * (k + 1) records of 26 bytes per surviving row routed
+to it (85 at 12 views and k = 6), its rows' preference and caption once, and its verified
+pairs; components holds about 64 bytes per row that has an edge.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from filters.multihash import ANCHORS, VIEWS
 from filters.phash import band_values, forest, near_pairs_in_band, roots, split_bits
 
-MAX_BUCKET = 10_000              # distinct pHashes sharing one band value beyond this are not compared
+MAX_BUCKET = 10_000              # distinct hashes sharing one (band, sub-band) value beyond this are not compared
 BLOCK_ELEMS = 1 << 24            # similarity entries computed at once inside one cluster
 KMEANS_SAMPLE = 100_000          # embeddings the k-means centroids are fitted on
 KMEANS_ITERATIONS = 20
@@ -50,84 +53,115 @@ def concat(parts: tuple[dict, ...]) -> dict:
 
 
 def route(nodes: list[dict], exact: bool, max_distance: int | None, n_pref: int, partitions: int) -> list[dict]:
-    """Records of a group's surviving rows, one dict per partition: {"hash": ..., "semantic": ...}.
+    """Records of a group's surviving rows, one dict per partition: {"hash", "attrs", "semantic"}.
 
-    Each node dict holds row, pref, caption, sha (0 = none) and optionally phash + phash_valid
-    and semantic = (usable mask, cluster label, unit embedding as float16).
+    Each node dict holds row, pref, caption, sha (0 = none) and optionally phash (n, len(VIEWS))
+    + phash_valid and semantic = (usable mask, cluster label, unit embedding as float16).
+    "hash" records are (kind, key, value, anchor, row): one per sha256, and one per view hash
+    and band; "attrs" holds each routed row's preference and caption once per partition.
     """
-    pieces, semantic = [], []
+    pieces, attrs, semantic = [], [], []
+    anchor_of_view = np.array([v.name in ANCHORS for v in VIEWS], np.uint8)
     for node in nodes:
-        attrs = {k: node[k] for k in ("row", "pref", "caption")}
+        attrs.append({k: node[k] for k in ("row", "pref", "caption")})
         if exact:
             has = node["sha"] != 0
-            pieces.append(_piece(0, node["sha"][has], np.zeros(int(has.sum()), np.uint64), attrs, has))
+            pieces.append(_piece(0, node["sha"][has], np.zeros(int(has.sum()), np.uint64),
+                                 np.zeros(int(has.sum()), np.uint8), node["row"][has]))
         if max_distance is not None and "phash" in node:
             has = node["phash_valid"]
-            hashes = node["phash"][has]
-            for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
-                key = band_values(hashes, offset, width) * np.uint64(64) + np.uint64(b)
-                pieces.append(_piece(1, key, hashes, attrs, has))
+            hashes, rows = node["phash"][has], node["row"][has]
+            for v in range(hashes.shape[1]):
+                anchor = np.full(len(rows), anchor_of_view[v], np.uint8)
+                for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
+                    key = band_values(hashes[:, v], offset, width) * np.uint64(64) + np.uint64(b)
+                    pieces.append(_piece(1, key, hashes[:, v], anchor, rows))
         if "semantic" in node:
             ok, label, emb = node["semantic"]
-            semantic.append({"label": label, "emb": emb, **{k: v[ok] for k, v in attrs.items()}})
-    hashed = concat(tuple(pieces)) if pieces else _empty_piece(n_pref)
-    hashed = split(partition_of(hashed["key"] ^ hashed["kind"].astype(np.uint64), partitions), partitions, **hashed)
-    if not semantic:
-        return [{"hash": h, "semantic": None} for h in hashed]
-    sem = concat(tuple(semantic))
-    return [{"hash": h, "semantic": m} for h, m in zip(hashed, split(sem["label"] % partitions, partitions, **sem))]
+            semantic.append({"label": label, "emb": emb, **{k: node[k][ok] for k in ("row", "pref", "caption")}})
+    hashed = concat(tuple(pieces)) if pieces else _empty_piece()
+    target = partition_of(hashed["key"] ^ hashed["kind"].astype(np.uint64), partitions)
+    hashed = split(target, partitions, **hashed)
+    every = concat(tuple(attrs)) if attrs else {"row": np.empty(0, np.int64), "pref": np.empty((0, n_pref)),
+                                                "caption": np.empty(0, np.uint64)}
+    wanted = [np.unique(h["row"]) for h in hashed]
+    by_row = np.argsort(every["row"], kind="stable")
+    at = [by_row[np.searchsorted(every["row"], w, sorter=by_row)] for w in wanted]
+    routed = [{"hash": h, "attrs": {k: v[i] for k, v in every.items()}, "semantic": None} for h, i in zip(hashed, at)]
+    if semantic:
+        sem = concat(tuple(semantic))
+        for part, m in zip(routed, split(sem["label"] % partitions, partitions, **sem)):
+            part["semantic"] = m
+    return routed
 
 
-def _piece(kind: int, key: np.ndarray, value: np.ndarray, node: dict, take: np.ndarray) -> dict:
-    return {"kind": np.full(len(key), kind, np.uint8), "key": key, "value": value,
-            **{k: v[take] for k, v in node.items()}}
+def _piece(kind: int, key: np.ndarray, value: np.ndarray, anchor: np.ndarray, row: np.ndarray) -> dict:
+    return {"kind": np.full(len(key), kind, np.uint8), "key": key, "value": value, "anchor": anchor, "row": row}
 
 
-
-def _empty_piece(n_pref: int) -> dict:
-    return {"kind": np.empty(0, np.uint8), "key": np.empty(0, np.uint64), "value": np.empty(0, np.uint64),
-            "row": np.empty(0, np.int64), "pref": np.empty((0, n_pref)),
-            "caption": np.empty(0, np.uint64)}
-
+def _empty_piece() -> dict:
+    return _piece(0, np.empty(0, np.uint64), np.empty(0, np.uint64), np.empty(0, np.uint8), np.empty(0, np.int64))
 
 
 def partition_edges(max_distance: int | None, threshold: float | None, *parts: dict) -> tuple[dict, int]:
     """A partition's duplicate edges as a spanning forest, with the nodes' attributes; and the
-    number of rows whose band bucket was too large to compare (reported, never silent)."""
+    number of hashes whose sub-band bucket was too large to compare (reported, never silent)."""
     cols = concat(tuple(p["hash"] for p in parts))
     found = [np.empty((2, 0), np.int64)]
     skipped = 0
     exact = cols["kind"] == 0
     if exact.any():
         found.append(_chains(cols["key"][exact], cols["row"][exact]))
-    near = np.flatnonzero(cols["kind"] == 1)
-    if near.size and max_distance is not None:
-        key, value, row = cols["key"][near], cols["value"][near], cols["row"][near]
-        found.append(_chains(value, row))                       # identical hashes: one chain
-        first = np.unique(np.stack([key, value]), axis=1, return_index=True)[1]
-        key, value, row = key[first], value[first], row[first]  # one row per distinct hash per band
-        order = np.argsort(key, kind="stable")
-        key, value, row = key[order], value[order], row[order]
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        sizes = np.diff(np.r_[starts, len(key)])
-        big = np.repeat(sizes > MAX_BUCKET, sizes)
-        skipped = int(big.sum())
-        key, value, row = key[~big], value[~big], row[~big]
-        for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
-            mine = (key % np.uint64(64)) == np.uint64(b)
-            if mine.sum() > 1:
-                found.append(near_pairs_in_band(row[mine], value[mine], offset, width, max_distance))
+    near = cols["kind"] == 1
+    if near.any() and max_distance is not None:
+        edges, skipped = _near_edges(cols["key"][near], cols["value"][near], cols["anchor"][near].astype(bool),
+                                     cols["row"][near], max_distance)
+        found.append(edges)
+    attrs = concat(tuple(p["attrs"] for p in parts))
     sem = [p["semantic"] for p in parts if p["semantic"] is not None]
     if sem and threshold is not None:
         sem = concat(tuple(sem))
         found.append(_cluster_pairs(sem, threshold))
-        cols = {k: np.concatenate([cols[k], sem[k]]) for k in ("row", "pref", "caption")}
+        attrs = {k: np.concatenate([attrs[k], sem[k]]) for k in ("row", "pref", "caption")}
     edges = forest(np.concatenate(found, axis=1))
     nodes = np.unique(edges)
-    by_row = np.argsort(cols["row"], kind="stable")
-    index = by_row[np.searchsorted(cols["row"], nodes, sorter=by_row)] if len(nodes) else np.empty(0, np.int64)
-    return {"edges": edges, "row": nodes, "pref": cols["pref"][index], "caption": cols["caption"][index]}, skipped
+    by_row = np.argsort(attrs["row"], kind="stable")
+    index = by_row[np.searchsorted(attrs["row"], nodes, sorter=by_row)] if len(nodes) else np.empty(0, np.int64)
+    return {"edges": edges, "row": nodes, "pref": attrs["pref"][index], "caption": attrs["caption"][index]}, skipped
 
+
+def _near_edges(key: np.ndarray, value: np.ndarray, anchor: np.ndarray, row: np.ndarray,
+                max_distance: int) -> tuple[np.ndarray, int]:
+    """Edges between rows with a view hash within max_distance of an anchor hash of the other.
+
+    Rows sharing one exact (band, hash, anchor-or-not) are collapsed to one representative first,
+    so a hash shared by millions costs one chain, not millions of candidates: identical anchor
+    hashes are a match and become a chain; identical window hashes alone are not (the rule wants
+    an anchor on one side), so a window group's rows each join the anchor a representative matched.
+    """
+    order = np.lexsort((row, anchor, value, key))
+    key, value, anchor, row = key[order], value[order], anchor[order], row[order]
+    new = np.r_[True, (key[1:] != key[:-1]) | (value[1:] != value[:-1]) | (anchor[1:] != anchor[:-1])]
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.r_[starts, len(key)])
+    same_anchor = ~new & anchor
+    found = [np.stack([row[:-1][same_anchor[1:]], row[1:][same_anchor[1:]]])]
+    rep_key, rep_value, rep_anchor = key[starts], value[starts], anchor[starts]
+    skipped = 0
+    for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
+        mine = np.flatnonzero((rep_key % np.uint64(64)) == np.uint64(b))
+        if mine.size < 2:
+            continue
+        pairs, big = near_pairs_in_band(rep_value[mine], rep_anchor[mine], offset, width, max_distance, MAX_BUCKET)
+        skipped += big
+        i, j = mine[pairs[0]], mine[pairs[1]]
+        i, j = np.where(rep_anchor[i], i, j), np.where(rep_anchor[i], j, i)      # i is an anchor group
+        count = np.where(rep_anchor[j], 1, sizes[j])      # an anchor group is a chain: its first row will do
+        pair = np.repeat(np.arange(len(j)), count)
+        offset = np.arange(len(pair)) - np.repeat(np.cumsum(count) - count, count)
+        found.append(np.stack([row[starts[i][pair]], row[starts[j][pair] + offset]]))
+    edges = np.concatenate(found, axis=1)
+    return edges[:, edges[0] != edges[1]], skipped
 
 
 def _cluster_pairs(sem: dict, threshold: float) -> np.ndarray:

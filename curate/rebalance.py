@@ -81,6 +81,26 @@ def keep_counts(counts: dict[str, int], cfg: RebalanceConfig) -> dict[str, int]:
     return kept
 
 
+def style_labels(t: pa.Table, cfg: RebalanceConfig) -> pa.ChunkedArray | pa.Array:
+    """The style each row is counted under, from rebalance.style_source; null where unlabelled.
+
+    clip: the style scorer's column; column: an input column through style_map (unlisted
+    values stay unlabelled); graphic: photo / graphic at graphic_threshold of the CPU score.
+    """
+    n = t.num_rows
+    if cfg.style_source == "clip":
+        return t.column("style") if "style" in t.column_names else pa.nulls(n, pa.string())
+    if cfg.style_source == "column":
+        source = t.column(cfg.style_column).cast(pa.string())
+        values = pa.array(list(cfg.style_map), pa.string())
+        labels = pa.array(list(cfg.style_map.values()), pa.string())
+        return pc.take(labels, pc.index_in(source, value_set=values))
+    if "graphic" not in t.column_names:
+        return pa.nulls(n, pa.string())
+    drawn = pc.greater_equal(t.column("graphic"), pa.scalar(cfg.graphic_threshold, pa.float32()))
+    return pc.if_else(drawn, "graphic", "photo")
+
+
 HASH_BUCKET_BITS = 12
 KEEP_NONE = -1   # a limit below every hash: the style keeps no row
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import io
 from typing import Sequence
 
-import imagehash
 import numpy as np
 from PIL import Image
 
-METRIC_SIDE = 256          # gray image side for entropy, edges and pHash: enough, and cheap
+from filters.graphic import graphic_score
+from filters.multihash import view_hashes
+
+METRIC_SIDE = 256          # gray image side for entropy, edges and the hashes: enough, and cheap
 EDGE_THRESHOLD = 32.0      # gradient magnitude (0..~360) that counts as an edge
-IMAGE_COLUMNS = ("score_error", "entropy", "edge_density", "jpeg_bpp", "phash")
+IMAGE_COLUMNS = ("score_error", "entropy", "edge_density", "jpeg_bpp", "phash", "phash_views", "graphic")
 
 
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -84,11 +86,6 @@ def edge_density(gray: np.ndarray) -> float:
     return float((np.hypot(gx, gy) > EDGE_THRESHOLD).mean())
 
 
-def phash64(gray: Image.Image) -> int:
-    """64-bit DCT perceptual hash as an unsigned integer (bit order of imagehash's hex string)."""
-    return int(str(imagehash.phash(gray, hash_size=8)), 16)
-
-
 def image_columns(images: Sequence[bytes | None], *, decode_side: int, max_pixels: int,
                   model_side: int | None = None) -> tuple[dict[str, list], list[np.ndarray | None]]:
     """Metrics for each image (None where it failed or is absent) and, if asked, model views.
@@ -106,8 +103,11 @@ def image_columns(images: Sequence[bytes | None], *, decode_side: int, max_pixel
                 gray_img = rgb.convert("L")
                 gray_img.thumbnail((METRIC_SIDE, METRIC_SIDE), Image.BILINEAR)
                 gray = np.asarray(gray_img)
+                hashes = view_hashes(gray)
                 row.update(entropy=entropy(gray), edge_density=edge_density(gray),
-                           jpeg_bpp=8.0 * len(data) / (stored_w * stored_h), phash=phash64(gray_img))
+                           jpeg_bpp=8.0 * len(data) / (stored_w * stored_h),
+                           phash=int(hashes[0]), phash_views=hashes[1:].tolist(),
+                           graphic=graphic_score(rgb, gray))
                 if model_side:
                     view = np.asarray(shrink(rgb, model_side), dtype=np.uint8)
             except Exception as exc:  # a bad image is a row's error, never the batch's

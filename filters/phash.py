@@ -9,7 +9,8 @@ Two pigeonhole levels keep candidate buckets small without comparing all pairs:
   2. inside a band b, the other 64 - w_b bits still differ in at most k places, so split
      them into k+1 sub-bands: the pair also agrees on one of those.
 A candidate is a pair agreeing on (band b, sub-band s) for some (b, s); every candidate is
-verified with its true Hamming distance. Level 1 is what the cluster shuffles on (band
+verified with its true Hamming distance and with the matching rule (filters/multihash.py: an
+anchor view, whole or mirror, on at least one side). Level 1 is what the cluster shuffles on (band
 value); level 2 runs locally in the partition and cuts buckets by another 2^(bits/k+1).
 """
 from __future__ import annotations
@@ -65,23 +66,31 @@ def equal_key_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(firsts), np.concatenate(seconds)
 
 
-def near_pairs_in_band(ids: np.ndarray, hashes: np.ndarray, offset: int, width: int,
-                       max_distance: int) -> np.ndarray:
-    """Verified pairs (2, E) of ids whose hashes agree on band (offset, width) and lie within max_distance.
+def near_pairs_in_band(hashes: np.ndarray, anchor: np.ndarray, offset: int, width: int, max_distance: int,
+                       max_bucket: int) -> tuple[np.ndarray, int]:
+    """Verified pairs (2, E) of positions whose hashes agree on band (offset, width), lie within
+    max_distance, and have an anchor view on at least one side; and how many hashes sat in a
+    sub-band bucket larger than `max_bucket` and were not compared (reported, never silent).
 
-    `ids` and `hashes` are the rows of one or more buckets of this band (level-1 partition).
+    `hashes` are the distinct hashes of one or more buckets of this band (level-1 partition).
     """
     band = band_values(hashes, offset, width)
     rest = without_band(hashes, offset, width)
-    found = []
+    found, skipped = [np.empty((2, 0), np.int64)], 0
     for sub_offset, sub_width in split_bits(64 - width, max_distance + 1):
         key = (band << np.uint64(sub_width)) | band_values(rest, sub_offset, sub_width)
         order = np.argsort(key, kind="stable")
-        i, j = equal_key_pairs(key[order])
+        key = key[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        sizes = np.diff(np.r_[starts, len(key)])
+        small = np.repeat(sizes <= max_bucket, sizes)
+        skipped += int((~small).sum())
+        order = order[small]
+        i, j = equal_key_pairs(key[small])
         i, j = order[i], order[j]
-        close = hamming(hashes[i], hashes[j]) <= max_distance
-        found.append(np.stack([ids[i[close]], ids[j[close]]]))
-    return np.unique(np.concatenate(found, axis=1), axis=1) if found else np.empty((2, 0), np.int64)
+        keep = (anchor[i] | anchor[j]) & (hamming(hashes[i], hashes[j]) <= max_distance)
+        found.append(np.stack([i[keep], j[keep]]))
+    return np.unique(np.concatenate(found, axis=1), axis=1), skipped
 
 
 def roots(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

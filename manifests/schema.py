@@ -11,6 +11,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
+from filters.multihash import VIEWS
+
 
 @dataclass(frozen=True)
 class Column:
@@ -48,7 +50,11 @@ IMAGE = _cols(
     Column("entropy", pa.float32(), "Shannon entropy of the gray-level histogram, bits (0..8)"),
     Column("edge_density", pa.float32(), "share of pixels on a strong gradient (texture)"),
     Column("jpeg_bpp", pa.float32(), "stored JPEG bits per pixel"),
-    Column("phash", pa.uint64(), "64-bit DCT perceptual hash"),
+    Column("phash", pa.uint64(), "64-bit DCT perceptual hash of the whole image (filters/multihash.py)"),
+    Column("phash_views", pa.list_(pa.uint64(), len(VIEWS) - 1),
+           "64-bit DCT hashes of the other views, in the order of filters.multihash.VIEWS[1:]: the mirror, "
+           "then windows at 96% and 92% of each side anchored at the four corners and the centre"),
+    Column("graphic", pa.float32(), "0..1, how drawn the image looks (flat share, palette; filters/graphic.py)"),
 )
 
 TEXT = _cols(
@@ -79,6 +85,8 @@ DECISION = _cols(
     Column("keep", pa.bool_(), "true when the row goes into the shards"),
     Column("reason", pa.string(), "first rule that dropped the row (see REASONS), null when kept"),
     Column("dup_of", pa.string(), "key of the kept row this one duplicates"),
+    Column("style_label", pa.string(), "style the rebalance counted the row under (rebalance.style_source); "
+                                       "null: unlabelled"),
 )
 
 OUTPUT = _cols(

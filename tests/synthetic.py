@@ -73,6 +73,7 @@ def manifest_columns(n: int, shards: int, seed: int = 0) -> dict:
         "text_area": text_area, "text_boxes": (text_area * 40).astype(np.int32),
         "style": style.tolist(), "style_prob": rng.uniform(0.3, 1, n),
         "keep": (reason == None).tolist(), "reason": reason.tolist(), "dup_of": dup_of.tolist(),  # noqa: E711
+        "style_label": style.tolist(),   # rebalance counted the zero-shot style (style_source: clip)
     }
 
 

@@ -11,7 +11,10 @@ from bench import common, run
 
 OWN_RATIOS = {
     "download": ["download.ours_over_img2dataset", "download.many_hosts_ours_over_img2dataset"],
-    "score_cpu": ["score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer"],
+    "score_cpu": ["score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer", "score_cpu.view_hashes_overhead"],
+    "near_dup": ["near_dup.min_recall_crops_mirrors", "near_dup.min_recall_others", "near_dup.precision",
+                 "near_dup.false_merges_50k"],
+    "graphic": ["graphic.accuracy"],
     "scaling": ["scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min"],
     "score_gpu": ["score_gpu.pipeline_over_model_alone"],
     "scale": ["scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
@@ -37,8 +40,14 @@ def test_benchmark_smoke(name):
         assert many["urls_on_first_host"] == result["sizes"]["images"] // 2
         assert 0 < many["peak_per_host"]["ours"] <= many["per_host_connections"]
         assert many["peak_per_host"]["img2dataset"] > 0 and many["images_per_s"]["ours"] > 0
+    if name == "near_dup":   # smoke sizes: too few distinct images for the 50k false-merge figure
+        assert result["own_ratios"]["near_dup.precision"] > 0.99 and result["false_merges"]["images"] == 600
+        assert result["own_ratios"]["near_dup.false_merges_50k"] is None
+    if name == "graphic":
+        assert result["own_ratios"]["graphic.accuracy"] > 0.9
     if name == "score_cpu":
         assert result["images_per_s_per_core"]["ours"] > 0
+        assert 0 < result["own_ratios"]["score_cpu.view_hashes_overhead"] < 1
         assert "smoke" in result["data_juicer"]["error"]  # Data-Juicer takes a minute: quick mode only
     if name == "scale":   # the real decide and write on synthetic runs: every row accounted for
         for size in result["per_size"]:

@@ -25,7 +25,7 @@ def _hashes(n: int) -> np.ndarray:
 def test_near_duplicates_keep_the_best_and_name_it(ray_session):
     ph = _hashes(10)
     ph[1] = ph[0] ^ np.uint64(0b111)          # 3 bits: duplicate of row 0
-    ph[3] = ph[2] ^ np.uint64(0b11111)        # 5 bits: distinct at the default distance
+    ph[3] = ph[2] ^ np.uint64(0b1111111)      # 7 bits: distinct at the default distance (6)
     ph[5], ph[6] = ph[4] ^ np.uint64(0xF), ph[4] ^ np.uint64(0xF0)   # 5 and 6 are 8 apart, joined via 4
     aesthetic = [5.0] * 10
     aesthetic[1] = 6.0

@@ -6,10 +6,13 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from curate.config import DedupeConfig
+from filters.multihash import MATCHES
 from manifests.schema import ALL, ERROR_KINDS, REASONS
 from tests.conftest import DEMO_N
 
@@ -71,7 +74,28 @@ def test_duplicates_name_a_kept_row(demo_run):
         original = kept.loc[row.dup_of]
         assert original.keep
         same_bytes = original.sha256 == row.sha256
-        assert same_bytes or bin(int(original.phash) ^ int(row.phash)).count("1") <= 4  # dedupe.phash_max_distance
+        assert same_bytes or _view_distance(original, row) <= DedupeConfig().phash_max_distance
+
+
+def _view_distance(a, b) -> int:
+    """Smallest Hamming distance over the view pairs the matching rule compares."""
+    ha = np.array([a.phash, *a.phash_views], np.uint64)
+    hb = np.array([b.phash, *b.phash_views], np.uint64)
+    return int(np.bitwise_count(ha[:, None] ^ hb[None, :])[MATCHES].min())
+
+
+def test_demo_rebalances_the_graphic_share_to_its_cap(demo_run):
+    """jobs/demo.yaml labels styles with the CPU graphic score and caps graphic at 10%."""
+    stats = json.loads((demo_run / "stats.json").read_text())
+    styles = json.loads((demo_run / "decisions" / "_decided.json").read_text())["styles"]
+    before, after = styles["before"], styles["after"]
+    assert set(before) == {"photo", "graphic"} and before["graphic"] / sum(before.values()) > 0.11, styles
+    assert abs(after["graphic"] / sum(after.values()) - 0.10) <= 0.01, styles
+    m = _manifest(demo_run)
+    kept = m[m.keep]
+    assert kept.style_label.value_counts().to_dict() == after
+    assert set(m.loc[m.kind == "cartoon", "style_label"].dropna()) <= {"graphic"}
+    assert stats["styles"] == styles
 
 
 def _shard_samples(run: Path) -> dict[str, dict[str, dict[str, bytes]]]:

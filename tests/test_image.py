@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from curate.demo_corpus import bomb_png, photo
-from filters.image import aspect_ratio, edge_density, entropy, image_columns, phash64, shrink, to_rgb
+from filters.image import aspect_ratio, edge_density, entropy, image_columns, shrink, to_rgb
+from filters.multihash import VIEWS, view_hashes
 
 
 def _encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
@@ -37,7 +38,10 @@ def test_phash_survives_reencoding_but_not_a_different_image():
     rng = np.random.default_rng(3)
     a, b = photo(rng, 400, 600), photo(rng, 400, 600)
     reenc = Image.open(io.BytesIO(_encode(a, quality=40)))
-    dist = lambda x, y: bin(phash64(x.convert("L")) ^ phash64(y.convert("L"))).count("1")  # noqa: E731
+    def dist(x, y) -> int:
+        hx, hy = (int(view_hashes(np.asarray(i.convert("L")), VIEWS[:1])[0]) for i in (x, y))
+        return bin(hx ^ hy).count("1")
+
     assert dist(a, reenc) <= 4
     assert dist(a, b) > 12
 
@@ -63,7 +67,8 @@ def test_image_columns_records_failures_per_row():
                                 max_pixels=10_000_000, model_side=64)
     assert cols["score_error"][0] is None and cols["entropy"][0] > 5
     assert cols["jpeg_bpp"][0] == pytest.approx(8 * len(good) / (500 * 300))
-    assert 0 <= cols["phash"][0] < 2 ** 64
+    assert 0 <= cols["phash"][0] < 2 ** 64 and len(cols["phash_views"][0]) == len(VIEWS) - 1
+    assert 0 <= cols["graphic"][0] <= 0.35 and cols["graphic"][1] is None
     assert cols["score_error"][1].startswith("decode error")
     assert cols["score_error"][2] is None and cols["entropy"][2] is None  # nothing downloaded: no metric
     assert "over the limit" in cols["score_error"][3]

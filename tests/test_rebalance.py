@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
-from curate.config import RebalanceConfig, validate
-from curate.rebalance import keep_counts, key_hashes
+from curate.config import ConfigError, RebalanceConfig, validate
+from curate.rebalance import keep_counts, key_hashes, style_labels
 from synthetic_run import decide_table
 from synthetic_scores import scores_table
 
@@ -80,3 +81,39 @@ def test_a_binding_floor_is_hit_within_one_point(ray_session):
     share = {r["values"]: r["counts"] / total for r in kept}
     assert abs(share["photo"] - 0.70) <= 0.01 and share["cartoon"] <= 0.11 and share["anime"] <= 0.11
     assert report["after"] == {r["values"]: r["counts"] for r in kept}
+
+
+def test_style_labels_come_from_the_configured_source():
+    t = pa.table({"style": ["anime", None, "photo"], "graphic": pa.array([0.9, 0.1, None], pa.float32()),
+                  "site_category": ["漫画", "摄影", "其他"]})
+    labels = lambda **kw: style_labels(t, RebalanceConfig.model_validate(kw)).to_pylist()  # noqa: E731
+    assert labels() == ["anime", None, "photo"]
+    assert labels(style_source="graphic") == ["graphic", "photo", None]
+    assert labels(style_source="graphic", graphic_threshold=0.95) == ["photo", "photo", None]
+    assert labels(style_source="column", style_column="site_category",
+                  style_map={"漫画": "cartoon", "摄影": "photo"}) == ["cartoon", "photo", None]
+
+
+def test_a_style_column_must_be_named_and_carried():
+    with pytest.raises(ValueError, match="needs style_column"):
+        RebalanceConfig.model_validate({"style_source": "column"})
+    base = {"run_dir": "/tmp/unused", "input": {"paths": ["x.parquet"]},
+            "rebalance": {"style_source": "column", "style_column": "site"}}
+    with pytest.raises(ConfigError, match="input.extra_cols"):
+        validate(base)
+    assert validate({**base, "input": {"paths": ["x.parquet"], "extra_cols": ["site"]}}).rebalance.style_column == "site"
+
+
+def test_graphic_labels_rebalance_through_decide(ray_session):
+    """style_source graphic: the CPU score is the label, the cap is met, decisions name the label."""
+    rng = np.random.default_rng(2)
+    graphic = rng.uniform(0, 1, 2_000)
+    table = scores_table(2_000, shards=2).append_column("graphic", pa.array(graphic, pa.float32()))
+    cfg = validate({"run_dir": "/tmp/unused", "input": {"paths": ["x.parquet"]},
+                    "rebalance": {"style_source": "graphic", "styles": {"graphic": {"max_share": 0.2}}}})
+    decisions, report = decide_table(table, cfg)
+    drawn = int((graphic >= cfg.rebalance.graphic_threshold).sum())
+    assert report["before"] == {"graphic": drawn, "photo": 2_000 - drawn}
+    assert abs(report["after"]["graphic"] / sum(report["after"].values()) - 0.2) <= 0.01
+    kept = decisions.filter(decisions.column("keep")).column("style_label").to_pylist()
+    assert kept.count("graphic") == report["after"]["graphic"] and kept.count("photo") == 2_000 - drawn

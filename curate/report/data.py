@@ -50,7 +50,7 @@ METRICS = (
     Metric("text area: share of the image under detected text", "text_area", (Rule("filters.text_area_max", "above"),)),
     Metric("JPEG bits per pixel", "jpeg_bpp"),
 )
-LIGHT = ["key", "shard", "status", "keep", "reason", "dup_of", "style", "original_width", "original_height",
+LIGHT = ["key", "shard", "status", "keep", "reason", "dup_of", "style_label", "original_width", "original_height",
          *[m.column for m in METRICS if m.column != MIN_SIDE]]
 BINS = 40
 RANGE_SAMPLE = 1_000_000
@@ -117,11 +117,11 @@ class Tally:
 
     def add(self, table: pa.Table) -> None:
         value_counts(table.column("reason"), self.reasons)
-        if "style" in table.column_names:
+        if "style_label" in table.column_names:   # the label rebalance counted, from rebalance.style_source
             keep = pc.fill_null(table.column("keep"), False)
             seen = pc.or_(keep, pc.fill_null(pc.equal(table.column("reason"), "rebalanced"), False))
-            value_counts(table.column("style").filter(seen), self.before)
-            value_counts(table.column("style").filter(keep), self.after)
+            value_counts(table.column("style_label").filter(seen), self.before)
+            value_counts(table.column("style_label").filter(keep), self.after)
         for column, sampler in self.samplers.items():
             values = metric_column(table, column)
             if values is not None:
