@@ -166,7 +166,7 @@ class OcrStage:
 
         m = cfg.models
         self.side, self.max_pixels = m.ocr_side, cfg.download.max_pixels
-        self.ocr = Ocr(m.ocr_side, m.ocr_recognize, m.ocr_text_max, "cuda" if m.num_gpus > 0 else "cpu",
+        self.ocr = Ocr(m.ocr_side, m.ocr_recognize, m.ocr_text_max, "cuda" if ocr_gpus(cfg) else "cpu",
                        threads=1, screen_side=m.ocr_screen_side)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -238,6 +238,15 @@ def finish_shard(run: RunDir, shard: str, expected: int) -> str | None:
     return None
 
 
+def ocr_gpus(cfg: Config) -> float | None:
+    """GPUs per OCR actor: models.num_gpus when this onnxruntime has CUDA (onnxruntime-gpu), else none:
+    a CPU-only onnxruntime would hold a GPU it cannot use."""
+    import onnxruntime
+
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return cfg.models.num_gpus if cuda and cfg.models.num_gpus > 0 else None
+
+
 def check_room(cfg: Config, views_on: bool, ocr_on: bool, cpus: float) -> None:
     """Refuse actor pools that would leave no CPU for a scoring task: the stream would wait forever."""
     reserved = cfg.models.num_actors * MODEL_ACTOR_CPUS * views_on + cfg.models.ocr_actors * OCR_ACTOR_CPUS * ocr_on
@@ -275,7 +284,7 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
     if ocr_on:
         ds = ds.map_batches(OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.score.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.models.ocr_actors), batch_format="pyarrow",
-                            num_gpus=cfg.models.num_gpus or None, num_cpus=OCR_ACTOR_CPUS)
+                            num_gpus=ocr_gpus(cfg), num_cpus=OCR_ACTOR_CPUS)
     columns = SCORE_COLUMNS + (list(MODEL) if models_on else [])
     if models_on and cfg.models.keep_embeddings:
         columns.append("image_embedding")
