@@ -306,6 +306,8 @@ def scorer_needs(opts: ModelOptions, style_source: str) -> list[dict]:
          "photo / graphic, no weights, no GPU", style_source == "graphic"),
         ("style (style_source: column)", "an input column through rebalance.style_map: no weights",
          style_source == "column"),
+        ("ocr", f"PP-OCRv4 detection{' and recognition' if opts.ocr_recognize else ''}, ONNX files shipped inside "
+                f"the rapidocr-onnxruntime wheel (no download; CPU, or CUDA with onnxruntime-gpu)", "ocr" in opts.enabled),
     ]
     return [{"scorer": name, "needs": needs, "enabled": on} for name, needs, on in rows]
 

@@ -6,7 +6,7 @@ by ?tag=); /slow/NAME waits `delay` seconds first; /redirect?to=URL answers 302;
 Content-Length only when ?declare=1; /status/CODE always answers CODE; /once/CODE/NAME answers
 CODE to the first request of that exact path and serves the file after (CODE `reset` resets
 the connection instead); ?after=N adds `Retry-After: N` to those answers. Every request is
-counted in `hits` (with its time in `times`), and the connections open at once in `peak`.
+counted in `hits` (with its time in `times`), and the requests being answered at once in `peak`.
 Several servers on 127.0.0.2, 127.0.0.3, ... act as separate hosts (`serve_hosts`).
 """
 from __future__ import annotations
@@ -43,16 +43,27 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def handle(self) -> None:
-        """Counts the connections open at once (each request is a connection: the client closes it)."""
+    _counted = False
+
+    def _enter(self) -> None:
+        """Counts the requests being answered at once: from arrival until the answer starts. The
+        client's slot for a host spans that whole interval, and it cannot reuse the slot before it
+        has the answer, so this count never overtakes a cap by lag (counting whole connections did:
+        the server closes a socket after the client has moved on)."""
         with self.served.lock:
             self.served.open += 1
             self.served.peak = max(self.served.peak, self.served.open)
-        try:
-            super().handle()
-        finally:
+        self._counted = True
+
+    def _leave(self) -> None:
+        if self._counted:
+            self._counted = False
             with self.served.lock:
                 self.served.open -= 1
+
+    def send_response(self, code, message=None) -> None:
+        self._leave()
+        super().send_response(code, message)
 
     def _answer(self, code: str, after: str | None) -> None:
         if code == "reset":   # RST instead of an answer: linger 0, then the server closes the socket
@@ -94,6 +105,13 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def do_GET(self) -> None:
+        self._enter()
+        try:
+            self._get()
+        finally:
+            self._leave()   # a reset sends no answer
+
+    def _get(self) -> None:
         with self.served.lock:
             first = self.path not in self.served.hits
             self.served.hits.append(self.path)

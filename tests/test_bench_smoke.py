@@ -26,7 +26,7 @@ OWN_RATIOS = {
 
 
 @pytest.mark.parametrize("name", run.BENCHMARKS)
-def test_benchmark_smoke(name):
+def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchmarks run phases in-process
     result = run.run_one(name, "smoke")
     assert set(OWN_RATIOS[name]) <= set(result["own_ratios"])
     assert result["machine"]["cores"] >= 1 and "ray" in result["versions"]
