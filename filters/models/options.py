@@ -5,6 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .published import CHINESE_CLIP, CLIP_BACKENDS
+
 SCORERS: tuple[str, ...] = ("clip_score", "aesthetic", "nsfw", "watermark", "style", "ocr")
 # Scorers that read the model view in the model actors; ocr has its own actor pool (curate/score.py).
 VIEW_SCORERS: tuple[str, ...] = SCORERS[:5]
@@ -35,6 +37,13 @@ class ModelOptions(BaseModel):
     clip_model: str = Field("xlm-roberta-large-ViT-H-14",
                             description="open_clip name, 'hf-hub:org/repo', or a local checkpoint path")
     clip_pretrained: str = Field("frozen_laion5b_s13b_b90k", description="open_clip pretrained tag or file")
+    clip_backend: Literal[CLIP_BACKENDS] = Field("open_clip", description=(
+        "model behind clip_score and style: open_clip (clip_model / clip_pretrained); taiyi (Taiyi-CLIP "
+        "RoBERTa-large text encoder scored against the ViT-L/14 tower's image embedding: no second image "
+        "tower); chinese_clip (Chinese-CLIP of size chinese_clip_model). Scores of different backends "
+        "are not comparable"))
+    chinese_clip_model: Literal[tuple(CHINESE_CLIP)] = Field(
+        "ViT-H-14", description="Chinese-CLIP size when clip_backend is chinese_clip (ViT-L-14-336 wants image_size 336)")
     l14_model: str = Field("ViT-L-14-quickgelu", description="tower the LAION aesthetic and NSFW heads read")
     l14_pretrained: str = Field("openai", description="pretrained tag of the ViT-L/14 tower (OpenAI weights)")
     nsfw_backend: Literal["laion", "open_nsfw"] = Field(

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from curate.weights import load_state_dict, open_clip_cache, path_of, towers_needed
+from curate.weights import (chinese_text_needed, clip_image_needed, clip_needed, load_state_dict, open_clip_cache, path_of, shipped_path,
+                            towers_needed)
 
 from .heads import AestheticHead, LaionNsfwHead, build_watermark_model, style_logits
 from .images import IMAGENET_MEAN, IMAGENET_STD, batch_tensor
@@ -31,10 +32,12 @@ def _autocast_dtype(opts: ModelOptions, device: str) -> torch.dtype | None:
 class ModelScorer:
     """Loads every tower/head needed by opts.enabled ONCE (a Ray actor's __init__ builds one).
 
-    Towers are shared by key (model, pretrained): clip_score and style read the CLIP tower, aesthetic
-    and LAION NSFW the ViT-L/14 tower, and each tower encodes every image once per call. Style runs
-    on the CLIP tower because it reads the Chinese prompts. `image_embedding` comes from the CLIP
-    tower when loaded, else from the L/14 tower.
+    Towers are shared by key (model, pretrained): clip_score and style read the CLIP backend's image
+    side and text encoder, aesthetic and LAION NSFW the ViT-L/14 tower, and each tower encodes every
+    image once per call. With clip_backend taiyi the CLIP image side *is* the L/14 tower: one image
+    pass feeds clip_score, style, aesthetic and NSFW. Style runs on the CLIP backend's text encoder
+    because it reads the Chinese prompts. `image_embedding` comes from the CLIP image side when
+    loaded, else from the L/14 tower.
     """
 
     def __init__(self, opts: ModelOptions, device: str | None = None) -> None:
@@ -54,7 +57,8 @@ class ModelScorer:
                 towers[key] = Tower(key[0], key[1], str(open_clip_cache(opts)), self.device, random=self.random)
             self._roles[role] = towers[key]
         self._towers = list(towers.values())
-        self._embedding_tower = self._roles.get("clip") or self._roles.get("l14")
+        self._clip_image, self._clip_text = self._clip_backend()
+        self._embedding_tower = self._clip_image or self._roles.get("l14")
         self._keep_embeddings = opts.keep_embeddings and self._embedding_tower is not None
 
         self._aesthetic = self._head(AestheticHead(self._roles["l14"].dim), "aesthetic") if "aesthetic" in enabled else None
@@ -71,6 +75,28 @@ class ModelScorer:
         self._style_emb = self._style_embeddings() if "style" in enabled else None
         self.columns = [c for c in _COLUMN_ORDER if c in enabled or (c == "style_prob" and "style" in enabled)]
 
+    def _clip_backend(self) -> tuple[object | None, object | None]:
+        """(image side, text encoder) of clip_score and style; (None, None) when neither is enabled."""
+        opts = self.opts
+        if not clip_image_needed(opts):
+            return None, None
+        if opts.clip_backend == "open_clip":
+            return self._roles["clip"], self._roles["clip"]
+        vocab = shipped_path("bert_chinese_vocab") if chinese_text_needed(opts) else None
+        if opts.clip_backend == "taiyi":
+            if not clip_needed(opts):
+                return self._roles["l14"], None
+            from .taiyi import TaiyiText
+
+            weights = None if self.random else path_of("taiyi_clip", opts)
+            return self._roles["l14"], TaiyiText(vocab, self.device, weights)
+        from .chinese_clip import ChineseClipTower
+
+        weights = None if self.random else path_of(f"chinese_clip_{opts.chinese_clip_model}", opts)
+        tower = ChineseClipTower(opts.chinese_clip_model, vocab, self.device, weights)
+        self._towers.append(tower)
+        return tower, tower
+
     def _head(self, module: torch.nn.Module, weights_name: str) -> torch.nn.Module:
         if not self.random:
             module.load_state_dict(load_state_dict(path_of(weights_name, self.opts)), strict=True)
@@ -78,7 +104,7 @@ class ModelScorer:
 
     def _style_embeddings(self) -> torch.Tensor:
         """One text embedding per style: the mean of its prompts' normalised embeddings."""
-        tower = self._roles["clip"]
+        tower = self._clip_text
         with torch.inference_mode():
             rows = [tower.encode_texts(self.opts.style_prompts[label]).mean(0) for label in self._style_labels]
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
@@ -118,14 +144,14 @@ class ModelScorer:
         result: dict[str, np.ndarray] = {}
         with torch.inference_mode(), self._context():
             embeddings = {id(t): t.encode_images(images) for t in self._towers}
-            clip = self._roles.get("clip")
+            image = embeddings[id(self._clip_image)] if self._clip_image is not None else None
             if "clip_score" in self.columns:
-                texts = clip.encode_texts([c or "" for c in captions])
-                score = (embeddings[id(clip)] * texts).sum(-1).float().cpu().numpy()
+                texts = self._clip_text.encode_texts([c or "" for c in captions])
+                score = (image * texts).sum(-1).float().cpu().numpy()
                 score[[c is None for c in captions]] = np.nan
                 result["clip_score"] = score
             if self._style_emb is not None:
-                probs = style_logits(embeddings[id(clip)], self._style_emb).float().softmax(-1)
+                probs = style_logits(image, self._style_emb).float().softmax(-1)
                 best, index = probs.max(-1)
                 result["style"] = np.array([self._style_labels[j] for j in index.tolist()], dtype=object)
                 result["style_prob"] = best.cpu().numpy()

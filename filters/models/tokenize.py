@@ -1,0 +1,40 @@
+"""The BERT-Chinese WordPiece tokenizer both Chinese CLIP backends were trained with, run offline.
+
+Taiyi-CLIP (hfl/chinese-roberta-wwm-ext-large's tokenizer: BertTokenizer, do_lower_case, Chinese
+characters split one per token) and Chinese-CLIP (cn_clip's FullTokenizer) use the same 21,128-token
+vocabulary, which ships inside the cn-clip wheel as `clip/vocab.txt` (pinned by sha256 in
+curate/weights.py). The ids are `[CLS] tokens[:context_length - 2] [SEP]`, then [PAD] (id 0): what
+`cn_clip.clip.tokenize` and a Hugging Face BertTokenizer with truncation produce.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+class ChineseTokenizer:
+    """Batched tokenizer (Rust WordPiece of the `tokenizers` package) with a model's context length.
+
+    Returns ids and attention mask padded to the longest caption of the batch: with the mask, and
+    absolute positions counted from the left, the embedding equals that of a caption padded to the
+    full context length.
+    """
+
+    def __init__(self, vocab: str | Path, context_length: int) -> None:
+        from transformers import BertTokenizerFast
+
+        if context_length < 3:
+            raise ValueError(f"context_length {context_length} leaves no room between [CLS] and [SEP]")
+        self.context_length = context_length
+        self._tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True,
+                                            tokenize_chinese_chars=True, strip_accents=None)
+        self.vocab_size = self._tokenizer.vocab_size
+
+    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both int64 [batch, longest <= context_length]."""
+        encoded = self._tokenizer(list(texts), max_length=self.context_length, truncation=True,
+                                  padding="longest", return_tensors="pt")
+        return encoded["input_ids"], encoded["attention_mask"]
+
