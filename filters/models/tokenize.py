@@ -15,7 +15,8 @@ import torch
 
 
 class ChineseTokenizer:
-    """Batched tokenizer (Rust WordPiece of the `tokenizers` package) with a model's context length.
+    """Batched BERT WordPiece (the Rust `tokenizers` package, as Hugging Face's fast BertTokenizer) with
+    a model's context length: lower-cased, control characters dropped, every CJK character its own word.
 
     Returns ids and attention mask padded to the longest caption of the batch: with the mask, and
     absolute positions counted from the left, the embedding equals that of a caption padded to the
@@ -23,18 +24,21 @@ class ChineseTokenizer:
     """
 
     def __init__(self, vocab: str | Path, context_length: int) -> None:
-        from transformers import BertTokenizerFast
+        from tokenizers import BertWordPieceTokenizer
 
         if context_length < 3:
             raise ValueError(f"context_length {context_length} leaves no room between [CLS] and [SEP]")
         self.context_length = context_length
-        self._tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True,
-                                            tokenize_chinese_chars=True, strip_accents=None)
-        self.vocab_size = self._tokenizer.vocab_size
+        self._tokenizer = BertWordPieceTokenizer(str(vocab), clean_text=True, handle_chinese_chars=True,
+                                                 strip_accents=None, lowercase=True)
+        self._tokenizer.enable_truncation(max_length=context_length)
+        self._tokenizer.enable_padding(pad_id=self._tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
+        self.vocab_size = self._tokenizer.get_vocab_size()
 
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), both int64 [batch, longest <= context_length]."""
-        encoded = self._tokenizer(list(texts), max_length=self.context_length, truncation=True,
-                                  padding="longest", return_tensors="pt")
-        return encoded["input_ids"], encoded["attention_mask"]
+        encoded = self._tokenizer.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encoded], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)
+        return ids, mask
 
