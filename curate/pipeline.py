@@ -90,6 +90,10 @@ def check_models(cfg: Config, skip_missing: bool) -> dict:
         info.update(enabled=list(cfg.models.enabled), skipped=skipped)
         for scorer, why in skipped.items():
             log.warning("score: skipping %s: %s", scorer, why)
+    from curate.weights import clip_needed, clip_source
+
+    if clip_needed(cfg.models):   # scores of different CLIP backends are not comparable: say which one ran
+        info["clip_score"] = clip_source(cfg.models)
     if cfg.models.weights == "random" and cfg.models.enabled:
         info["warning"] = "models ran with RANDOM weights: every model score is meaningless"
         log.warning(info["warning"])

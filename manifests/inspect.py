@@ -8,6 +8,7 @@ and sample rows are read back from the row groups that hold them.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -212,6 +213,9 @@ def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 
             sampler.add(table.column(c))
         picked.add(i, positions)
     out: dict = {"path": manifest.label, "rows": rows, "where": where}
+    clip = clip_source(manifest.schema)
+    if clip:
+        out["clip_score_from"] = clip
     if "reason" in manifest.schema.names:
         out["funnel"] = funnel_of_counts(reasons)
     out["quantiles"] = {c: q for c, q in ((c, s.quantiles()) for c, s in samplers.items()) if q}
@@ -222,12 +226,22 @@ def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 
     return out
 
 
+def clip_source(schema: pa.Schema) -> dict | None:
+    """Which CLIP backend and model produced clip_score, from the manifest's metadata (models.json)."""
+    raw = (schema.metadata or {}).get(b"curate.models")
+    return json.loads(raw).get("clip_score") if raw else None
+
+
 def render(summary: dict, console) -> None:
     """Print a summary as rich tables sized to the terminal."""
     from rich.table import Table
 
     console.print(f"[bold]{summary['path']}[/bold]: {summary['rows']:,} rows"
                   + (f" where {summary['where']}" if summary.get("where") else ""), highlight=False)
+    clip = summary.get("clip_score_from")
+    if clip:
+        console.print(f"clip_score from [bold]{clip['backend']}[/bold]: {clip['model']} (image side: {clip['image']}; "
+                      f"weights {clip['weights']}); not comparable across backends", highlight=False)
     if "funnel" in summary:
         console.print(funnel_table(summary["funnel"]))
     if summary["quantiles"]:

@@ -46,7 +46,7 @@ def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, gr
     title = f"Curation report: {base_name(run.root)}"
     parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run, funnel),
              "<h2>Funnel</h2>", funnel_section(funnel), download_section(run.stats.get("download")),
-             "<h2>Score distributions</h2>", histogram_section(hists),
+             "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score")),
              styles_section(styles), "<h2>Images</h2>", grids_html]
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -107,7 +107,8 @@ def download_section(download: dict | None) -> str:
             f'{"".join(hosts)}</table></div></div></div>')
 
 
-def histogram_section(hists: list[Histogram]) -> str:
+def histogram_section(hists: list[Histogram], clip: dict | None = None) -> str:
+    """One card per score; clip_score's names the backend and model that produced it (models.json)."""
     if not hists:
         return "<p>No scored rows.</p>"
     cards = []
@@ -119,6 +120,9 @@ def histogram_section(hists: list[Histogram]) -> str:
                          f'{rule.drops.replace("_", " ")} it: <b>{100 * share:.1f}%</b> of scored rows</p>')
         if not h.thresholds and h.metric.rules:
             lines.append(f"<p>{escape(', '.join(r.key for r in h.metric.rules))}: not set, no rule applied</p>")
+        if h.metric.column == "clip_score" and clip:
+            lines.append(f'<p class="clip-source">produced by <b>{escape(clip["backend"])}</b>: {escape(clip["model"])}; '
+                         f'image side: {escape(clip["image"])}; {escape(clip["score"])}</p>')
         sides = [(value, "below" if rule.drops == "below" else "above") for rule, value, _ in h.thresholds]
         chart = svg.histogram(h.counts, h.edges, h.metric.title, sides)
         cards.append(f'<div class="chart-card" data-column="{escape(h.metric.column)}">'
