@@ -224,3 +224,26 @@ def test_registry_names_each_backends_files_and_sources(tmp_path):
     assert missing_weights(cn.model_copy(update={"weights": "random"})) == []
     source = weights.clip_source(cn)
     assert source["backend"] == "chinese_clip" and "RN50" in source["model"]
+
+
+def test_models_json_manifest_metadata_inspect_and_report_name_the_clip_backend(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.config import validate
+    from curate.pipeline import check_models
+    from curate.report.data import METRICS, Histogram
+    from curate.report.page import histogram_section
+    from manifests.inspect import summarize
+
+    cfg = validate({"run_dir": str(tmp_path / "run"), "input": {"paths": ["x.parquet"]},
+                    "models": {"enabled": ["clip_score"], "clip_backend": "taiyi", "weights": "random"}})
+    models = check_models(cfg, skip_missing=False)
+    assert models["clip_score"]["backend"] == "taiyi" and published.TAIYI.repo in models["clip_score"]["model"]
+    table = pa.table({"key": ["a", "b"], "clip_score": pa.array([0.1, 0.3], pa.float32())})
+    pq.write_table(table.replace_schema_metadata({"curate.models": json.dumps(models)}), tmp_path / "m.parquet")
+    assert summarize(str(tmp_path / "m.parquet"))["clip_score_from"] == models["clip_score"]
+    metric = next(m for m in METRICS if m.column == "clip_score")
+    card = histogram_section([Histogram(metric, "cosine", np.linspace(0, 1, 5), [], np.array([1, 1, 0, 0]), [])],
+                             models["clip_score"])
+    assert "produced by <b>taiyi</b>" in card and "not comparable" in card
