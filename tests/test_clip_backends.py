@@ -148,6 +148,14 @@ def test_taiyi_clip_score_matches_an_independent_computation(tiny_l14, small_tai
     np.testing.assert_allclose(out["clip_score"], expected, atol=2e-3)
     assert np.abs(expected).max() > 5e-3  # not a comparison of zeros
     assert set(out["style"]) <= set(opts.style_prompts)
+    # style's Chinese and English prompts go through Taiyi's text encoder and Chinese tokenizer
+    label = "ink_painting"
+    with torch.no_grad():
+        prompts = torch.cat([text_model(reference(p, return_tensors="pt")["input_ids"]).logits
+                             for p in opts.style_prompts[label]])
+    expected_style = F.normalize(F.normalize(prompts, dim=-1).mean(0), dim=-1)
+    got = scorer._style_emb[list(opts.style_prompts).index(label)]
+    np.testing.assert_allclose(got.numpy(), expected_style.numpy(), atol=1e-5)
 
 
 def test_taiyi_runs_exactly_one_image_tower_per_image(tiny_l14, small_taiyi, tmp_path, monkeypatch):

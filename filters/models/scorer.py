@@ -89,7 +89,11 @@ class ModelScorer:
             from .taiyi import TaiyiText
 
             weights = None if self.random else path_of("taiyi_clip", opts)
-            return self._roles["l14"], TaiyiText(vocab, self.device, weights)
+            text = TaiyiText(vocab, self.device, weights)
+            if text.dim != self._roles["l14"].dim:
+                raise ValueError(f"clip_backend taiyi scores {text.dim}-d text embeddings against the L/14 tower, but "
+                                 f"models.l14_model {opts.l14_model!r} embeds in {self._roles['l14'].dim} dimensions")
+            return self._roles["l14"], text
         from .chinese_clip import ChineseClipTower
 
         weights = None if self.random else path_of(f"chinese_clip_{opts.chinese_clip_model}", opts)
