@@ -214,9 +214,14 @@ def finish_shard(run: RunDir, shard: str, expected: int) -> str | None:
     """Merge a shard's parts into scores/{shard}.parquet (+ embeddings), drop the parts, mark it done.
 
     Returns None when done, else why not (rows missing: a retried batch may still be on its way).
+    Idempotent: Ray re-runs a finished task whose result died with its node; that second run
+    finds the marker written and the shard done.
     """
     storage = run.storage
     folder = run.score_parts(shard)
+    if storage.exists(run.marker("score", shard)):   # parts landing after the merge are re-runs' copies
+        storage.delete_dir(folder)
+        return None
     parts = [storage.read_parquet(join(folder, n)) for n in storage.list(folder)]
     if not parts:
         return f"scoring returned 0 of {expected} rows"

@@ -124,6 +124,24 @@ def test_a_killed_ray_worker_during_score_loses_no_row(urls, reference, tmp_path
     assert resume.snapshot(str(run)) == reference["snapshot"]
 
 
+def test_finishing_a_scored_shard_again_is_a_success(reference, tmp_path):
+    """Ray re-runs a finished merge task whose result died with its node: the re-run finds the
+    marker and reports done, where it once reported "0 of N rows" and failed the shard."""
+    from curate.score import finish_shard
+
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    rd = RunDir(run)
+    shard = rd.shard_names()[0]
+    scores = run / "scores" / f"{shard}.parquet"
+    before = scores.read_bytes()
+    rows = rd.markers("download", [shard])[0]["rows"]
+    assert finish_shard(rd, shard, rows) is None
+    assert scores.read_bytes() == before
+    rd.unmark("score", shard)
+    assert finish_shard(rd, shard, rows) == f"scoring returned 0 of {rows} rows"
+
+
 def assert_failed_alone(run: Path, shard: str, error: str) -> None:
     """One score failure, recorded in failures.json; that shard's rows are `shard_failed`, the rest are not."""
     failures = resume.failures(str(run))
