@@ -12,7 +12,7 @@ import json
 from curate.config import Config
 from curate.rundir import RunDir
 from curate.storage import join
-from manifests.schema import REASONS
+from manifests.schema import ALL, REASONS
 
 CARD = "README.md"
 THRESHOLD_SECTIONS = ("filters", "dedupe", "rebalance")
@@ -60,7 +60,7 @@ def render(cfg: Config, stats: dict, sources: list[str], shards_uri: str) -> str
              "## Models", "", *_models(stats.get("models") or {}), "",
              "## Sources", "", *[f"- `{s}`" for s in sources], "",
              "## Sample format", "", *_columns(cfg, stats), "",
-             "## Loading", "", *_loading(cfg, shards_uri), ""]
+             "## Loading", "", *_loading(cfg, stats, shards_uri), ""]
     return "\n".join(parts)
 
 
@@ -142,12 +142,13 @@ def _models(models: dict) -> list[str]:
 
 
 def _columns(cfg: Config, stats: dict) -> list[str]:
-    from curate.write import SAMPLE_EXCLUDE
+    from curate.write import SAMPLE_EXCLUDE, hex_in_json
 
     docs = {**{c: "input column (input.extra_cols), carried as given" for c in cfg.input.extra_cols},
             **stats["columns"]}
-    if "phash" in docs:
-        docs["phash"] += "; in the JSON as 16 hex digits"
+    for c in docs:
+        if c in ALL and hex_in_json(ALL[c].type):
+            docs[c] += "; in the JSON as 16 hex digits"
     rows = [[f"`{c}`", docs[c]] for c in sorted(docs) if c not in SAMPLE_EXCLUDE]
     return ["Captions for trainers: `caption` is the original, `caption_norm` the normalised one (the `.txt` "
             + ("holds it with the OCR template `write.ocr_caption` filled in" if cfg.write.ocr_caption else "holds it")
@@ -156,12 +157,13 @@ def _columns(cfg: Config, stats: dict) -> list[str]:
             *_table(["key", "meaning"], rows)]
 
 
-def _loading(cfg: Config, shards_uri: str) -> list[str]:
+def _loading(cfg: Config, stats: dict, shards_uri: str) -> list[str]:
     prefix = cfg.write.prefix
-    one = [f'one_bucket = sorted(glob.glob(f"{{SHARDS}}/{prefix}-1152x896-*.tar"))   # shards of one bucket']  \
-        if cfg.write.group_by_bucket else []
+    buckets = {b: n for b, n in (stats.get("buckets") or {}).items() if n}
+    one = [f'one_bucket = sorted(glob.glob(f"{{SHARDS}}/{prefix}-{max(buckets, key=buckets.get)}-*.tar"))   '
+           f"# the shards of one bucket"] if cfg.write.group_by_bucket and buckets else []
     return [f"`SHARDS` is this folder (written as `{shards_uri}`).", "",
-            "With `webdataset`:", "", "```python", "import glob, json", "import webdataset as wds", "",
+            "With `webdataset`:", "", "```python", "import glob", "", "import webdataset as wds", "",
             f'SHARDS = "{shards_uri}"',
             'urls = sorted(glob.glob(f"{SHARDS}/*.tar"))',
             'for image, caption, meta in wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json"):',

@@ -239,15 +239,25 @@ def count_remote(job: Job, shards: list[str]) -> list[list[int]]:
 
 # -- one task ----------------------------------------------------------------------------------
 
+def hex_in_json(kind: pa.DataType) -> bool:
+    """64-bit hashes (pHash and its views) go into the JSON as 16 hex digits: as numbers they exceed
+    the int64 that JSON readers (Hugging Face datasets, pandas, DuckDB) infer, and lose bits as doubles."""
+    return pa.types.is_uint64(kind) or (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)) \
+        and pa.types.is_uint64(kind.value_type)
+
+
 def sample_json(table: pa.Table) -> list[bytes]:
-    """Each row's sample .json: every column but SAMPLE_EXCLUDE, keys sorted, pHash as 16 hex digits,
-    NaN and infinities as null."""
+    """Each row's sample .json: every column but SAMPLE_EXCLUDE, keys sorted, 64-bit hashes as 16 hex
+    digits, NaN and infinities as null."""
     names = sorted(c for c in table.column_names if c not in SAMPLE_EXCLUDE)
     values = []
     for name in names:
         col = table.column(name)
-        if name == "phash":
+        if pa.types.is_uint64(col.type):
             values.append([None if v is None else f"{v:016x}" for v in col.to_pylist()])
+            continue
+        if hex_in_json(col.type):
+            values.append([None if vs is None else [f"{v:016x}" for v in vs] for vs in col.to_pylist()])
             continue
         if pa.types.is_floating(col.type):
             col = pc.if_else(pc.is_finite(col), col, pa.scalar(None, col.type))
