@@ -116,12 +116,13 @@ def demo(out: str = typer.Option("runs/demo", help="Run directory: a local path 
 def inspect(target: str = typer.Argument(..., help="Run directory or manifest parquet (path or URL)."),
             where: Optional[str] = typer.Option(None, help="Row filter, e.g. \"aesthetic < 5 and style == 'cartoon'\"."),
             show: int = typer.Option(0, help="Print N sample rows."),
+            bucket: Optional[str] = typer.Option(None, help="Only rows of this bucket, e.g. 1152x896."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
-    """Summarise a manifest: funnel by reason, quantiles of every score, sample rows."""
+    """Summarise a manifest: funnel by reason, quantiles of every score, styles, buckets, sample rows."""
     from manifests.inspect import render, summarize
 
     try:
-        summary = summarize(target, where=where, show=show)
+        summary = summarize(target, where=where, show=show, bucket=bucket)
     except (FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from curate.storage import StorageOptions, absolute
+from filters.buckets import SDXL_BUCKETS
 from filters.models import ModelOptions
 from filters.text import TextOptions
 
@@ -156,6 +157,36 @@ class WriteConfig(_Section):
     ocr_caption: str | None = Field(None, description=(
         "template of the .txt caption where OCR read text, e.g. '{caption} 图中文字：{ocr_text}'; null keeps "
         "the caption as it is (ocr_text is in the sample's JSON either way)"))
+    buckets: list[tuple[int, int]] | None = Field(default_factory=lambda: list(SDXL_BUCKETS), description=(
+        "training resolutions [width, height] for aspect-ratio buckets: each kept sample gets the one nearest its "
+        "stored image's aspect ratio (`bucket`, e.g. \"1152x896\"); the default is the nine ~1 MP SDXL sizes; "
+        "null turns bucketing off"))
+    group_by_bucket: bool = Field(False, description=(
+        "each shard holds one bucket only, named {prefix}-{w}x{h}-{n:06d}.tar and numbered per bucket"))
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets(cls, v: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("give at least one [width, height], or null to turn bucketing off")
+        for w, h in v:
+            if w <= 0 or h <= 0 or w % 8 or h % 8:
+                raise ValueError(f"[{w}, {h}]: width and height must be positive multiples of 8")
+        ratios = [w / h for w, h in v]
+        for i, r in enumerate(ratios):
+            j = next((j for j in range(i) if abs(ratios[j] - r) < 1e-9), None)
+            if j is not None:
+                raise ValueError(f"{list(v[j])} and {list(v[i])} have the same aspect ratio: the second could never "
+                                 f"be chosen")
+        return v
+
+    @model_validator(mode="after")
+    def _grouping_needs_buckets(self) -> "WriteConfig":
+        if self.group_by_bucket and self.buckets is None:
+            raise ValueError("group_by_bucket: true needs write.buckets (it is null)")
+        return self
 
     @field_validator("ocr_caption")
     @classmethod

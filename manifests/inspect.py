@@ -1,4 +1,4 @@
-"""Summaries of a manifest: the funnel by reason, quantiles of every score, style counts, sample rows.
+"""Summaries of a manifest: the funnel by reason, quantiles of every score, style and bucket counts, sample rows.
 
 A manifest is a parquet dataset: a run's `manifest/` folder (one file per input shard), any folder
 of parquet files, or one file, local or a URL (s3://, or any fsspec scheme). It is streamed batch
@@ -25,7 +25,7 @@ from manifests.schema import REASONS
 from manifests.where import WhereError, columns as where_columns, compile_where
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-SAMPLE_COLUMNS = ("key", "caption", "keep", "reason", "width", "height", "aesthetic", "clip_score", "style")
+SAMPLE_COLUMNS = ("key", "caption", "keep", "reason", "width", "height", "bucket", "aesthetic", "clip_score", "style")
 SAMPLE = 200_000      # values per column kept for quantiles: rank error about 1/sqrt(SAMPLE) beyond
 BATCH_ROWS = 65_536
 
@@ -193,22 +193,31 @@ def filtered(manifest: Manifest, names: list[str], where: str | None) -> Iterato
 
 
 def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 0,
-              storage: Storage | None = None) -> dict:
-    """Everything `curate inspect` prints, as plain data (also its --json output)."""
+              storage: Storage | None = None, bucket: str | None = None) -> dict:
+    """Everything `curate inspect` prints, as plain data (also its --json output); `bucket` keeps the
+    rows of one training resolution (e.g. "1152x896"), on top of `where`."""
     manifest = open_manifest(target, storage)
+    if bucket is not None:
+        if "bucket" not in manifest.schema.names:
+            raise ValueError(f"--bucket {bucket!r}: {manifest.label} has no bucket column (written with "
+                             f"write.buckets: null, or before buckets existed)")
+        where = f"bucket == {bucket!r}" + (f" and ({where})" if where else "")
     numeric = numeric_columns(manifest.schema)
     rate = SAMPLE / max(manifest.count_rows(), 1)
     samplers = {c: Sampler(rate, seed) for c in numeric}
     reasons: dict = {}
     styles: dict = {}
+    buckets: dict = {}
     picked = Reservoir(show, np.random.default_rng(seed))
     rows = 0
-    for i, positions, table in filtered(manifest, ["reason", "style", *numeric], where):
+    for i, positions, table in filtered(manifest, ["reason", "style", "bucket", *numeric], where):
         rows += table.num_rows
         if "reason" in table.column_names:
             value_counts(table.column("reason"), reasons)
         if "style" in table.column_names:
             value_counts(table.column("style"), styles)
+        if "bucket" in table.column_names:
+            value_counts(table.column("bucket"), buckets)
         for c, sampler in samplers.items():
             sampler.add(table.column(c))
         picked.add(i, positions)
@@ -221,6 +230,8 @@ def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 
     out["quantiles"] = {c: q for c, q in ((c, s.quantiles()) for c, s in samplers.items()) if q}
     if "style" in manifest.schema.names:
         out["styles"] = {s: n for s, n in sorted(styles.items(), key=lambda kv: -kv[1]) if s is not None}
+    if "bucket" in manifest.schema.names:
+        out["buckets"] = {b: n for b, n in sorted(buckets.items(), key=lambda kv: -kv[1]) if b is not None}
     if show and rows:
         out["sample"] = manifest.rows(picked.positions(), list(SAMPLE_COLUMNS)).to_pylist()
     return out
@@ -262,6 +273,15 @@ def render(summary: dict, console) -> None:
         for style, count in summary["styles"].items():
             s.add_row(style, f"{count:,}", f"{100 * count / total:.1f}%")
         console.print(s)
+    if summary.get("buckets"):
+        total = max(sum(summary["buckets"].values()), 1)
+        b = Table(title="Buckets (kept rows)")
+        b.add_column("bucket")
+        b.add_column("rows", justify="right")
+        b.add_column("share", justify="right")
+        for bucket, count in summary["buckets"].items():
+            b.add_row(bucket, f"{count:,}", f"{100 * count / total:.1f}%")
+        console.print(b)
     if summary.get("sample"):
         rows = summary["sample"]
         t = Table(title="Sample rows")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from curate.rundir import RunDir
-from manifests.schema import ALL, DECISION, DOWNLOAD
+from manifests.schema import ALL, DECISION, DOWNLOAD, OUTPUT
 
 
 def shard_table(run: RunDir, shard: str, downloaded: bool, scored: bool,
@@ -44,7 +44,7 @@ def shard_table(run: RunDir, shard: str, downloaded: bool, scored: bool,
 def manifest_schema(run: RunDir, shards: list[str], downloaded: set[str], scored: set[str],
                     extra: list[str]) -> pa.Schema:
     """The manifest's columns, the same in every manifest/{shard}.parquet: input and download columns,
-    the score columns (from one scored shard's footer), decisions, out_shard."""
+    the score columns (from one scored shard's footer), decisions, the output columns (out_shard, bucket)."""
     storage = run.storage
     first = next((s for s in shards if s in downloaded), None)
     base = storage.parquet(run.raw_table(first) if first else run.input_shard(shards[0])).schema_arrow
@@ -52,7 +52,7 @@ def manifest_schema(run: RunDir, shards: list[str], downloaded: set[str], scored
     first_scored = next((s for s in shards if s in scored), None)
     if first_scored:
         names += [c for c in storage.parquet(run.scores(first_scored)).schema_arrow.names if c not in names]
-    names += [*DECISION, "out_shard"]
+    names += [*DECISION, *OUTPUT]
     fields = []
     for name in names:
         if name in ALL:

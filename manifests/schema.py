@@ -91,6 +91,8 @@ DECISION = _cols(
 
 OUTPUT = _cols(
     Column("out_shard", pa.string(), "name of the WebDataset shard holding the row, null if dropped"),
+    Column("bucket", pa.string(), "training resolution WxH (write.buckets) nearest the stored image's aspect ratio; "
+                                  "null when bucketing is off or the size is unknown"),
 )
 
 ALL: dict[str, Column] = {**IDENTITY, **DOWNLOAD, **IMAGE, **TEXT, **MODEL, **DECISION, **OUTPUT}

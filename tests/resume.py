@@ -73,14 +73,17 @@ def members(tar_bytes: bytes) -> list[tuple[str, bytes]]:
 
 def snapshot(root: str) -> dict:
     """Everything a consumer reads, by content: the object listing, each output shard's members,
-    the decisions and the manifest dataset's rows, stats.json (less its timings)."""
+    the dataset card (less the run's own path), the decisions and the manifest dataset's rows,
+    stats.json (less its timings)."""
     run = RunDir(root)
     storage = run.storage
     listing = sorted(k for k in objects(root) if k.rsplit("/", 1)[-1] not in VOLATILE)
     stats = storage.read_json(run.stats)
     stats.pop("timings", None)
     return {"objects": listing,
-            "shards": {k: members(storage.read_bytes(run.uri(k))) for k in listing if k.startswith("shards/")},
+            "shards": {k: members(storage.read_bytes(run.uri(k))) for k in listing
+                       if k.startswith("shards/") and k.endswith(".tar")},
+            "card": storage.read_text(run.uri("shards", "README.md")).replace(run.root, "RUN"),
             "decisions": {k: _rows(storage.read_parquet(run.uri(k)))
                           for k in listing if re.fullmatch(r"decisions/\d+\.parquet", k)},
             "manifest": _rows(pa.concat_tables([storage.read_parquet(run.manifest(s)) for s in run.shard_names()])),

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
+from filters.buckets import SDXL_BUCKETS, bucket_name, nearest_buckets
 from manifests.schema import REASONS, build
 
 STYLES = ["photo", "cartoon", "anime", "painting"]
@@ -74,7 +75,15 @@ def manifest_columns(n: int, shards: int, seed: int = 0) -> dict:
         "style": style.tolist(), "style_prob": rng.uniform(0.3, 1, n),
         "keep": (reason == None).tolist(), "reason": reason.tolist(), "dup_of": dup_of.tolist(),  # noqa: E711
         "style_label": style.tolist(),   # rebalance counted the zero-shot style (style_source: clip)
+        "bucket": _buckets(rng, reason == None),  # noqa: E711 (drawn last: the other columns stay as they were)
     }
+
+
+def _buckets(rng: np.random.Generator, kept: np.ndarray) -> list:
+    """Kept rows' nearest SDXL bucket of a random stored size, as write gives it; null for dropped rows."""
+    width = rng.integers(64, 2000, len(kept))
+    index = nearest_buckets(width, width * rng.uniform(0.45, 2.2, len(kept)), list(SDXL_BUCKETS))
+    return [bucket_name(*SDXL_BUCKETS[i]) if k else None for i, k in zip(index, kept)]
 
 
 def make_run(root: Path, n: int, shards: int = 4, seed: int = 0, images: int = 8) -> Path:
@@ -86,8 +95,13 @@ def make_run(root: Path, n: int, shards: int = 4, seed: int = 0, images: int = 8
     (root / "models.json").write_text(json.dumps({
         "enabled": ["clip_score", "aesthetic", "nsfw"], "weights": "random", "warning": WARNING,
         "skipped": {"watermark": "weights for watermark are not cached (offline)"}}))
+    buckets: dict = {bucket_name(*b): 0 for b in SDXL_BUCKETS}
+    for b in cols["bucket"]:
+        if b is not None:
+            buckets[b] += 1
     (root / "stats.json").write_text(json.dumps({
-        "timings": {"download": 12.5, "score": 30.1, "decide": 0.4, "write": 3.2}, "failures": []}))
+        "timings": {"download": 12.5, "score": 30.1, "decide": 0.4, "write": 3.2}, "failures": [],
+        "buckets": buckets}))
     data = jpegs(images, seed)
     (root / "raw").mkdir(exist_ok=True)
     fetched = np.array(cols["status"]) == "success"

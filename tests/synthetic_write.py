@@ -24,6 +24,10 @@ EXTRA = ["tags", "meta"]
 MODELS = {"enabled": ["aesthetic"], "weights": "random"}
 REASONS = [None, None, None, "too_small", "duplicate", "low_aesthetic"]
 STYLES = ["photo", "cartoon", None]
+# Stored sizes by row (the JPEGs stay 8x8: buckets read the size columns), skewed so one bucket is
+# rare; rows 7 and 20 have no size (it is unbucketed). Nearest SDXL buckets: 1024x1024, 1216x832,
+# 832x1216, 1344x768, 640x1536.
+SIZES = [(8, 8), (8, 8), (8, 8), (12, 8), (12, 8), (8, 12), (16, 8), (8, 8), (12, 8), (8, 12), (8, 8), (6, 14)]
 
 
 def image(key: str) -> bytes:
@@ -34,9 +38,9 @@ def image(key: str) -> bytes:
     return buf.getvalue() + key.encode()
 
 
-def config(run: RunDir, samples_per_shard: int) -> Config:
+def config(run: RunDir, samples_per_shard: int, **write) -> Config:
     return validate({"run_dir": run.root, "input": {"paths": ["unused.parquet"], "extra_cols": EXTRA},
-                     "write": {"samples_per_shard": samples_per_shard}})
+                     "write": {"samples_per_shard": samples_per_shard, **write}})
 
 
 def _input(index: int, n: int) -> pa.Table:
@@ -73,7 +77,10 @@ def decided_run(root: str, rows: list[int], failed_download: set[int] = frozense
         download = build({
             "status": np.where(ok, "success", "failed_to_download").tolist(),
             "error": [None if o else "HTTP 404" for o in ok],
-            "width": [8] * n, "height": [8] * n, "original_width": [640] * n, "original_height": [480] * n,
+            "width": [None if j % 13 == 7 else SIZES[j % len(SIZES)][0] for j in range(n)],
+            "height": [None if j % 13 == 7 else SIZES[j % len(SIZES)][1] for j in range(n)],
+            "original_width": [80 * SIZES[j % len(SIZES)][0] for j in range(n)],
+            "original_height": [80 * SIZES[j % len(SIZES)][1] for j in range(n)],
             "sha256": [f"{j:064x}" if o else None for j, o in enumerate(ok)]})
         raw = table
         for name in download.column_names:

@@ -187,3 +187,21 @@ def test_a_phase_whose_outputs_exist_does_nothing(demo_run, phase, ray_session):
     before = {p: p.stat().st_mtime_ns for p in watched}
     run_phases(cfg, (phase,))
     assert {p: p.stat().st_mtime_ns for p in watched} == before
+
+
+def test_the_demo_writes_buckets_and_a_card(demo_run):
+    """Every kept sample has a bucket, stats.json counts them, and the card beside the shards repeats
+    stats.json's numbers, the config's thresholds and the shipped OCR weights' checksums."""
+    import yaml
+
+    from curate.weights import SHIPPED
+    from test_card import check_card
+
+    stats = json.loads((demo_run / "stats.json").read_text())
+    m = _manifest(demo_run)
+    kept = m[m.keep]
+    assert kept.bucket.notna().all()
+    assert {b: n for b, n in stats["buckets"].items() if n} == kept.bucket.value_counts().to_dict()
+    assert sum(n > 0 for n in stats["buckets"].values()) >= 2, "the demo's images come in several shapes"
+    card = check_card(demo_run, stats, yaml.safe_load((demo_run / "config.yaml").read_text()))
+    assert SHIPPED["ocr_det"].sha256 in card and "open_nsfw" in card

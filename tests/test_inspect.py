@@ -184,3 +184,20 @@ def test_empty_result_prints_without_error(manifest):
     assert s["rows"] == 0 and s["funnel"]["rows_in"] == 0 and "sample" not in s
     insp.render(s, Console(width=80, file=io.StringIO()))
 
+
+
+def test_bucket_filter_and_counts(manifest, run_dir, frame):
+    s = insp.summarize(run_dir)
+    kept = frame[frame.keep.astype(bool)]
+    assert s["buckets"] == kept.bucket.value_counts().to_dict() and len(s["buckets"]) >= 5
+    one = insp.summarize(run_dir, bucket="1216x832", where="aesthetic >= 5", show=5)
+    rows = kept[(kept.bucket == "1216x832") & (kept.aesthetic >= 5)]
+    assert one["rows"] == len(rows) and one["buckets"] == {"1216x832": len(rows)}
+    assert one["funnel"]["kept"] == len(rows) and {r["bucket"] for r in one["sample"]} == {"1216x832"}
+    out = io.StringIO()
+    insp.render(s, Console(file=out, width=100))
+    assert "Buckets (kept rows)" in out.getvalue() and "1216x832" in out.getvalue()
+    plain = pq.read_table(manifest).drop_columns(["bucket"])
+    pq.write_table(plain, manifest + ".old.parquet")
+    with pytest.raises(ValueError, match=r"--bucket '1216x832': .* has no bucket column"):
+        insp.summarize(manifest + ".old.parquet", bucket="1216x832")

@@ -81,6 +81,16 @@ def test_report_shows_warnings_funnel_histograms_styles_and_grids(small_run):
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', ""), "the page must not load anything"
 
 
+def test_report_shows_kept_rows_per_bucket(small_run):
+    import json
+
+    buckets = json.loads((small_run / "stats.json").read_text())["buckets"]
+    section = (small_run / "report.html").read_text(encoding="utf-8").split("<h2>Buckets</h2>")[1].split("<h2>")[0]
+    shown = dict(re.findall(r"<tr><td>(\d+x\d+)</td><td class=\"num\">([\d,]+)</td>", section))
+    assert {b: int(n.replace(",", "")) for b, n in shown.items()} == buckets and sum(buckets.values()) > 0
+    assert "shards mix buckets" in section and "<svg" in section
+
+
 def test_nsfw_rejected_images_are_blurred(small_run):
     html = (small_run / "report.html").read_text(encoding="utf-8")
     section = html.split("Dropped: nsfw")[1].split("<h3>")[0]

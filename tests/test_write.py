@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -218,3 +220,99 @@ def test_a_cut_raw_tar_fails_its_task_not_the_run(ray_session, run):
     assert all("tar stream ends" in f["error"] for f in stats["failures"] if f["phase"] == "write")
     assert Path(run.out_shard("train-000000.tar")).exists() and Path(run.marker("write", "00000")).exists()
     assert not Path(run.marker("write", "00006")).exists()
+
+
+def test_plan_tasks_own_every_output_shard_once_and_read_the_shards_it_needs():
+    """Random counts in several streams (buckets): every output shard is owned by exactly one task,
+    which reads every input shard holding its rows, and no tail shard without one."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n_shards, n_streams = int(rng.integers(1, 25)), int(rng.integers(1, 5))
+        kept = rng.integers(0, 12, (n_shards, n_streams)) * (rng.random((n_shards, n_streams)) < 0.6)
+        size, per_task = int(rng.integers(1, 15)), int(rng.integers(1, 40))
+        shards = [f"{i:05d}" for i in range(n_shards)]
+        tasks = write.plan_tasks(shards, kept, size, per_task)
+        starts = np.vstack([np.zeros((1, n_streams), np.int64), np.cumsum(kept, axis=0)])
+        total = starts[-1]
+        assert [s for t in tasks for s in t.shards] == shards
+        owned = [(k, n) for t in tasks for k, (a, b) in enumerate(t.spans) for n in range(a, b)]
+        assert sorted(owned) == [(k, n) for k in range(n_streams) for n in range(-(-int(total[k]) // size))]
+        for t in tasks:
+            needed: set[str] = set()
+            for k, (a, b) in enumerate(t.spans):
+                for n in range(a, b):
+                    needed |= {shards[j] for j in range(n_shards)
+                               if kept[j, k] and starts[j, k] < (n + 1) * size and starts[j + 1, k] > n * size}
+            assert needed <= set(t.shards + t.tail) and set(t.tail) <= needed
+            assert all(t.starts[s] == starts[int(s)].tolist() for s in t.shards + t.tail)
+            assert t.kept == sum(min((n + 1) * size, int(total[k])) - n * size
+                                 for k, (a, b) in enumerate(t.spans) for n in range(a, b))
+
+
+BUCKET_OF = {(8, 8): "1024x1024", (12, 8): "1216x832", (8, 12): "832x1216", (16, 8): "1344x768", (6, 14): "640x1536"}
+
+
+def _manifest(run) -> list[dict]:
+    """The manifest's rows by key, NaN as None (so that rows compare equal)."""
+    rows = ds.dataset(run.uri("manifest"), format="parquet").to_table().sort_by("key").to_pylist()
+    return [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in rows]
+
+
+def _samples(run) -> dict[str, dict[str, tuple]]:
+    """Output shard -> key -> (jpg, json, txt) bytes."""
+    out = {}
+    for name in shard_files(run):
+        members = tar_members(run, run.out_shard(name))
+        out[name] = {jpg[:-4]: (data, meta, text) for (jpg, data), (_, meta), (_, text)
+                     in zip(members[::3], members[1::3], members[2::3])}
+    return out
+
+
+def test_grouping_by_bucket_changes_only_the_shard_names(ray_session, run):
+    """Write the same decided run flat, grouped by bucket, then flat again: the same rows, samples and
+    manifest (out_shard aside); grouped shards hold one bucket each, exact sizes but each bucket's last."""
+    flat = run_write(config(run, SIZE), run.shard_names(), [])
+    flat_manifest, flat_samples = _manifest(run), _samples(run)
+    by_key = {r["key"]: r for r in flat_manifest}
+    for r in flat_manifest:
+        expected = None if r["width"] is None else BUCKET_OF.get((r["width"], r["height"]))
+        assert r["bucket"] == (expected if r["keep"] else r["bucket"]) and (r["width"] is None) == (r["bucket"] is None)
+    kept = [r for r in flat_manifest if r["keep"]]
+    assert flat["buckets"] == {b: sum(r["bucket"] == b for r in kept) for b in
+                               ["1024x1024", "1152x896", "896x1152", "1216x832", "832x1216", "1344x768", "768x1344",
+                                "1536x640", "640x1536"]} | {"unbucketed": sum(r["bucket"] is None for r in kept)}
+    assert 0 < flat["buckets"]["640x1536"] < SIZE < flat["buckets"]["1024x1024"] and flat["buckets"]["unbucketed"]
+
+    grouped = run_write(config(run, SIZE, group_by_bucket=True), run.shard_names(), [])
+    names = shard_files(run)
+    assert sorted(names) == sorted(grouped["shards"]["names"]) and grouped["shards"]["count"] == len(names)
+    assert all(re.fullmatch(r"train-(\d+x\d+|unbucketed)-\d{6}\.tar", n) for n in names), "no flat shard lingers"
+    assert sorted(p.stem for p in Path(run.uri("_done", "shards")).glob("*.json")) == sorted(n[:-4] for n in names)
+    samples = _samples(run)
+    assert sum(len(s) for s in samples.values()) == grouped["shards"]["samples"] == len(kept)
+    assert {k: v for s in samples.values() for k, v in s.items()} == \
+        {k: v for s in flat_samples.values() for k, v in s.items()}, "the same samples, byte for byte"
+    order = [k for _, k in kept_in_order(run)]
+    for bucket in {n.rsplit("-", 1)[0].split("-", 1)[1] for n in names}:
+        mine = sorted((n for n in names if n.startswith(f"train-{bucket}-")))
+        assert mine == [f"train-{bucket}-{i:06d}.tar" for i in range(len(mine))]
+        rows = [k for k in order if (by_key[k]["bucket"] or "unbucketed") == bucket]
+        for i, name in enumerate(mine):
+            assert set(samples[name]) == set(rows[i * SIZE:(i + 1) * SIZE])
+            assert {json.loads(meta)["bucket"] or "unbucketed" for _, meta, _ in samples[name].values()} == {bucket}
+        assert all(len(samples[n]) == SIZE for n in mine[:-1]) and 0 < len(samples[mine[-1]]) <= SIZE
+    manifest = _manifest(run)
+    assert [{**r, "out_shard": None} for r in manifest] == [{**r, "out_shard": None} for r in flat_manifest]
+    assert all(r["key"] in samples[r["out_shard"]] for r in manifest if r["keep"])
+    assert {k: v for k, v in grouped.items() if k != "shards"} == {k: v for k, v in flat.items() if k != "shards"}
+
+    again = run_write(config(run, SIZE), run.shard_names(), [])
+    assert again == flat and shard_files(run) == flat["shards"]["names"] and _samples(run) == flat_samples
+    assert _manifest(run) == flat_manifest
+
+
+def test_without_buckets_the_column_is_null_and_the_stats_say_so(ray_session, run):
+    stats = run_write(config(run, SIZE, buckets=None), run.shard_names(), [])
+    assert stats["buckets"] is None and all(r["bucket"] is None for r in _manifest(run))
+    for samples in _samples(run).values():
+        assert all(json.loads(meta)["bucket"] is None for _, meta, _ in samples.values())

@@ -47,7 +47,7 @@ def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, gr
     parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run, funnel),
              "<h2>Funnel</h2>", funnel_section(funnel), download_section(run.stats.get("download")),
              "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score")),
-             styles_section(styles), "<h2>Images</h2>", grids_html]
+             styles_section(styles), buckets_section(run.stats.get("buckets"), run.config), "<h2>Images</h2>", grids_html]
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{CSS}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script></body></html>")
@@ -136,6 +136,22 @@ def styles_section(styles: dict | None) -> str:
     chart = svg.paired_bars(styles["labels"], styles["before"], styles["after"], "Styles before and after rebalance")
     return (f'<h2>Styles</h2><p>Before rebalance: rows kept or dropped as <i>rebalanced</i>; after: kept rows.</p>'
             f'<div id="styles">{chart}</div>')
+
+
+def buckets_section(buckets: dict | None, config: dict) -> str:
+    """Kept rows per aspect-ratio bucket (stats.json), and whether the shards are grouped by bucket."""
+    if buckets is None:
+        return ""
+    total = sum(buckets.values())
+    labels = list(buckets)
+    chart = svg.hbars(labels, [buckets[b] for b in labels], total, "Kept rows per bucket")
+    grouped = bool((config.get("write") or {}).get("group_by_bucket"))
+    rows = "".join(f'<tr><td>{escape(b)}</td><td class="num">{n:,}</td><td class="num">{100 * n / max(total, 1):.1f}%'
+                   f"</td></tr>" for b, n in buckets.items())
+    return (f"<h2>Buckets</h2><p>Training resolution nearest each kept image's aspect ratio (write.buckets); "
+            f"{'each shard holds one bucket' if grouped else 'shards mix buckets'}. The images are stored as "
+            f'downloaded: the trainer resizes to the bucket.</p><div id="buckets">{chart}<table><tr><th>bucket</th>'
+            f'<th class="num">kept rows</th><th class="num">share</th></tr>{rows}</table></div>')
 
 
 def grid_section(grid: Grid, cards: list[str]) -> str:

@@ -1,0 +1,179 @@
+"""RUN/shards/README.md: a Hugging Face dataset card, generated from stats.json and the config.
+
+Nothing in it is typed by hand: the funnel, buckets and shard counts are stats.json's, the
+thresholds and sources the config's, the models and weight checksums models.json's (as stats.json
+repeats it), and the sample-JSON columns come from the manifest schema. Written by every write,
+beside the shards, so the data never travels without its description.
+"""
+from __future__ import annotations
+
+import json
+
+from curate.config import Config
+from curate.rundir import RunDir
+from curate.storage import join
+from manifests.schema import ALL, REASONS
+
+CARD = "README.md"
+THRESHOLD_SECTIONS = ("filters", "dedupe", "rebalance")
+TEXT_RULE_PREFIXES = ("min_", "max_", "keep_")
+# Hugging Face's size_categories, by upper bound of the sample count.
+SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
+                   (10_000_000_000, "1B<n<10B"))
+LICENSE_WARNING = ("**Licence: unknown.** Every image and caption keeps the licence and terms of the source it was "
+                   "downloaded from (the `url` of each sample); this curation adds none and clears none. Check "
+                   "the sources' terms before training on or redistributing this data.")
+
+
+def size_category(n: int) -> str:
+    return next((label for bound, label in SIZE_CATEGORIES if n < bound), "n>10B")
+
+
+def card_uri(run: RunDir) -> str:
+    return run.out_shard(CARD)
+
+
+def write_card(run: RunDir, cfg: Config, stats: dict) -> str:
+    """Write the card beside the shards and return its URI."""
+    uri = card_uri(run)
+    sources = run.storage.read_json(run.plan).get("sources") if run.storage.exists(run.plan) else None
+    run.storage.write_text(uri, render(cfg, stats, sources or list(cfg.input.paths), run.uri("shards")))
+    return uri
+
+
+def render(cfg: Config, stats: dict, sources: list[str], shards_uri: str) -> str:
+    kept = stats["funnel"]["kept"]
+    header = {"language": ["zh"], "task_categories": ["text-to-image"], "size_categories": [size_category(kept)],
+              "license": "unknown", "tags": ["webdataset", "image-text", "curate-zh"],
+              "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "*.tar"}]}]}
+    parts = ["---", _yaml(header), "---", "",
+             f"# {cfg.write.prefix}: curated Chinese image-text pairs", "",
+             f"{kept:,} image-caption pairs in {stats['shards']['count']} WebDataset shards, curated by curate-zh "
+             f"from {stats['funnel']['rows_in']:,} input rows (download, score, decide, write). Every input row's "
+             f"fate is in the run's parquet manifest (`manifest/`), with the reason of each drop.", "",
+             f"> {LICENSE_WARNING}", "",
+             *_models_warning(stats.get("models") or {}),
+             "## Funnel", "", *_funnel(stats["funnel"]), "",
+             "## Shards and buckets", "", *_shards(cfg, stats), "",
+             "## Thresholds", "", *_thresholds(cfg), "",
+             "## Models", "", *_models(stats.get("models") or {}), "",
+             "## Sources", "", *[f"- `{s}`" for s in sources], "",
+             "## Sample format", "", *_columns(cfg, stats), "",
+             "## Loading", "", *_loading(cfg, stats, shards_uri), ""]
+    return "\n".join(parts)
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip()
+
+
+def _table(head: list[str], rows: list[list]) -> list[str]:
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|",
+            *("| " + " | ".join(cell(v) for v in row) + " |" for row in rows)]
+
+
+def _share(n: int, total: int) -> str:
+    return f"{100 * n / max(total, 1):.2f}%"
+
+
+def _funnel(funnel: dict) -> list[str]:
+    total = funnel["rows_in"]
+    rows = [["rows in", total, _share(total, total), ""]]
+    rows += [[f"dropped: `{r}`", n, _share(n, total), REASONS.get(r, "")] for r, n in funnel["dropped"].items()]
+    rows.append(["**kept**", funnel["kept"], _share(funnel["kept"], total), ""])
+    return _table(["step", "rows", "share", "rule"], rows)
+
+
+def _shards(cfg: Config, stats: dict) -> list[str]:
+    w = cfg.write
+    layout = (f"each shard holds one bucket: `{w.prefix}-{{w}}x{{h}}-{{n:06d}}.tar`, numbered per bucket"
+              if w.group_by_bucket else f"`{w.prefix}-{{n:06d}}.tar`, buckets mixed")
+    lines = [f"{stats['shards']['samples']:,} samples in {stats['shards']['count']} shards of "
+             f"{w.samples_per_shard} (the last of each sequence may be shorter); {layout}. Each sample is "
+             f"`{{key}}.jpg` (the image bytes as downloaded), `{{key}}.txt` (the caption) and `{{key}}.json`.", ""]
+    buckets = stats.get("buckets")
+    if buckets is None:
+        return lines + ["Aspect-ratio bucketing was off (`write.buckets: null`)."]
+    kept = sum(buckets.values())
+    lines += ["Aspect-ratio buckets (`write.buckets`): each sample's `bucket` is the training resolution whose "
+              "aspect ratio is nearest its stored image's (on a log scale). The images are not resized: the "
+              "trainer resizes and crops to the bucket, from `width`/`height` (stored) and "
+              "`original_width`/`original_height` (as served).", ""]
+    return lines + _table(["bucket", "samples", "share"], [[f"`{b}`", n, _share(n, kept)] for b, n in buckets.items()])
+
+
+def _flat(prefix: str, value) -> list[tuple[str, object]]:
+    if isinstance(value, dict) and value:
+        return [kv for k, v in value.items() for kv in _flat(f"{prefix}.{k}", v)]
+    return [(prefix, value)]
+
+
+def _thresholds(cfg: Config) -> list[str]:
+    data = cfg.model_dump(mode="json")
+    rows = [kv for section in THRESHOLD_SECTIONS for kv in _flat(section, data[section])]
+    rows += [(f"text.{k}", v) for k, v in data["text"].items() if k.startswith(TEXT_RULE_PREFIXES)]
+    return _table(["key", "value"], [[f"`{k}`", "null (off)" if v is None else f"`{json.dumps(v, ensure_ascii=False)}`"]
+                                     for k, v in rows])
+
+
+def _models_warning(models: dict) -> list[str]:
+    return [f"> **{models['warning']}**", ""] if models.get("warning") else []
+
+
+def _models(models: dict) -> list[str]:
+    if not models:
+        return ["No models.json: no model scorer ran."]
+    lines = [f"- scorers that ran: {', '.join(models.get('enabled') or []) or 'none'}",
+             f"- weights: {models.get('weights', 'unknown')}"]
+    lines += [f"- skipped: {s}: {why}" for s, why in (models.get("skipped") or {}).items()]
+    clip = models.get("clip_score")
+    if clip:
+        lines.append(f"- clip_score: {clip['backend']}, {clip['model']} (image side: {clip['image']}); {clip['score']}")
+    files = models.get("files") or []
+    if files:
+        lines += ["", *_table(["weights", "file", "sha256", "checksum"],
+                              [[f["name"], f"`{f['file']}`", f"`{f['sha256']}`" if f["sha256"] else "-", f["pin"]]
+                               for f in files])]
+    return lines
+
+
+def _columns(cfg: Config, stats: dict) -> list[str]:
+    from curate.write import SAMPLE_EXCLUDE, hex_in_json
+
+    docs = {**{c: "input column (input.extra_cols), carried as given" for c in cfg.input.extra_cols},
+            **stats["columns"]}
+    for c in docs:
+        if c in ALL and hex_in_json(ALL[c].type):
+            docs[c] += "; in the JSON as 16 hex digits"
+    rows = [[f"`{c}`", docs[c]] for c in sorted(docs) if c not in SAMPLE_EXCLUDE]
+    return ["Captions for trainers: `caption` is the original, `caption_norm` the normalised one (the `.txt` "
+            + ("holds it with the OCR template `write.ocr_caption` filled in" if cfg.write.ocr_caption else "holds it")
+            + "), and `ocr_text` and `style` are there when those scorers ran: choose among them without re-running "
+              "anything. Scores that were not computed are null. The `.json` holds these keys:", "",
+            *_table(["key", "meaning"], rows)]
+
+
+def _loading(cfg: Config, stats: dict, shards_uri: str) -> list[str]:
+    prefix = cfg.write.prefix
+    buckets = {b: n for b, n in (stats.get("buckets") or {}).items() if n}
+    one = [f'one_bucket = sorted(glob.glob(f"{{SHARDS}}/{prefix}-{max(buckets, key=buckets.get)}-*.tar"))   '
+           f"# the shards of one bucket"] if cfg.write.group_by_bucket and buckets else []
+    return [f"`SHARDS` is this folder (written as `{shards_uri}`).", "",
+            "With `webdataset`:", "", "```python", "import glob", "", "import webdataset as wds", "",
+            f'SHARDS = "{shards_uri}"',
+            'urls = sorted(glob.glob(f"{SHARDS}/*.tar"))',
+            'for image, caption, meta in wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json"):',
+            '    print(image.size, caption, meta["bucket"])',
+            "    break", *one, "```", "",
+            "With Hugging Face `datasets` (its webdataset builder; columns `__key__`, `jpg`, `txt`, `json`):", "",
+            "```python", "from datasets import load_dataset", "",
+            f'ds = load_dataset("webdataset", data_files={{"train": "{join(shards_uri, "*.tar")}"}}, split="train")',
+            'print(ds[0]["txt"], ds[0]["json"]["bucket"])', "```", "",
+            "With Ray Data (`decoder=None` keeps the image bytes as stored):", "",
+            "```python", "import ray", "",
+            f'ds = ray.data.read_webdataset("{shards_uri}", file_extensions=["tar"], decoder=None)',
+            "```"]
