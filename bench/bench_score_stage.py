@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.bench_score_cpu import careful_loop
 from bench.common import ROOT, cpu_timer, summary
 
-SIZES = {"smoke": 40, "quick": 1500, "full": 5000}
+SIZES = {"smoke": 40, "quick": 1000, "full": 5000}
 REPEATS = {"smoke": 1, "quick": 2, "full": 3}
 STAGE = {"models_off": ["models.enabled=[]"], "open_nsfw": ["models.enabled=[nsfw]"]}
 SMOKE_STAGE = ("models_off",)
