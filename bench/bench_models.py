@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clip-model", default=None, help="override the CLIP tower (default: the configured one)")
     parser.add_argument("--clip-backends", action="store_true",
                         help="only compare open_clip ViT-H/14 + L/14 with taiyi (L/14 only), at real sizes")
+    parser.add_argument("--only", nargs="+", default=None, metavar="CONFIG",
+                        help="measure only these configurations (e.g. open_nsfw; default: every one)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,6 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
     configs["open_nsfw"] = ["nsfw"]
     configs["all"] = list(SCORERS)
     configs.update({f"all_without_{name}": [s for s in SCORERS if s != name] for name in SCORERS})
+    if args.only:
+        unknown = sorted(set(args.only) - set(configs))
+        if unknown:
+            parser.error(f"--only: unknown configuration(s) {unknown}; known: {sorted(configs)}")
+        configs = {k: v for k, v in configs.items() if k in args.only}
     results = {}
     for label, enabled in configs.items():
         opts = ModelOptions(enabled=enabled, **{**base, **({"nsfw_backend": "open_nsfw"} if label == "open_nsfw" else {})})

@@ -61,8 +61,11 @@ def make_corpus(out: str, n: int, seed: int, storage: Storage) -> dict:
     return info
 
 
-def run_demo(out: str | Path, n: int = 2000, seed: int = 0, overrides: list[str] = ()) -> Outcome:
-    """Generate, serve, and curate the demo corpus; the server lives only while download runs."""
+def run_demo(out: str | Path, n: int = 2000, seed: int = 0, overrides: list[str] = (),
+             later: tuple[str, ...] = ("score", "decide", "write")) -> Outcome:
+    """Generate, serve, and curate the demo corpus; the server lives only while download runs.
+
+    `later` are the phases after download (none: download only, as benchmarks of score need)."""
     out = absolute(str(out))
     cfg = demo_config(out, list(overrides))  # a bad override fails before any work
     storage = Storage(cfg.storage)
@@ -78,6 +81,8 @@ def run_demo(out: str | Path, n: int = 2000, seed: int = 0, overrides: list[str]
             info["port"] = port
             storage.write_json(join(out, "input", "corpus.json"), info)
         outcome = run_phases(cfg, ("download",))
-    later = run_phases(cfg, ("score", "decide", "write"), skip_missing_models=True)
-    later.failures = outcome.failures + later.failures
-    return later
+    if not later:
+        return outcome
+    rest = run_phases(cfg, later, skip_missing_models=True)
+    rest.failures = outcome.failures + rest.failures
+    return rest

@@ -21,7 +21,18 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Iterable
 
-from img2dataset.downloader import is_disallowed
+def opted_out(headers, token: str | None, directives) -> bool:
+    """An X-Robots-Tag opt-out: each header value is `[agent:] directive, ...`, and applies when it
+    names no agent or ours (`token`, lower case). Ours rather than img2dataset's, whose import pulls
+    in torch and costs seconds in every process that downloads."""
+    for value in headers.get_all("X-Robots-Tag") or []:
+        agent, sep, rest = value.partition(":")
+        named = agent.strip().lower() if sep else None
+        found = {d.strip().lower() for d in (rest if sep else value).split(",")}
+        if (named is None or named == token) and not found.isdisjoint(directives):
+            return True
+    return False
+
 
 ALLOWED_SCHEMES = ("http", "https")
 # Never fetched unless the config allows them: private, loopback, link-local (cloud
@@ -268,7 +279,7 @@ class Fetcher:
             _host(url)   # addresses are checked by the resolver, in the connection itself
             request = urllib.request.Request(url, headers={"User-Agent": agent})
             with self.opener.open(request, timeout=timeout) as resp:
-                if directives and is_disallowed(resp.headers, token, directives):
+                if directives and opted_out(resp.headers, token, directives):
                     return Fetched(error="opted out by X-Robots-Tag", kind="opted_out")
                 declared = resp.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:

@@ -1,9 +1,9 @@
 """Phase 2, score: a Ray Data stream over the raw shards that computes every score column.
 
-read raw shard (parquet + streamed tar) -> CPU stage (decode once: image metrics, caption
-metrics, model view) -> model actors (when view scorers are enabled) -> OCR actors (when ocr
-is enabled) -> the last stage writes each batch's score columns to storage as a part of its
-shard and returns only (shard, rows, error).
+CPU stage (one task per shard: stream its parquet + tar a batch at a time, decode once: image
+metrics, caption metrics, model view) -> model actors (when view scorers are enabled) -> OCR
+actors (when ocr is enabled); the last of these writes each batch's score columns to storage as
+a part of its shard and returns only (shard, rows, error).
 OCR is its own actor pool, sized apart from the model actors, and it is handed the stored JPEG
 bytes rather than a decoded view: it needs a larger view (models.ocr_side) than the models, and
 bytes are about a tenth of that view's pixels in the object store; its decode is cheap next to
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from collections import defaultdict
 from typing import Iterator
 
@@ -94,6 +95,18 @@ def _failed_batch(keys: list, shards: list, exc: BaseException, stage: str) -> p
                      "_shard_error": pa.array([error] * len(keys), pa.string())})
 
 
+def read_and_score_cpu(batch: dict[str, np.ndarray], run: RunDir, cfg: Config, model_side: int | None,
+                       keep_image: bool, columns: list[str] | None) -> Iterator[pa.Table]:
+    """The CPU stage, reading fused in: each shard streamed a batch at a time and scored in the same task.
+
+    The image bytes never pass through the object store, and a lone operator gets every CPU
+    (beside a separate read, Ray Data's reservations ran one scoring task at a time on 2 CPUs).
+    `columns` set: this is the last stage, so it writes the parts and yields summaries."""
+    for raw in read_raw(batch, run, cfg.score.batch_size):
+        table = score_cpu(raw, cfg, model_side, keep_image)
+        yield write_parts(table, run, columns) if columns is not None else table
+
+
 def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None, keep_image: bool = False) -> pa.Table:
     """Image and caption metrics for a batch; an unexpected exception fails the batch's shards, not the run.
 
@@ -140,14 +153,21 @@ def _with_scores(batch: pa.Table, scores: dict[str, np.ndarray], consumed: str) 
 
 
 class ModelStage:
-    """Ray actor: loads every enabled model once, then scores batches of model views."""
+    """Ray actor: loads every enabled model once, then scores batches of model views.
 
-    def __init__(self, cfg: Config):
+    As the last stage (`columns` set) it writes the parts and returns summaries."""
+
+    def __init__(self, cfg: Config, run: RunDir, columns: list[str] | None):
         from filters.models import ModelScorer
 
         self.scorer = ModelScorer(cfg.models)
+        self.run, self.columns = run, columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        out = self._score(batch)
+        return write_parts(out, self.run, self.columns) if self.columns is not None else out
+
+    def _score(self, batch: pa.Table) -> pa.Table:
         """Arrow in, Arrow out; a batch that fails (here or before) carries its error onwards."""
         if "_view" not in batch.column_names:
             return batch
@@ -159,17 +179,22 @@ class ModelStage:
 
 
 class OcrStage:
-    """Ray actor: PP-OCRv4 on the stored image bytes, decoded at models.ocr_side."""
+    """Ray actor: PP-OCRv4 on the stored image bytes, decoded at models.ocr_side; the last stage
+    when it runs, so it writes the parts and returns summaries."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, run: RunDir, columns: list[str]):
         from filters.models.ocr import Ocr
 
         m = cfg.models
         self.side, self.max_pixels = m.ocr_side, cfg.download.max_pixels
         self.ocr = Ocr(m.ocr_side, m.ocr_recognize, m.ocr_text_max, "cuda" if ocr_gpus(cfg) else "cpu",
                        threads=1, screen_side=m.ocr_screen_side)
+        self.run, self.columns = run, columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return write_parts(self._ocr(batch), self.run, self.columns)
+
+    def _ocr(self, batch: pa.Table) -> pa.Table:
         if "_image" not in batch.column_names:
             return batch
         try:
@@ -275,33 +300,38 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
     views_on = any(s in VIEW_SCORERS for s in cfg.models.enabled)
     ocr_on = "ocr" in cfg.models.enabled
     model_side = cfg.models.image_size if views_on else None
-    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-    # Reading is light: its own small CPU share keeps it from fusing with scoring, so one
-    # shard's batches spread over every scoring task.
-    ds = ds.map_batches(read_raw, batch_size=1, num_cpus=0.25, fn_kwargs={"run": run, "rows": cfg.score.batch_size})
-    ds = ds.map_batches(score_cpu, batch_size=cfg.score.batch_size, num_cpus=cfg.score.num_cpus,
-                        fn_kwargs={"cfg": cfg, "model_side": model_side, "keep_image": ocr_on})
-    check_room(cfg, views_on, ocr_on, ray.cluster_resources().get("CPU", 0.0))
-    if views_on:
-        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.models.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.models.num_actors), batch_format="pyarrow",
-                            num_gpus=cfg.models.num_gpus or None, num_cpus=MODEL_ACTOR_CPUS)
-    if ocr_on:
-        ds = ds.map_batches(OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.score.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.models.ocr_actors), batch_format="pyarrow",
-                            num_gpus=ocr_gpus(cfg), num_cpus=OCR_ACTOR_CPUS)
     columns = SCORE_COLUMNS + (list(MODEL) if models_on else [])
     if models_on and cfg.models.keep_embeddings:
         columns.append("image_embedding")
-    ds = ds.map_batches(write_parts, fn_kwargs={"run": run, "columns": columns}, batch_size=None,
-                        batch_format="pyarrow", num_cpus=0.25)
+    check_room(cfg, views_on, ocr_on, ray.cluster_resources().get("CPU", 0.0))
+    # Three operators at most: the CPU stage (read fused in), then the model and OCR actor pools;
+    # whichever comes last writes the parts, so no separate write operator holds back a CPU share.
+    ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(read_and_score_cpu, batch_size=1, num_cpus=cfg.score.num_cpus,
+                        fn_kwargs={"run": run, "cfg": cfg, "model_side": model_side, "keep_image": ocr_on,
+                                   "columns": None if models_on else columns})
+    if views_on:
+        ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"cfg": cfg, "run": run,
+                                                               "columns": None if ocr_on else columns},
+                            batch_size=cfg.models.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.models.num_actors), batch_format="pyarrow",
+                            num_gpus=cfg.models.num_gpus or None, num_cpus=MODEL_ACTOR_CPUS)
+    if ocr_on:
+        ds = ds.map_batches(OcrStage, fn_constructor_kwargs={"cfg": cfg, "run": run, "columns": columns},
+                            batch_size=cfg.score.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.models.ocr_actors), batch_format="pyarrow",
+                            num_gpus=ocr_gpus(cfg), num_cpus=OCR_ACTOR_CPUS)
     counts: dict[str, int] = defaultdict(int)
     failures: dict[str, str] = {}
     short: dict[str, str | None] = {}
     finish = ray.remote(num_cpus=0.25)(finish_shard)
     window = Window(limit=8)
     progress = Progress("score", sum(expected.values()))
+    first_seen = False
     for summary in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if summary.num_rows and not first_seen:   # start-up made visible (bench_score_stage reads this line)
+            first_seen = True
+            log.info("score: first rows scored, %.1fs after the phase started", time.time() - progress.start)
         for shard, rows, error in zip(*(summary.column(c).to_pylist() for c in ("shard", "rows", "error"))):
             progress.add(rows)
             counts[shard] += rows

@@ -11,7 +11,8 @@ from bench import common, run
 
 OWN_RATIOS = {
     "download": ["download.ours_over_img2dataset", "download.many_hosts_ours_over_img2dataset"],
-    "score_cpu": ["score_cpu.ours_over_naive", "score_cpu.ours_over_data_juicer", "score_cpu.view_hashes_overhead"],
+    "score_cpu": ["score_cpu.ours_over_careful_loop", "score_cpu.ours_over_data_juicer", "score_cpu.view_hashes_overhead"],
+    "score_stage": ["score_stage.ray_over_loop", "score_stage.startup_s"],
     "near_dup": ["near_dup.min_recall_crops_mirrors", "near_dup.min_recall_others", "near_dup.precision",
                  "near_dup.false_merges_50k"],
     "graphic": ["graphic.accuracy"],
@@ -30,7 +31,11 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
     result = run.run_one(name, "smoke")
     assert set(OWN_RATIOS[name]) <= set(result["own_ratios"])
     assert result["machine"]["cores"] >= 1 and "ray" in result["versions"]
-    if name in ("decide", "score_gpu", "models"):  # not run in smoke / no GPU here: they say why instead
+    if name == "models":   # one real model (open_nsfw's ONNX ResNet-50) on 8 images
+        assert "error" not in result, result.get("traceback")
+        assert list(result["images_per_s"]) == ["open_nsfw"] and result["images_per_s"]["open_nsfw"] > 0
+        return
+    if name in ("decide", "score_gpu"):  # not run in smoke / no GPU here: they say why instead
         assert result.get("error") or result["own_ratios"]
         return
     assert "error" not in result, result.get("traceback")
@@ -46,9 +51,18 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
     if name == "graphic":
         assert result["own_ratios"]["graphic.accuracy"] > 0.9
     if name == "score_cpu":
-        assert result["images_per_s_per_core"]["ours"] > 0
+        assert result["images_per_s_per_core"]["ours"] > 0 and result["images_per_s_per_core"]["careful_loop"] > 0
+        assert result["own_ratios"]["score_cpu.ours_over_careful_loop"] > 0
+        assert result["not_like_for_like"]["data_juicer"]
         assert 0 < result["own_ratios"]["score_cpu.view_hashes_overhead"] < 1
         assert "smoke" in result["data_juicer"]["error"]  # Data-Juicer takes a minute: quick mode only
+    if name == "score_stage":   # the real stage through Ray, and a real `curate run` subprocess
+        assert result["stage_rows_per_s"]["models_off"] > 0 and result["rows"] == 40
+        assert 0 < result["own_ratios"]["score_stage.ray_over_loop"] < 2
+        assert result["loop_rows_per_s_per_core"]["careful_loop"] > 0
+        start = result["startup"]["milestones_s"]
+        assert 0 < start["config_loaded_ray_starting"] < start["first_rows_scored"]
+        assert result["own_ratios"]["score_stage.startup_s"] == start["first_rows_scored"]
     if name == "scale":   # the real decide and write on synthetic runs: every row accounted for
         for size in result["per_size"]:
             assert not size["failures"] and 0 < size["kept"] < size["rows"]
@@ -66,7 +80,7 @@ def test_runner_writes_every_ratio_and_the_table(tmp_path, monkeypatch):
         "download": {"images_per_s": {"ours": 95.0, "img2dataset": 100.0},
                      "own_ratios": {"download.ours_over_img2dataset": 0.95}},
         "score_cpu": {"images_per_s_per_core": {"ours": 30.0}, "data_juicer": {"error": "pip failed"},
-                      "own_ratios": {"score_cpu.ours_over_naive": 3.5, "score_cpu.ours_over_data_juicer": None}},
+                      "own_ratios": {"score_cpu.ours_over_careful_loop": 1.5, "score_cpu.ours_over_data_juicer": None}},
     }
     ratios, missing = run.merge_ratios(fake)
     assert set(run.RATIOS) <= set(ratios)
