@@ -64,6 +64,35 @@ def config(root: str, shard_rows: int):
                      "write": {"samples_per_shard": SAMPLES_PER_SHARD}})
 
 
+def duplicate_kinds(root: str) -> dict[str, int]:
+    """Rows dropped as duplicates, by what links each to its kept row: the same sha256 (exact), whole
+    hashes within the distance (near), else the embeddings (semantic, or near on a crop view)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from curate.rundir import RunDir
+    from curate.storage import Storage
+
+    run = RunDir(root, Storage())
+    shards = run.shard_names()
+    dup = pa.concat_tables([run.storage.read_parquet(run.decisions(s), columns=["key", "reason", "dup_of"])
+                            for s in shards])
+    dup = dup.filter(pc.equal(dup.column("reason"), "duplicate"))
+    facts = pa.concat_tables([
+        run.storage.read_parquet(run.raw_table(s), columns=["key", "sha256"]).append_column(
+            "phash", run.storage.read_parquet(run.scores(s), columns=["phash"]).column("phash")) for s in shards])
+    index = {k: i for i, k in enumerate(facts.column("key").to_pylist())}
+    me = np.array([index[k] for k in dup.column("key").to_pylist()], np.int64)
+    kept = np.array([index[k] for k in dup.column("dup_of").to_pylist()], np.int64)
+    sha = facts.column("sha256").to_numpy(zero_copy_only=False)
+    phash = facts.column("phash").fill_null(0).to_numpy().astype(np.uint64)
+    exact = sha[me] == sha[kept]
+    bits = np.unpackbits((phash[me] ^ phash[kept]).view(np.uint8).reshape(-1, 8), axis=1).sum(1)
+    near = ~exact & (bits <= config(root, 1).dedupe.phash_max_distance)
+    return {"exact": int(exact.sum()), "near": int(near.sum()), "semantic_or_crop_view": int((~exact & ~near).sum())}
+
+
 def one_size(rows: int, shard_rows: int, folder: Path) -> dict:
     """Build the synthetic run, then decide and write it in a fresh process; seconds and peaks."""
     from bench.scale_run import make_run
@@ -84,6 +113,7 @@ def one_size(rows: int, shard_rows: int, folder: Path) -> dict:
         raise RuntimeError(f"decide+write of {rows} rows exited {proc.returncode}: {stderr.strip()[-1500:]}")
     result = json.loads(lines[-1].split(" ", 1)[1])
     phases = Storage().read_json(str(Path(root) / "timings.json"))
+    kinds = duplicate_kinds(root)
     shutil.rmtree(root, ignore_errors=True)
     cores = len(os.sched_getaffinity(0))
     return {"rows": rows, "shards": -(-rows // shard_rows), "build_s": round(built, 1),
@@ -92,6 +122,7 @@ def one_size(rows: int, shard_rows: int, folder: Path) -> dict:
             "kept": result["kept"], "out_shards": result["out_shards"], "failures": result["failures"],
             "write_samples_per_s_per_core": round(result["kept"] / phases["write"] / cores, 1),
             "decide_us_per_row": round(phases["decide"] / rows * 1e6, 2), "funnel": result["funnel"],
+            "duplicates_by_kind": kinds,
             "peak_mb": memory.result()}
 
 

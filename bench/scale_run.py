@@ -5,8 +5,8 @@ processes, straight through the storage module: raw/{shard}.parquet and .tar (a 
 per success, in a shuffled "download" order), scores/{shard}.parquet, their markers and the plan.
 The mix is meant to exercise every decide step at its real share: about 8% failed downloads,
 a spread of sizes, aspect ratios, texture and scores, 3% captions shared by many images, 2%
-exact copies (same sha256) and 3% near copies (every view hash 1-3 bits away, embedding 0.99
-cosine) of rows in other shards; the 12 view hashes and the embeddings cluster in families of
+exact copies (same sha256), 3% near copies (every view hash 1-3 bits away, embedding 0.995
+cosine) and 1% semantic copies (own hashes, embedding 0.995 cosine) of rows in other shards; the 12 view hashes and the embeddings cluster in families of
 look-alike images, as photos do, rather than spreading uniformly (the search's easy case).
 """
 from __future__ import annotations
@@ -132,8 +132,12 @@ def make_shard(root: str, index: int, rows: int, total_shards: int, seed: int = 
         for _ in range(3):
             flips |= np.uint64(1) << rng.integers(0, 64, rows).astype(np.uint64)
         views[:, v] = np.where(near, views[:, v] ^ flips, views[:, v])
-    emb = embeddings(source, total_shards * rows)
-    emb[near] = _unit(emb[near] + 0.1 / np.sqrt(EMB_DIM) * rng.standard_normal(emb[near].shape, np.float32))
+    # 1% semantic copies: another row's picture re-shot or re-edited, so its hashes are its own but its
+    # embedding sits at about 0.995 cosine from the original's, like a near copy's
+    semantic = (rng.random(rows) < 0.01) & ~copy & ~near
+    similar = near | semantic
+    emb = embeddings(np.where(similar, other, content), total_shards * rows)
+    emb[similar] = _unit(emb[similar] + 0.1 / np.sqrt(EMB_DIM) * rng.standard_normal(emb[similar].shape, np.float32))
     emb[~ok] = np.nan                         # as the score phase leaves rows without an image
     sha_hex = pa.array([f"{v:016x}" * 4 for v in sha.tolist()])
     phrase = np.array(PHRASES)[rng.integers(0, len(PHRASES), rows)]

@@ -311,6 +311,21 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
         log.info("score: all %d shards already scored, nothing to do", len(shards))
         return []
     expected = {s: m["rows"] for s, m in zip(todo, run.markers("download", todo))}
+    context = ray.data.DataContext.get_current()
+    limits = context.execution_options.resource_limits
+    if cfg.score.object_store_mb_per_cpu:   # the stream's own budget; restored for later phases below
+        budget = cfg.score.object_store_mb_per_cpu * 2**20 * ray.cluster_resources().get("CPU", 1.0)
+        context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    try:
+        return _score_stream(cfg, run, todo, expected)
+    finally:
+        context.execution_options.resource_limits = limits
+
+
+def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str, int]) -> list[dict]:
+    """The score stream over the shards to do, under the object-store budget run_score set."""
+    import ray
+
     models_on = bool(cfg.models.enabled)
     views_on = any(s in VIEW_SCORERS for s in cfg.models.enabled)
     ocr_on = "ocr" in cfg.models.enabled
