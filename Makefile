@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 export RAY_USAGE_STATS_ENABLED := 0
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(if $(FULL),--full,)
+
+# The GPU benchmark alone (bench/bench_score_gpu.py): installs the project, runs in a few minutes,
+# records bench/results/score_gpu.json and the table; on a machine without CUDA it records why not.
+bench-gpu: $(STAMP)
+	$(PY) -m bench.run --only score_gpu
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,10 +1,23 @@
-"""How time and memory grow with input: the demo pipeline end to end at several row counts.
+"""How time and memory grow with input: the demo pipeline end to end, models off, at two row counts.
 
 The demo corpus (every kind of trouble a crawl holds) is generated once, untimed, at the
-largest size and cached; each size uses its first n rows, served from 127.0.0.1 by a server
-in its own process. Every run is a fresh process running the demo config through all four
-phases; timed from after Ray's start to the end of write. A sampler outside the run reads
-the PSS of that process (the driver) and of its descendants (Ray and its workers).
+largest size and cached; each size uses its first n rows, served from 127.0.0.1 by a server in
+its own process. Every run is a fresh process running the demo config (models off, so the cost
+is the pipeline's own) through all four phases, timed from after Ray's start to the end of write.
+
+Start-up is excluded by subtracting a tiny run: seconds per 1,000 rows at n rows is
+(t(n) - t(tiny)) * 1000 / (n - tiny), so Ray Data's start-up, worker imports and the per-phase
+fixed costs, which dominate small runs, drop out at every size alike.
+
+Memory: a sampler outside the run reads every process's PSS (and its anonymous / shared-memory
+parts, from /proc/PID/smaps_rollup): the driver (the run's process) and its descendants (Ray's
+daemons and workers). Shared-memory pages are the object store's: a worker that maps a block
+has its pages counted in its own PSS. At the end of the score phase the run itself records
+what Ray says (`ray memory --stats-only`, the workers from ray.util.state with psutil's USS and
+PSS for each). The A/B pair at the largest size runs once more without score.object_store_mb_per_cpu.
+
+Smoke mode runs the same measurement in this process on the Ray already running (the test
+session's), at tens of rows, so it takes seconds: it checks the code, not the figures.
 """
 from __future__ import annotations
 
@@ -14,23 +27,27 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import ROOT, PeakMemory, served, summary
+from bench.common import ROOT, PeakMemory, _children, served
 
-SIZES = {"smoke": [20, 40], "quick": [1_000, 10_000], "full": [1_000, 10_000, 100_000]}
-# The smoke run only checks that the benchmark still works: no model, so it takes seconds, not minutes.
-OVERRIDES = {"smoke": ["models.enabled=[]"], "quick": [], "full": []}
+# (tiny run, measured sizes): the tiny run's time is the fixed cost subtracted at every size.
+SIZES = {"smoke": (10, [30, 60]), "quick": (50, [1_000, 10_000]), "full": (50, [10_000, 100_000])}
+OVERRIDES = ["models.enabled=[]"]   # the pipeline's own cost: no model (bench_models and bench_ocr time those)
+UNCAPPED = ["score.object_store_mb_per_cpu=null"]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "curate-bench"
 SEED = 0
 
-# One run, in its own process: Ray first (untimed), then the phases as `curate demo` runs them.
+# One run, in its own process: Ray first (untimed), then the phases as `curate demo` runs them; at the
+# end of score, what Ray itself says about memory.
 CHILD = """
 import json, sys, time
 from pathlib import Path
+from bench.bench_scaling import ray_memory
 from curate.demo import demo_config
 from curate.pipeline import run_phases
 from curate.runtime import init_ray
@@ -39,11 +56,92 @@ cfg = demo_config(out, sys.argv[2:])
 init_ray(cfg.ray)
 start = time.perf_counter()
 failures = run_phases(cfg, ("download",)).failures
-failures += run_phases(cfg, ("score", "decide", "write"), skip_missing_models=True).failures
+failures += run_phases(cfg, ("score",), skip_missing_models=True).failures
+memory = ray_memory()
+failures += run_phases(cfg, ("decide", "write")).failures
 seconds = time.perf_counter() - start
-print("SCALING", json.dumps({"seconds": seconds, "failures": failures,
+print("SCALING", json.dumps({"seconds": seconds, "failures": failures, "ray_memory": memory,
                              "phases": json.loads((out / "timings.json").read_text())}))
 """
+
+
+def ray_memory() -> dict:
+    """What Ray reports after the score phase: the object store's use (`ray memory --stats-only`)
+    and each live worker's USS and PSS (ray.util.state for the workers, psutil for their memory)."""
+    import psutil
+    import ray
+    from ray._private.internal_api import memory_summary
+    from ray.util.state import list_workers
+
+    stats = [line.strip() for line in memory_summary(stats_only=True).splitlines()
+             if any(word in line for word in ("Plasma memory usage", "Spilled", "Restored", "Objects consumed"))]
+    workers = []
+    for w in list_workers(filters=[("worker_type", "=", "WORKER"), ("is_alive", "=", True)], detail=True):
+        try:
+            info = psutil.Process(w.pid).memory_full_info()
+        except (psutil.Error, TypeError):
+            continue
+        workers.append({"pid": w.pid, "uss_mb": round(info.uss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1),
+                        "shared_mb": round(info.shared / 2**20, 1)})
+    return {"object_store_capacity_mb": round(ray.cluster_resources().get("object_store_memory", 0) / 2**20),
+            "ray_memory_stats": stats, "workers": workers,
+            "workers_uss_mb": round(sum(w["uss_mb"] for w in workers), 1),
+            "workers_pss_mb": round(sum(w["pss_mb"] for w in workers), 1)}
+
+
+def _rollup(pid: int) -> dict[str, float]:
+    """PSS and its anonymous and shared-memory (object store) parts, in MB."""
+    out = {"Pss": 0.0, "Pss_Anon": 0.0, "Pss_Shmem": 0.0}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in out:
+                out[name] = int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
+def _kind(pid: int) -> str:
+    """raylet, gcs_server, a Ray worker (ray::...) or other (dashboard, log monitor, ...)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return "gone"
+    if cmd.startswith("ray::"):
+        return "worker"
+    name = Path(cmd).name
+    return name if name in ("raylet", "gcs_server") else "other"
+
+
+class Breakdown(PeakMemory):
+    """PeakMemory plus the peaks of the descendants' shared-memory (object store) and anonymous PSS,
+    and the peak PSS of each kind of process (raylet, gcs_server, workers, other)."""
+
+    def __init__(self, pid: int | None = None, every: float = 0.5):
+        super().__init__(pid, every)
+        self.peaks: dict[str, float] = {}
+
+    def sample(self) -> None:
+        super().sample()
+        tree, todo = [], _children(self.pid)
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += _children(pid)
+        sums: dict[str, float] = {"workers_shmem_mb": 0.0, "workers_anon_mb": 0.0}
+        for pid in tree:
+            roll = _rollup(pid)
+            sums["workers_shmem_mb"] += roll["Pss_Shmem"]
+            sums["workers_anon_mb"] += roll["Pss_Anon"]
+            key = f"{_kind(pid)}_mb"
+            sums[key] = sums.get(key, 0.0) + roll["Pss"]
+        sums["driver_shmem_mb"] = _rollup(self.pid)["Pss_Shmem"]
+        for key, value in sums.items():
+            self.peaks[key] = max(self.peaks.get(key, 0.0), value)
+
+    def result(self) -> dict:
+        return {**super().result(), **{k: round(v, 1) for k, v in sorted(self.peaks.items())}}
 
 
 def corpus(n: int) -> Path:
@@ -61,24 +159,48 @@ def corpus(n: int) -> Path:
     return folder
 
 
-def one_run(rows: pa.Table, base: str, out: Path, overrides: list[str]) -> dict:
-    """The first rows of the corpus through the pipeline in a fresh process; seconds and peak memory."""
+def _input(rows: pa.Table, base: str, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     (out / "input").mkdir(parents=True)
     urls = pa.array([f"{base}/{name}" for name in rows.column("name").to_pylist()])
     pq.write_table(pa.table({"url": urls, "caption": rows.column("caption"), "kind": rows.column("kind")}),
                    out / "input" / "urls.parquet")
+
+
+def one_run(rows: pa.Table, base: str, out: Path, overrides: list[str]) -> dict:
+    """The first rows of the corpus through the pipeline in a fresh process; seconds and peak memory."""
+    _input(rows, base, out)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(out), *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with PeakMemory(proc.pid) as memory:
+    with Breakdown(proc.pid) as memory:
         stdout, stderr = proc.communicate()
     lines = [line for line in stdout.splitlines() if line.startswith("SCALING ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"pipeline run of {rows.num_rows} rows exited {proc.returncode}: {stderr.strip()[-800:]}")
     result = json.loads(lines[-1].split(" ", 1)[1])
     shutil.rmtree(out, ignore_errors=True)
-    return {**result, "peak_mb": memory.result()}
+    return {**result, "rows": rows.num_rows, "peak_mb": memory.result()}
+
+
+def in_process_run(rows: pa.Table, base: str, out: Path, overrides: list[str]) -> dict:
+    """Smoke mode: the same phases in this process, on the Ray already started (no start-up to pay)."""
+    from curate.demo import demo_config
+    from curate.pipeline import run_phases
+
+    _input(rows, base, out)
+    cfg = demo_config(out, overrides)
+    with Breakdown(os.getpid(), every=0.2) as memory:
+        start = time.perf_counter()
+        failures = run_phases(cfg, ("download",)).failures
+        failures += run_phases(cfg, ("score",), skip_missing_models=True).failures
+        store = ray_memory()
+        failures += run_phases(cfg, ("decide", "write")).failures
+        seconds = time.perf_counter() - start
+    phases = json.loads((out / "timings.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    return {"seconds": seconds, "failures": failures, "ray_memory": store, "phases": phases,
+            "rows": rows.num_rows, "peak_mb": memory.result()}
 
 
 def _warm_page_cache(folder: Path) -> None:
@@ -87,44 +209,54 @@ def _warm_page_cache(folder: Path) -> None:
         path.read_bytes()
 
 
-def run(mode: str) -> dict:
-    """Each size in fresh processes: three runs at 1k (and at 10k under full), one at the larger sizes.
+def _point(run: dict, tiny: dict) -> dict:
+    """One size's figures: seconds per 1,000 rows beyond the tiny run's fixed cost, peaks, phases."""
+    extra = run["seconds"] - tiny["seconds"]
+    return {"rows": run["rows"], "seconds": round(run["seconds"], 2),
+            "sec_per_1k": round(extra * 1000 / (run["rows"] - tiny["rows"]), 3),
+            "sec_per_1k_with_startup": round(run["seconds"] * 1000 / run["rows"], 3),
+            "phases_s": run["phases"], "peak_mb": run["peak_mb"], "ray_memory": run["ray_memory"],
+            "failures": run["failures"]}
 
-    Larger sizes run once to keep `make bench` within minutes; the JSON lists the repeats.
-    """
-    sizes = SIZES[mode]
-    repeats = {n: 1 if mode == "smoke" else 3 if n <= 1_000 or (mode == "full" and n <= 10_000) else 1
-               for n in sizes}
+
+def run(mode: str) -> dict:
+    """A tiny run (the fixed cost), then each size once, then the largest again without the object
+    store cap (the A/B of the memory fix), each in a fresh process (in this one in smoke mode)."""
+    tiny_rows, sizes = SIZES[mode]
+    launch = in_process_run if mode == "smoke" else one_run
     folder = corpus(max(sizes))
     _warm_page_cache(folder / "images")
     table = pq.read_table(folder / "rows.parquet")
-    per_size = {}
-    with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp, served(folder / "images") as base:
-        for n in sizes:
-            runs = [one_run(table.slice(0, n), base, Path(tmp) / f"run-{n}", OVERRIDES[mode])
-                    for _ in range(repeats[n])]
-            timing = summary([r["seconds"] for r in runs])
-            per_size[str(n)] = {
-                "rows": n, "repeats": repeats[n], "timing": timing,
-                "sec_per_1k": round(timing["median_s"] * 1000 / n, 3),
-                "phases_s": [r["phases"] for r in runs],
-                "peak_mb": {k: max(r["peak_mb"][k] for r in runs) for k in ("driver_mb", "workers_mb", "total_mb")},
-                "failures": [f for r in runs for f in r["failures"]],
-            }
+    with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp, served(folder / "images") as base:
+        def go(n: int, extra: list[str] = ()) -> dict:
+            print(f"bench_scaling: {n:,} rows {' '.join(extra)}", flush=True)
+            return launch(table.slice(0, n), base, Path(tmp) / f"run-{n}", OVERRIDES + list(extra))
+
+        tiny = go(tiny_rows)
+        per_size = {str(n): _point(go(n), tiny) for n in sizes}
+        uncapped = _point(go(sizes[-1], UNCAPPED), tiny) if mode != "smoke" else None
     points = list(per_size.values())
     per_1k = [s["sec_per_1k"] for s in points]
-    peaks = [s["peak_mb"]["total_mb"] for s in points]
-    return {
-        "sizes": {"rows": sizes, "repeats": repeats, "config": "jobs/demo.yaml", "overrides": OVERRIDES[mode]},
+    peak = {who: [s["peak_mb"][who] for s in points] for who in ("driver_mb", "workers_mb")}
+    out = {
+        "sizes": {"tiny": tiny_rows, "rows": sizes, "config": "jobs/demo.yaml", "overrides": OVERRIDES,
+                  "in_process": mode == "smoke"},
+        "tiny": {"rows": tiny_rows, "seconds": round(tiny["seconds"], 2), "phases_s": tiny["phases"]},
         "per_size": per_size,
-        # Between consecutive sizes: the cost of 1,000 more rows, which leaves out the fixed cost per run
-        # (worker imports, model loading, Ray Data start-up) that dominates small runs.
-        "marginal_sec_per_1k": {f"{a['rows']}->{b['rows']}": round(
-            (b["timing"]["median_s"] - a["timing"]["median_s"]) * 1000 / (b["rows"] - a["rows"]), 3)
-            for a, b in zip(points, points[1:])},
-        "ratios": {"scaling.sec_per_1k_max_over_min": round(max(per_1k) / min(per_1k), 3),
-                   "scaling.peak_mem_max_over_min": round(max(peaks) / min(peaks), 3)},
-        "notes": "timed from after Ray start to the end of write, in a fresh process per run; corpus generation "
-                 "excluded; peak memory is PSS (shared pages split), sampled every 0.2 s over the run's process "
-                 "tree: driver = the run's process, workers = its descendants (Ray and its workers)",
+        "ratios": {"scaling.sec_per_1k_max_over_min": round(max(per_1k) / min(per_1k), 3) if min(per_1k) > 0 else None,
+                   "scaling.peak_mem_max_over_min": round(max(max(v) / min(v) for v in peak.values()), 3)},
+        "notes": "seconds per 1k rows exclude start-up: (t(n) - t(tiny)) / (n - tiny); timed from after Ray "
+                 "start to the end of write, in a fresh process per run; corpus generation excluded; peak memory "
+                 "is PSS (shared pages split), sampled every 0.5 s over the run's process tree: driver = the "
+                 "run's process, workers = its descendants (Ray's daemons and workers); *_shmem_mb is the "
+                 "object store's share of it; peak_mem_max_over_min is the larger of the driver's and the "
+                 "workers' ratios",
     }
+    if uncapped is not None:
+        capped = per_size[str(sizes[-1])]
+        out["object_store_cap_ab"] = {
+            "rows": sizes[-1], "capped": {k: capped[k] for k in ("seconds", "sec_per_1k", "peak_mb")},
+            "uncapped": {k: uncapped[k] for k in ("seconds", "sec_per_1k", "peak_mb", "ray_memory")},
+            "uncapped_over_capped_seconds": round(uncapped["seconds"] / capped["seconds"], 3),
+            "uncapped_over_capped_workers_peak": round(uncapped["peak_mb"]["workers_mb"] / capped["peak_mb"]["workers_mb"], 3)}
+    return out

@@ -50,39 +50,14 @@ def _models(mode: str) -> dict:
             "runs_images_per_s": [r["images_per_s"] for r in runs], "ratios": {}}
 
 
-def _decide(mode: str) -> dict:
-    """bench_decide (the decide phase's own benchmark), if it has landed."""
-    try:
-        from bench import bench_decide
-    except ImportError as exc:
-        return {"error": f"not yet available: {exc}", "ratios": {}}
-    if mode == "smoke":
-        return {"error": "not run in the smoke test: its smallest size is 1M rows", "ratios": {}}
-    result = bench_decide.main(mode == "full")
-    result.pop("machine", None), result.pop("versions", None)
-    return result
-
-
-def _score_gpu(mode: str) -> dict:
-    """Needs CUDA; elsewhere it says so instead of inventing a figure."""
-    gpu = machine()["gpu"]
-    why = (f"GPU {gpu} present, but no GPU pipeline benchmark is implemented yet" if gpu
-           else "could not run: no CUDA GPU on this machine (nvidia-smi finds none)")
-    return {"error": why, "ratios": {"score_gpu.pipeline_over_model_alone": None}}
-
-
 def _bench(name: str) -> Callable[[str], dict]:
     if name == "models":
         return _models
-    if name == "decide":
-        return _decide
-    if name == "score_gpu":
-        return _score_gpu
     module = __import__(f"bench.bench_{name}", fromlist=["run"])
     return module.run
 
 
-BENCHMARKS = ("download", "score_cpu", "score_stage", "models", "decide", "near_dup", "graphic", "scaling", "scale", "ocr", "score_gpu")
+BENCHMARKS = ("download", "score_cpu", "score_stage", "models", "near_dup", "graphic", "scaling", "scale", "ocr", "score_gpu")
 
 
 def run_one(name: str, mode: str) -> dict:
@@ -163,10 +138,6 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     for label, v in results.get("models", {}).get("images_per_s", {}).items():
         if label == "all" or "_without_" not in label:
             rows.append(("models (CPU, tiny towers)", f"{label} images/s", _fmt(v), ""))
-    dec = results.get("decide", {})
-    if "seconds" in dec and "rows" in dec:
-        rows.append(("decide", f"near-dup {dec['rows']:,} rows: seconds", _fmt(dec["seconds"]), ""))
-        rows.append(("decide", "peak memory MB (total)", _fmt(dec.get("peak_memory_mb", {}).get("total_mb")), ""))
     rows.append(("near_dup", "min recall, crops and mirrors", _fmt(ratios["near_dup.min_recall_crops_mirrors"]), "≥ 0.97"))
     rows.append(("near_dup", "min recall, other transforms", _fmt(ratios["near_dup.min_recall_others"]), "≥ 0.99"))
     rows.append(("near_dup", "precision on pairs", _fmt(ratios["near_dup.precision"]), "≥ 0.999"))
@@ -180,6 +151,9 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     rows.append(("scaling", "peak memory max / min", _fmt(ratios["scaling.peak_mem_max_over_min"]), "≤ 1.2"))
     for s in results.get("scale", {}).get("per_size", []):
         rows.append(("scale", f"{s['rows']:,} rows decide+write: µs per row", _fmt(s["us_per_row"]), ""))
+        if "decide_us_per_row" in s:
+            rows.append(("scale", f"{s['rows']:,} rows decide alone (every rule and dedup kind): µs per row",
+                         _fmt(s["decide_us_per_row"]), ""))
         rows.append(("scale", f"{s['rows']:,} rows: peak MB driver / largest worker",
                      f"{_fmt(s['peak_mb']['driver_mb'])} / {_fmt(s['peak_mb'].get('worker_max_mb'))}", ""))
     rows.append(("scale", "s per row max / min", _fmt(ratios["scale.sec_per_row_max_over_min"]), "≤ 1.2"))
@@ -193,7 +167,16 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
         rows.append(("ocr", f"score stage, models {label}: rows/s", _fmt(v), ""))
     rows.append(("ocr", "score stage: nsfw+ocr / nsfw time", _fmt(ratios["ocr.stage_nsfw_ocr_over_nsfw"]), "≤ 2"))
     rows.append(("ocr", "score stage: ocr / no model time", _fmt(ratios["ocr.stage_ocr_over_no_model"]), ""))
+    gpu = results.get("score_gpu", {})
+    for label, v in gpu.get("images_per_s_per_gpu", {}).items():
+        rows.append((f"score_gpu ({gpu.get('device')}, {gpu.get('dtype')})", f"{label} images/s per GPU", _fmt(v), ""))
+    if "cpu_cores_to_feed_one_gpu" in gpu:
+        rows.append(("score_gpu", "CPU stage images/s per core", _fmt(gpu["cpu_stage_images_per_s_per_core"]), ""))
+        rows.append(("score_gpu", "CPU cores that keep one GPU fed", _fmt(gpu["cpu_cores_to_feed_one_gpu"]), ""))
     rows.append(("score_gpu", "pipeline / model alone", _fmt(ratios["score_gpu.pipeline_over_model_alone"]), "≥ 0.8"))
+    if "gpu_decode_pipeline_over_model_alone" in gpu:
+        rows.append(("score_gpu", "pipeline with gpu_decode / model alone",
+                     _fmt(gpu["gpu_decode_pipeline_over_model_alone"]), ""))
     return rows
 
 

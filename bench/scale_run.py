@@ -5,12 +5,15 @@ processes, straight through the storage module: raw/{shard}.parquet and .tar (a 
 per success, in a shuffled "download" order), scores/{shard}.parquet, their markers and the plan.
 The mix is meant to exercise every decide step at its real share: about 8% failed downloads,
 a spread of sizes, aspect ratios, texture and scores, 3% captions shared by many images, 2%
-exact copies (same sha256) and 3% near copies (pHash 1-3 bits away) of rows in other shards.
+exact copies (same sha256), 3% near copies (every view hash 1-3 bits away, embedding 0.995
+cosine) and 1% semantic copies (own hashes, embedding 0.995 cosine) of rows in other shards; the 12 view hashes and the embeddings cluster in families of
+look-alike images, as photos do, rather than spreading uniformly (the search's easy case).
 """
 from __future__ import annotations
 
 import io
 from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +25,11 @@ from curate.inputs import signature
 from curate.rundir import RunDir, row_keys
 from curate.storage import Storage
 from curate.tario import TarWriter
+from filters.multihash import VIEWS
 from manifests.schema import arrow_schema
 
+FAMILY_SIZE = 50      # distinct look-alike images per hash family
+EMB_DIM, BASIS = 768, 4096   # the ViT-L/14 embedding's width; basis vectors the synthetic ones are drawn from
 STYLES = np.array(["photo", "cartoon", "anime", "illustration", "painting"])
 STYLE_P = [0.55, 0.2, 0.1, 0.1, 0.05]
 PHRASES = ["一只猫坐在窗台上", "夕阳下的海边小镇", "雪山脚下的湖泊", "城市夜景与霓虹灯", "古风庭院里的桃花",
@@ -37,6 +43,60 @@ def _mix(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def _bits(content: np.ndarray, salt: int, density: int) -> np.ndarray:
+    """A 64-bit mask per content id with each bit set with probability 2**-density (stable per id)."""
+    mask = np.full(content.shape, np.uint64(2**64 - 1))
+    for i in range(density):
+        mask &= _mix(content ^ np.int64(salt * 7919 + i * 104729))
+    return mask
+
+
+def view_hashes(content: np.ndarray, rows: int) -> np.ndarray:
+    """(n, len(VIEWS)) clustered view hashes, stable per content id (exact copies share them).
+
+    Photos are not uniform in hash space: look-alike shots (same place, same product, same layout)
+    share most low frequencies. Each image belongs to a family of about FAMILY_SIZE; its whole hash
+    is the family's base with about 16 bits flipped (look-alikes 24 bits apart on average, rarely
+    within the distance), each crop window's hash the whole one with about 8 bits flipped (a 4-8%
+    crop moves 6-20), the mirror's about half of them (odd horizontal frequencies change sign).
+    """
+    family = _mix(content ^ np.int64(0x5DEECE66D)) % np.uint64(max(1, rows // FAMILY_SIZE))
+    whole = _mix(family.astype(np.int64) ^ np.int64(0x2545F491)) ^ _bits(content, 1, 2)
+    out = np.empty((len(content), len(VIEWS)), np.uint64)
+    out[:, 0] = whole
+    out[:, 1] = whole ^ _bits(content, 2, 1)
+    for v in range(2, len(VIEWS)):
+        out[:, v] = whole ^ _bits(content, 10 + v, 3)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _basis() -> np.ndarray:
+    return _unit(np.random.default_rng(12345).standard_normal((BASIS, EMB_DIM), np.float32))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _pick(ids: np.ndarray, salt: int, count: int) -> np.ndarray:
+    """`count` signed basis vectors summed per id, chosen by the id's hash (stable, vectorised)."""
+    basis, out = _basis(), np.zeros((len(ids), EMB_DIM), np.float32)
+    for i in range(count):
+        h = _mix(ids ^ np.int64(salt * 31 + i))
+        sign = np.where(h & np.uint64(1), 1.0, -1.0).astype(np.float32)[:, None]
+        out += sign * basis[((h >> np.uint64(1)) % np.uint64(BASIS)).astype(np.int64)]
+    return out
+
+
+def embeddings(content: np.ndarray, rows: int) -> np.ndarray:
+    """(n, EMB_DIM) unit image embeddings, stable per content id: the image's family direction plus
+    its own (look-alikes about 0.6 cosine apart, so k-means finds the families and the semantic
+    threshold does not merge them)."""
+    family = (_mix(content ^ np.int64(0x5DEECE66D)) % np.uint64(max(1, rows // FAMILY_SIZE))).astype(np.int64)
+    return _unit(0.8 * _unit(_pick(family, 1, 4)) + 0.6 * _unit(_pick(content, 2, 8)))
 
 
 def _jpeg() -> bytes:
@@ -65,11 +125,20 @@ def make_shard(root: str, index: int, rows: int, total_shards: int, seed: int = 
     content[copy] = other[copy]
     sha = _mix(content)
     near = (rng.random(rows) < 0.03) & ~copy
-    phash = _mix(np.where(near, other, content) ^ np.int64(0x5DEECE66D))
-    flips = np.zeros(rows, np.uint64)
-    for _ in range(3):
-        flips |= np.uint64(1) << rng.integers(0, 64, rows).astype(np.uint64)
-    phash = np.where(near, phash ^ flips, phash)
+    source = np.where(near, other, content)   # a near copy is another row's image, slightly changed
+    views = view_hashes(source, total_shards * rows)
+    for v in range(views.shape[1]):           # 1-3 bits flipped in each of a near copy's views
+        flips = np.zeros(rows, np.uint64)
+        for _ in range(3):
+            flips |= np.uint64(1) << rng.integers(0, 64, rows).astype(np.uint64)
+        views[:, v] = np.where(near, views[:, v] ^ flips, views[:, v])
+    # 1% semantic copies: another row's picture re-shot or re-edited, so its hashes are its own but its
+    # embedding sits at about 0.995 cosine from the original's, like a near copy's
+    semantic = (rng.random(rows) < 0.01) & ~copy & ~near
+    similar = near | semantic
+    emb = embeddings(np.where(similar, other, content), total_shards * rows)
+    emb[similar] = _unit(emb[similar] + 0.1 / np.sqrt(EMB_DIM) * rng.standard_normal(emb[similar].shape, np.float32))
+    emb[~ok] = np.nan                         # as the score phase leaves rows without an image
     sha_hex = pa.array([f"{v:016x}" * 4 for v in sha.tolist()])
     phrase = np.array(PHRASES)[rng.integers(0, len(PHRASES), rows)]
     common = rng.random(rows) < 0.03
@@ -106,7 +175,9 @@ def make_shard(root: str, index: int, rows: int, total_shards: int, seed: int = 
         "score_error": pa.array(np.where(ok & (rng.random(rows) < 0.005), "decode_error: truncated", None),
                                 pa.string()),
         "aspect_ratio": (side.max(1) / side.min(1)).astype(np.float32), "entropy": unit(2, 8),
-        "edge_density": unit(0, 0.4), "jpeg_bpp": unit(0.5, 4), "phash": pa.array(phash, pa.uint64()),
+        "edge_density": unit(0, 0.4), "jpeg_bpp": unit(0.5, 4), "phash": pa.array(views[:, 0], pa.uint64()),
+        "phash_views": pa.FixedSizeListArray.from_arrays(pa.array(views[:, 1:].ravel(), pa.uint64()),
+                                                         views.shape[1] - 1),
         "caption_norm": raw.column("caption"), "n_chars": n_chars, "n_words": (n_chars // 2).astype(np.int32),
         "zh_ratio": unit(0.6, 1), "latin_ratio": unit(0, 0.3), "repeat_ratio": unit(0, 0.1),
         "n_sentences": np.ones(rows, np.int32), "caption_junk": rng.random(rows) < 0.01,
@@ -117,6 +188,9 @@ def make_shard(root: str, index: int, rows: int, total_shards: int, seed: int = 
         "style": pa.array(STYLES[rng.choice(len(STYLES), rows, p=STYLE_P)]), "style_prob": unit(0.3, 1),
     })
     run.storage.write_parquet(scores.cast(arrow_schema(scores.column_names)), run.scores(shard))
+    buf = io.BytesIO()
+    np.save(buf, emb.astype(np.float16))
+    run.storage.write_bytes(run.embeddings(shard), buf.getvalue())
     run.mark("score", shard, {"rows": rows})
     return int(ok.sum())
 

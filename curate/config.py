@@ -80,6 +80,11 @@ class ScoreConfig(_Section):
         "JPEG draft target: decode no larger than this (or models.image_size, if larger); the metrics "
         "read a 256 px gray thumbnail, so more only costs time"))
     num_cpus: float = Field(1.0, gt=0, description="CPUs per CPU scoring task")
+    object_store_mb_per_cpu: int | None = Field(256, ge=16, description=(
+        "object-store budget of the score stream (blocks between reading, the CPU stage, the actors and the "
+        "part writers) per cluster CPU; null: Ray Data's default, half the object store. Shared-memory pages "
+        "a run has touched stay resident and count in its workers' memory, so this bounds them "
+        "(bench/README.md, scaling)"))
 
 
 class FiltersConfig(_Section):

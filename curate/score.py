@@ -31,7 +31,7 @@ from curate.rundir import RunDir
 from curate.runtime import Progress, Window, log
 from curate.storage import join
 from filters.image import aspect_ratio, decode, image_columns
-from filters.models.options import VIEW_SCORERS
+from filters.models.options import VIEW_SCORERS, ModelOptions
 from filters.text import caption_columns
 from manifests.schema import IMAGE, MODEL, TEXT, build, conform
 
@@ -141,10 +141,10 @@ def _score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None
     return table
 
 
-def _with_scores(batch: pa.Table, scores: dict[str, np.ndarray], consumed: str) -> pa.Table:
-    """The batch less its `consumed` input column, plus the score columns (typed by the schema);
-    the columns already there pass through untouched (pHash stays uint64)."""
-    batch = batch.drop_columns([consumed])
+def _with_scores(batch: pa.Table, scores: dict[str, np.ndarray], consumed: str | None) -> pa.Table:
+    """The batch less its `consumed` input column (None: a later stage still reads it), plus the score
+    columns (typed by the schema); the columns already there pass through untouched (pHash stays uint64)."""
+    batch = batch.drop_columns([consumed]) if consumed else batch
     for name, values in scores.items():
         column = ArrowTensorArray.from_numpy(values) if name == "image_embedding" else \
             pa.array(values.tolist() if values.dtype == object else values, type=MODEL[name].type)
@@ -153,15 +153,22 @@ def _with_scores(batch: pa.Table, scores: dict[str, np.ndarray], consumed: str) 
 
 
 class ModelStage:
-    """Ray actor: loads every enabled model once, then scores batches of model views.
+    """Ray actor: loads every enabled model once, then scores batches of model views: the CPU stage's
+    `_view`s, or with models.gpu_decode views it decodes itself from the stored bytes (`_image`).
 
     As the last stage (`columns` set) it writes the parts and returns summaries."""
 
-    def __init__(self, cfg: Config, run: RunDir, columns: list[str] | None):
+    def __init__(self, cfg: Config, run: RunDir | None = None, columns: list[str] | None = None,
+                 device: str | None = None, scorer=None):
+        """`scorer`: an already built ModelScorer for these options (benchmarks share one between stages)."""
         from filters.models import ModelScorer
 
-        self.scorer = ModelScorer(cfg.models)
+        m = cfg.models
+        self.scorer = scorer or ModelScorer(m, device)
         self.run, self.columns = run, columns
+        self.gpu_decode, self.side, self.max_pixels = m.gpu_decode, m.image_size, cfg.download.max_pixels
+        self.column = "_image" if m.gpu_decode else "_view"
+        self.consumed = None if m.gpu_decode and "ocr" in m.enabled else self.column   # OCR reads _image next
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = self._score(batch)
@@ -169,13 +176,23 @@ class ModelStage:
 
     def _score(self, batch: pa.Table) -> pa.Table:
         """Arrow in, Arrow out; a batch that fails (here or before) carries its error onwards."""
-        if "_view" not in batch.column_names:
+        if self.column not in batch.column_names:
             return batch
         try:
-            views = [v if v.size else None for c in batch.column("_view").chunks for v in c.to_numpy()]
-            return _with_scores(batch, self.scorer(views, batch.column("caption_norm").to_pylist()), "_view")
+            return _with_scores(batch, self.scorer(self.views(batch), batch.column("caption_norm").to_pylist()),
+                                self.consumed)
         except Exception as exc:
             return _failed_batch(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), exc, "models")
+
+    def views(self, batch: pa.Table) -> list[np.ndarray | None]:
+        """The batch's RGB views; None where the CPU stage found no image."""
+        if self.gpu_decode:
+            from filters.models.images import decode_views
+
+            ok = pc.is_null(batch.column("score_error")).to_pylist()
+            images = [data if fine else None for data, fine in zip(batch.column("_image").to_pylist(), ok)]
+            return decode_views(images, self.side, self.scorer.device, self.max_pixels)
+        return [v if v.size else None for c in batch.column("_view").chunks for v in c.to_numpy()]
 
 
 class OcrStage:
@@ -277,9 +294,33 @@ def ocr_gpus(cfg: Config) -> float | None:
     return cfg.models.num_gpus if cuda and cfg.models.num_gpus > 0 else None
 
 
-def check_room(cfg: Config, views_on: bool, ocr_on: bool, cpus: float) -> None:
-    """Refuse actor pools that would leave no CPU for a scoring task: the stream would wait forever."""
-    reserved = cfg.models.num_actors * MODEL_ACTOR_CPUS * views_on + cfg.models.ocr_actors * OCR_ACTOR_CPUS * ocr_on
+def actor_pool(opts: ModelOptions, resources: dict[str, float]) -> tuple[int, int]:
+    """(min, max) model actors for models.num_actors on a cluster with these Ray resources.
+
+    auto: one actor per models.num_gpus share of the GPUs Ray reports; one actor where the model
+    actors run on CPU (num_gpus 0): CPU inference competes with the CPU scoring tasks, so more
+    actors only help when a number is asked for. A fixed N is (N, N); "MIN-MAX" autoscales.
+    """
+    if isinstance(opts.num_actors, int):
+        return opts.num_actors, opts.num_actors
+    if opts.num_actors != "auto":
+        low, high = opts.num_actors.split("-")
+        return int(low), int(high)
+    if opts.num_gpus <= 0:
+        return 1, 1
+    gpus = resources.get("GPU", 0.0)
+    if gpus < opts.num_gpus:
+        raise ConfigError(f"models.num_actors=auto: models.num_gpus={opts.num_gpus:g} per actor but the cluster reports "
+                          f"{gpus:g} GPUs: set models.num_gpus=0 to run the models on CPU, or a number of actors")
+    count = int(gpus / opts.num_gpus + 1e-9)
+    return count, count
+
+
+def check_room(cfg: Config, views_on: bool, ocr_on: bool, cpus: float, model_actors: int = 1) -> None:
+    """Refuse actor pools that would leave no CPU for a scoring task: the stream would wait forever.
+
+    `model_actors` is the pool's resolved largest size (actor_pool)."""
+    reserved = model_actors * MODEL_ACTOR_CPUS * views_on + cfg.models.ocr_actors * OCR_ACTOR_CPUS * ocr_on
     if reserved + cfg.score.num_cpus > cpus:
         raise ConfigError(f"score: the model and OCR actors reserve {reserved:g} CPUs and a CPU scoring task needs "
                           f"score.num_cpus={cfg.score.num_cpus:g}, more than the cluster's {cpus:g}: lower "
@@ -296,25 +337,47 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
         log.info("score: all %d shards already scored, nothing to do", len(shards))
         return []
     expected = {s: m["rows"] for s, m in zip(todo, run.markers("download", todo))}
+    context = ray.data.DataContext.get_current()
+    limits = context.execution_options.resource_limits
+    if cfg.score.object_store_mb_per_cpu:   # the stream's own budget; restored for later phases below
+        budget = cfg.score.object_store_mb_per_cpu * 2**20 * ray.cluster_resources().get("CPU", 1.0)
+        context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    try:
+        return _score_stream(cfg, run, todo, expected)
+    finally:
+        context.execution_options.resource_limits = limits
+
+
+def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str, int]) -> list[dict]:
+    """The score stream over the shards to do, under the object-store budget run_score set."""
+    import ray
+
     models_on = bool(cfg.models.enabled)
     views_on = any(s in VIEW_SCORERS for s in cfg.models.enabled)
     ocr_on = "ocr" in cfg.models.enabled
-    model_side = cfg.models.image_size if views_on else None
+    gpu_decode = views_on and cfg.models.gpu_decode   # the model actors decode their own views from the bytes
+    model_side = cfg.models.image_size if views_on and not gpu_decode else None
     columns = SCORE_COLUMNS + (list(MODEL) if models_on else [])
     if models_on and cfg.models.keep_embeddings:
         columns.append("image_embedding")
-    check_room(cfg, views_on, ocr_on, ray.cluster_resources().get("CPU", 0.0))
+    resources = ray.cluster_resources()
+    low, high = actor_pool(cfg.models, resources) if views_on else (0, 0)
+    check_room(cfg, views_on, ocr_on, resources.get("CPU", 0.0), high)
     # Three operators at most: the CPU stage (read fused in), then the model and OCR actor pools;
     # whichever comes last writes the parts, so no separate write operator holds back a CPU share.
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(read_and_score_cpu, batch_size=1, num_cpus=cfg.score.num_cpus,
-                        fn_kwargs={"run": run, "cfg": cfg, "model_side": model_side, "keep_image": ocr_on,
-                                   "columns": None if models_on else columns})
+                        fn_kwargs={"run": run, "cfg": cfg, "model_side": model_side,
+                                   "keep_image": ocr_on or gpu_decode, "columns": None if models_on else columns})
     if views_on:
+        log.info("score: %s model actors (models.num_actors=%s, %g GPUs each, cluster GPUs %g)",
+                 low if low == high else f"{low}-{high}", cfg.models.num_actors, cfg.models.num_gpus,
+                 resources.get("GPU", 0.0))
+        pool = ray.data.ActorPoolStrategy(size=low) if low == high else \
+            ray.data.ActorPoolStrategy(min_size=low, max_size=high)
         ds = ds.map_batches(ModelStage, fn_constructor_kwargs={"cfg": cfg, "run": run,
                                                                "columns": None if ocr_on else columns},
-                            batch_size=cfg.models.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.models.num_actors), batch_format="pyarrow",
+                            batch_size=cfg.models.batch_size, compute=pool, batch_format="pyarrow",
                             num_gpus=cfg.models.num_gpus or None, num_cpus=MODEL_ACTOR_CPUS)
     if ocr_on:
         ds = ds.map_batches(OcrStage, fn_constructor_kwargs={"cfg": cfg, "run": run, "columns": columns},

@@ -21,7 +21,6 @@ OWN_RATIOS = {
     "scale": ["scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
               "scale.write_samples_per_s_per_core"],
     "models": [],
-    "decide": [],
     "ocr": ["ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model"],
 }
 
@@ -35,8 +34,17 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
         assert "error" not in result, result.get("traceback")
         assert list(result["images_per_s"]) == ["open_nsfw"] and result["images_per_s"]["open_nsfw"] > 0
         return
-    if name in ("decide", "score_gpu"):  # not run in smoke / no GPU here: they say why instead
-        assert result.get("error") or result["own_ratios"]
+    if name == "score_gpu" and not common.gpu():   # no GPU: says so, and the same functions ran on CPU
+        from bench.bench_score_gpu import NOT_RUN
+
+        assert result["error"] == NOT_RUN and result["own_ratios"]["score_gpu.pipeline_over_model_alone"] is None
+        check = result["cpu_check"]
+        assert check["device"] == "cpu" and check["dtype"] == "fp32" and check["images"] == 8
+        assert set(check["images_per_s_per_gpu"]) == {"pipeline", "pipeline_gpu_decode", "model_alone",
+                                                      "gpu_decode_alone"}
+        assert all(v > 0 for v in check["images_per_s_per_gpu"].values())
+        assert check["cpu_stage_images_per_s_per_core"] > 0 and 0 < check["pipeline_over_model_alone"]
+        assert len(check["timing"]["pipeline"]["runs_s"]) == check["repeats"]
         return
     assert "error" not in result, result.get("traceback")
     if name == "download":
@@ -68,11 +76,27 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
             assert not size["failures"] and 0 < size["kept"] < size["rows"]
             assert size["out_shards"] == -(-size["kept"] // result["samples_per_shard"])
             assert size["peak_mb"]["driver_mb"] > 0 and size["peak_mb"]["worker_max_mb"] > 0
+            assert 0 < size["decide_us_per_row"] < size["us_per_row"]
+            funnel = size["funnel"]   # every decide step fired: rules, each dedup kind, the rebalance
+            assert funnel["rows_in"] == size["rows"] and funnel["kept"] == size["kept"]
+            for reason in ("download_failed", "caption_common", "low_clip", "low_aesthetic", "duplicate", "rebalanced"):
+                assert funnel["dropped"].get(reason, 0) > 0, reason
+            kinds = size["duplicates_by_kind"]
+            assert sum(kinds.values()) == funnel["dropped"]["duplicate"] and min(kinds.values()) > 0, kinds
+        assert all(result["own_ratios"][k] > 0 for k in OWN_RATIOS["scale"])
     if name == "ocr":   # real inference through the score stage: OCR costs time, never nothing
         assert result["scorer_alone"]["images_per_s_per_core"]["detect"] > 0
         assert result["own_ratios"]["ocr.stage_ocr_over_no_model"] > 1
-    if name == "scaling":
-        assert all(not s["failures"] and s["peak_mb"]["workers_mb"] > 0 for s in result["per_size"].values())
+    if name == "scaling":   # in smoke mode on the session's Ray, tens of rows: the fields, not the figures
+        assert result["sizes"]["rows"] == [30, 60] and result["tiny"]["rows"] == 10 and result["tiny"]["seconds"] > 0
+        for n, size in result["per_size"].items():
+            assert size["rows"] == int(n) and not size["failures"]
+            assert size["sec_per_1k"] > 0 and size["sec_per_1k_with_startup"] > 0
+            assert size["peak_mb"]["driver_mb"] > 0 and size["peak_mb"]["workers_mb"] > 0
+            assert size["peak_mb"]["workers_shmem_mb"] >= 0 and size["peak_mb"]["worker_mb"] > 0
+            assert size["ray_memory"]["object_store_capacity_mb"] > 0 and size["ray_memory"]["workers"]
+            assert set(size["phases_s"]) == {"download", "score", "decide", "write"}
+        assert all(result["own_ratios"][k] > 0 for k in OWN_RATIOS["scaling"])
 
 
 def test_runner_writes_every_ratio_and_the_table(tmp_path, monkeypatch):

@@ -63,10 +63,16 @@ class ChineseClipTower:
         self.dim = int(info["embed_dim"])
         self.tokenizer = ChineseTokenizer(vocab, published.CHINESE_CLIP_CONTEXT)
 
+    def images_to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return batch_tensor(images, self.image_size, published.OPENAI_CLIP_MEAN, published.OPENAI_CLIP_STD,
+                            "squash", "bicubic")
+
+    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's forward pass on a batch already on the device."""
+        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
     def encode_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        x = batch_tensor(images, self.image_size, published.OPENAI_CLIP_MEAN, published.OPENAI_CLIP_STD,
-                         "squash", "bicubic")
-        return F.normalize(self.model.encode_image(x.to(self.device, non_blocking=True)).float(), dim=-1)
+        return self.encode_tensor(self.images_to_tensor(images).to(self.device, non_blocking=True))
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         ids, mask = self.tokenizer(texts)

@@ -1,6 +1,7 @@
 """Model-stage options: the one place where model defaults live (the pipeline config embeds it as `models:`)."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -53,10 +54,16 @@ class ModelOptions(BaseModel):
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_STYLE_PROMPTS.items()},
         description="style label -> zh and en prompts averaged into one text embedding (default: 8 styles)")
     batch_size: int = Field(64, ge=1, description="images per forward pass (halved on CUDA OOM)")
-    num_actors: int = Field(1, ge=1, description="model actors in the Ray actor pool")
+    num_actors: int | str = Field("auto", description=(
+        "model actors in the Ray actor pool: N; auto = one per GPU Ray reports (GPUs / num_gpus), 1 on a "
+        "cluster without GPUs (num_gpus 0); \"MIN-MAX\" = an autoscaling pool of MIN to MAX actors"))
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor; fractions pack several actors on one GPU")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="autocast dtype on CUDA; auto = bf16 where supported else fp16; CPU always fp32")
+    gpu_decode: bool = Field(False, description=(
+        "the model actors decode their views from the stored JPEG bytes (nvJPEG through torchvision on CUDA, the "
+        "same code on CPU elsewhere) instead of taking them from the CPU stage, which still decodes once for its "
+        "metrics; measured in bench/README.md (score_gpu)"))
     keep_embeddings: bool = Field(False, description="also return image_embedding (float16) for semantic dedup")
     ocr_side: int = Field(480, ge=64, description=(
         "longer side OCR detection runs at (never enlarged); on tests/text_images.py 480 finds every line, "
@@ -80,6 +87,23 @@ class ModelOptions(BaseModel):
         if unknown:
             raise ValueError(f"unknown scorers {unknown}; choose from {list(SCORERS)}")
         return list(dict.fromkeys(v))
+
+    @field_validator("num_actors", mode="before")
+    @classmethod
+    def _actor_count(cls, v: object) -> int | str:
+        """N >= 1, "auto" or "MIN-MAX" (1 <= MIN <= MAX); resolved against the cluster in curate/score.py."""
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            return v
+        if isinstance(v, str):
+            text = v.strip().lower()
+            if text == "auto":
+                return text
+            if text.isdigit() and int(text) >= 1:
+                return int(text)
+            match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
+            if match and 1 <= int(match[1]) <= int(match[2]):
+                return f"{int(match[1])}-{int(match[2])}"
+        raise ValueError('expected a number of actors >= 1, "auto", or a range "MIN-MAX" with 1 <= MIN <= MAX')
 
     @field_validator("style_prompts")
     @classmethod

@@ -145,9 +145,23 @@ class ModelScorer:
 
     def _score(self, images: list[np.ndarray], captions: list[str | None]) -> dict[str, np.ndarray]:
         """One forward pass per tower and head over `images` (all decoded)."""
+        return self.forward(self.prepare(images), images, captions)
+
+    def prepare(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """The CPU side of a batch: each tower's (and the watermark model's) input tensor, on the device."""
+        with torch.inference_mode():
+            inputs = {str(id(t)): t.images_to_tensor(images).to(self.device, non_blocking=True) for t in self._towers}
+            if self._watermark is not None:
+                x = batch_tensor(images, WATERMARK_SIZE, IMAGENET_MEAN, IMAGENET_STD, "squash", "bilinear")
+                inputs["watermark"] = x.to(self.device, non_blocking=True)
+        return inputs
+
+    def forward(self, inputs: dict[str, torch.Tensor], images: list[np.ndarray],
+                captions: list[str | None]) -> dict[str, np.ndarray]:
+        """Every tower and head on prepared inputs (`images` only for open_nsfw, which runs on ONNX)."""
         result: dict[str, np.ndarray] = {}
         with torch.inference_mode(), self._context():
-            embeddings = {id(t): t.encode_images(images) for t in self._towers}
+            embeddings = {id(t): t.encode_tensor(inputs[str(id(t))]) for t in self._towers}
             image = embeddings[id(self._clip_image)] if self._clip_image is not None else None
             if "clip_score" in self.columns:
                 texts = self._clip_text.encode_texts([c or "" for c in captions])
@@ -166,8 +180,7 @@ class ModelScorer:
             if self._open_nsfw is not None:
                 result["nsfw"] = self._open_nsfw(images)
             if self._watermark is not None:
-                x = batch_tensor(images, WATERMARK_SIZE, IMAGENET_MEAN, IMAGENET_STD, "squash", "bilinear")
-                logits = self._watermark(x.to(self.device, non_blocking=True)).float()
+                logits = self._watermark(inputs["watermark"]).float()
                 result["watermark"] = logits.softmax(-1)[:, 0].cpu().numpy()
             if self._keep_embeddings:
                 result["image_embedding"] = embeddings[id(self._embedding_tower)].half().cpu().numpy()

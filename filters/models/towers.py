@@ -45,9 +45,12 @@ class Tower:
         return batch_tensor(images, self.image_size, p["mean"], p["std"], p.get("resize_mode", "shortest"),
                             p.get("interpolation", "bicubic"), p.get("fill_color", 0))
 
-    def encode_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        x = self.images_to_tensor(images).to(self.device, non_blocking=True)
+    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's forward pass on a batch already on the device."""
         return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.encode_tensor(self.images_to_tensor(images).to(self.device, non_blocking=True))
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)
