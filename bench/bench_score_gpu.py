@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from bench.common import ROOT, cpu_timer, photos
 
-SIZES = {"smoke": (8, 4), "quick": (1024, 128), "full": (4096, 128)}   # images, batch size
+SIZES = {"smoke": (4, 2), "quick": (1024, 128), "full": (4096, 128)}   # images, batch size
 REPEATS = {"smoke": 1, "quick": 3, "full": 5}
 NOT_RUN = "not run: no CUDA (torch.cuda.is_available() is False on this machine)"
 
@@ -53,7 +53,8 @@ def tiny_models(batch_size: int):
     from filters.models import ModelOptions
 
     return ModelOptions(enabled=["clip_score", "aesthetic", "nsfw", "watermark", "style"], weights="random",
-                        clip_backend="open_clip", clip_model="ViT-B-32", l14_model="ViT-B-32", batch_size=batch_size)
+                        clip_backend="open_clip", clip_model="ViT-B-32", l14_model="ViT-B-32",
+                        l14_pretrained="frozen_laion5b_s13b_b90k", batch_size=batch_size)   # one shared tower
 
 
 def cpu_batches(models, images: int, batch_size: int, folder: Path) -> tuple[list[pa.Table], float]:
@@ -88,7 +89,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(models, images: int, batch_size: int, repeats: int, device: str, folder: Path) -> dict:
+def measure(models, images: int, batch_size: int, repeats: int, device: str, folder: Path,
+            warm: bool = True) -> dict:
     """Pipeline stage (views, and gpu_decode) and the models alone on the same batches, taking turns."""
     import torch
 
@@ -142,7 +144,8 @@ def measure(models, images: int, batch_size: int, repeats: int, device: str, fol
         return time.perf_counter() - start
 
     timings = side_by_side({"pipeline": pipeline, "pipeline_gpu_decode": pipeline_gpu_decode,
-                            "model_alone": model_alone, "gpu_decode_alone": decode_alone}, repeats)
+                            "model_alone": model_alone, "gpu_decode_alone": decode_alone}, repeats,
+                           warm=None if warm else ())
     for name in ("pipeline", "pipeline_gpu_decode"):
         failed = [t for t in outputs[name] if "_shard_error" in t.column_names and t.column("_shard_error")[0].as_py()]
         if failed or any("aesthetic" not in t.column_names for t in outputs[name]):
@@ -178,7 +181,7 @@ def run(mode: str) -> dict:
             with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
                 result["cpu_check"] = {
                     "what": "the benchmark's functions on CPU at a tiny size (ViT-B-32, fp32): not a GPU figure",
-                    **measure(tiny_models(batch_size), images, batch_size, REPEATS[mode], "cpu", Path(tmp))}
+                    **measure(tiny_models(batch_size), images, batch_size, REPEATS[mode], "cpu", Path(tmp), warm=False)}
         return result
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         figures = measure(production_models(batch_size), images, batch_size, REPEATS[mode], "cuda", Path(tmp))

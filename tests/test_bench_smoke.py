@@ -39,7 +39,7 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
 
         assert result["error"] == NOT_RUN and result["own_ratios"]["score_gpu.pipeline_over_model_alone"] is None
         check = result["cpu_check"]
-        assert check["device"] == "cpu" and check["dtype"] == "fp32" and check["images"] == 8
+        assert check["device"] == "cpu" and check["dtype"] == "fp32" and check["images"] == 4
         assert set(check["images_per_s_per_gpu"]) == {"pipeline", "pipeline_gpu_decode", "model_alone",
                                                       "gpu_decode_alone"}
         assert all(v > 0 for v in check["images_per_s_per_gpu"].values())
@@ -91,12 +91,15 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
         assert result["sizes"]["rows"] == [30, 60] and result["tiny"]["rows"] == 10 and result["tiny"]["seconds"] > 0
         for n, size in result["per_size"].items():
             assert size["rows"] == int(n) and not size["failures"]
-            assert size["sec_per_1k"] > 0 and size["sec_per_1k_with_startup"] > 0
+            # Tens of rows beyond the tiny run: their time difference is noise, so its sign is not asserted.
+            assert isinstance(size["sec_per_1k"], float) and size["sec_per_1k_with_startup"] > 0
             assert size["peak_mb"]["driver_mb"] > 0 and size["peak_mb"]["workers_mb"] > 0
             assert size["peak_mb"]["workers_shmem_mb"] >= 0 and size["peak_mb"]["worker_mb"] > 0
             assert size["ray_memory"]["object_store_capacity_mb"] > 0 and size["ray_memory"]["workers"]
             assert set(size["phases_s"]) == {"download", "score", "decide", "write"}
-        assert all(result["own_ratios"][k] > 0 for k in OWN_RATIOS["scaling"])
+        assert result["own_ratios"]["scaling.peak_mem_max_over_min"] > 0
+        per_1k = result["own_ratios"]["scaling.sec_per_1k_max_over_min"]
+        assert per_1k is None or per_1k > 0   # null where a size's difference came out non-positive
 
 
 def test_runner_writes_every_ratio_and_the_table(tmp_path, monkeypatch):
