@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import side_by_side, summary
+from bench.common import rescore_seconds, side_by_side, summary
 
 SIZES = {"smoke": 40, "quick": 600, "full": 2000}
 REPEATS = {"smoke": 1, "quick": 2, "full": 3}
@@ -68,26 +68,10 @@ def scorer_alone(run_dir: Path, n: int, repeats: int) -> dict:
 
 def stage(out: Path, names: tuple[str, ...], repeats: int) -> dict:
     """Each contender scores the same downloaded run from scratch, in turns."""
-    from curate.demo import demo_config
-    from curate.rundir import RunDir
-    from curate.score import run_score
-
-    def timed(overrides: list[str]) -> float:
-        cfg = demo_config(out, overrides)
-        run = RunDir(cfg.run_dir)
-        run.storage.delete_dir(run.uri("scores"))
-        run.storage.delete_dir(run.uri("_done", "score"))
-        shards = sorted(run.done("download"))
-        start = time.perf_counter()
-        failures = run_score(cfg, run, shards)
-        if failures:
-            raise RuntimeError(f"score failed: {failures}")
-        return time.perf_counter() - start
-
     runs: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         for name in names:
-            runs[name].append(timed(STAGE[name]))
+            runs[name].append(rescore_seconds(out, STAGE[name]))
     return {name: summary(r) for name, r in runs.items()}
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.bench_score_cpu import careful_loop
-from bench.common import ROOT, cpu_timer, summary
+from bench.common import ROOT, cpu_timer, rescore_seconds, summary
 
 SIZES = {"smoke": 40, "quick": 1000, "full": 5000}
 REPEATS = {"smoke": 1, "quick": 2, "full": 3}
@@ -59,24 +59,6 @@ def _ours_loop(cfg, run) -> float:
     for batch in read_raw({"shard": shards}, run, cfg.score.batch_size):
         score_cpu(batch, cfg, model_side=None)
     return elapsed()
-
-
-def _stage(out: Path, overrides: list[str]) -> float:
-    """run_score from scratch on the downloaded run; wall seconds."""
-    from curate.demo import demo_config
-    from curate.rundir import RunDir
-    from curate.score import run_score
-
-    cfg = demo_config(out, overrides)
-    run = RunDir(cfg.run_dir)
-    run.storage.delete_dir(run.uri("scores"))
-    run.storage.delete_dir(run.uri("_done", "score"))
-    shards = sorted(run.done("download"))
-    start = time.perf_counter()
-    failures = run_score(cfg, run, shards)
-    if failures:
-        raise RuntimeError(f"score failed: {failures[:3]}")
-    return time.perf_counter() - start
 
 
 def startup(out: Path, root: Path) -> dict:
@@ -123,7 +105,7 @@ def run(mode: str) -> dict:
         run_dir = RunDir(cfg.run_dir)
         images, captions = _rows(cfg, run_dir)
         rows = len(captions)
-        contenders = {**{f"stage_{k}": (lambda o=STAGE[k]: _stage(out, o)) for k in names},
+        contenders = {**{f"stage_{k}": (lambda o=STAGE[k]: rescore_seconds(out, o)) for k in names},
                       "careful_loop": lambda: careful_loop(images, captions, cfg),
                       "ours_loop": lambda: _ours_loop(cfg, run_dir)}
         runs: dict[str, list[float]] = {k: [] for k in contenders}

@@ -227,3 +227,20 @@ def cpu_timer() -> Callable[[], float]:
     """This process's CPU time (all threads): per-core cost, robust to other jobs on the machine."""
     start = time.process_time()
     return lambda: time.process_time() - start
+
+
+def rescore_seconds(out: Path, overrides: list[str]) -> float:
+    """run_score from scratch on a downloaded demo run (its scores and markers dropped); wall seconds."""
+    from curate.demo import demo_config
+    from curate.rundir import RunDir
+    from curate.score import run_score
+
+    cfg = demo_config(out, overrides)
+    run = RunDir(cfg.run_dir)
+    run.storage.delete_dir(run.uri("scores"))
+    run.storage.delete_dir(run.uri("_done", "score"))
+    start = time.perf_counter()
+    failures = run_score(cfg, run, sorted(run.done("download")))
+    if failures:
+        raise RuntimeError(f"score failed: {failures[:3]}")
+    return time.perf_counter() - start
