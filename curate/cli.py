@@ -150,7 +150,7 @@ def text(caption: Optional[str] = typer.Argument(None, help="One caption (omit w
          file: Optional[Path] = typer.Option(None, "--file", help="Captions, one per line; prints JSON lines."),
          config: Optional[Path] = CONFIG_OPT) -> None:
     """Normalise captions and apply the text rules, exactly as the pipeline does; prints JSON."""
-    from filters.text import explain
+    from manifests.rules import explain
 
     opts = _options(config).text
     if (caption is None) == (file is None):
@@ -190,7 +190,7 @@ def models_list(config: Optional[Path] = CONFIG_OPT,
     """Show every scorer and what it runs on, then what each enabled scorer needs and whether it is present."""
     from rich.table import Table
 
-    from curate import weights
+    from filters.models import weights
 
     cfg = _options(config)
     opts = cfg.models
@@ -206,7 +206,7 @@ def models_list(config: Optional[Path] = CONFIG_OPT,
 @models_app.command("pull")
 def models_pull(config: Optional[Path] = CONFIG_OPT) -> None:
     """Download (and convert) the weights the enabled scorers lack. Needs internet."""
-    from curate import weights
+    from filters.models import weights
 
     undone = weights.pull(_options(config).models, log=lambda line: console.print(line, highlight=False))
     for line in undone:
@@ -217,7 +217,7 @@ def models_pull(config: Optional[Path] = CONFIG_OPT) -> None:
 @models_app.command("check")
 def models_check(config: Optional[Path] = CONFIG_OPT) -> None:
     """Verify the checksum of every weights file present; exit 1 on a mismatch."""
-    from curate import weights
+    from filters.models import weights
 
     rows = weights.check(_options(config).models)
     _weights_table(rows, "checksums")

@@ -36,18 +36,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import Config
+from curate.config import Config, ConfigError
 from curate.dedupe import KMEANS_SAMPLE, MAX_BUCKET, components, concat, kmeans, nearest, normalised, partition_edges, partition_of, route, split
 from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_labels, style_limits
 from curate.rundir import RunDir, row_keys, shard_index
 from curate.runtime import Window, log
-from filters.multihash import VIEWS
-from filters.text import text_reasons
-from manifests.schema import REASONS, TEXT, conform
+from filters.registry import COLUMNS, PRODUCER
+from manifests.rules import AFTER_COMMON, BEFORE_COMMON, REASONS, ROW_RULES, RULES, Rule
+from manifests.schema import conform
 
 RAW_INPUTS = ["key", "status", "original_width", "original_height", "sha256"]
-SCORE_INPUTS = ["score_error", "aspect_ratio", "entropy", "edge_density", *TEXT,
-                "phash", "phash_views", "clip_score", "aesthetic", "nsfw", "watermark", "text_area", "style", "graphic"]
 REASONS_LIST = list(REASONS)
 CODES = {name: i for i, name in enumerate(REASONS)}
 NONE = -1
@@ -57,11 +55,74 @@ ROWS_PER_PARTITION = 2_000_000   # rows per shuffle partition; partitions grow w
 
 @dataclass(frozen=True)
 class Job:
-    """What every decide task needs; put in the object store once."""
+    """What every decide task needs; put in the object store once. `on`: the reasons of the row rules
+    that apply (check_rules)."""
     cfg: Config
     run: RunDir
     failed: frozenset[str]
     partitions: int
+    on: frozenset[str]
+
+
+class RuleError(ConfigError):
+    """A rule cannot be applied to the scores on disk: the message names the scorer or key to change."""
+
+
+def score_inputs(cfg: Config) -> list[str]:
+    """The score columns decide reads: every rule's, and the dedupe preference's (dedupe.keep_order)."""
+    wanted = [c for r in RULES for c in r.columns] + list(cfg.dedupe.keep_order)
+    return [c for c in dict.fromkeys(wanted) if c in COLUMNS]
+
+
+def _scorer_on(cfg: Config, column: str) -> bool:
+    from filters.registry import BY_NAME
+
+    scorer = BY_NAME[PRODUCER[column]]
+    return not scorer.optional or scorer.name in cfg.models.enabled
+
+
+def _set_by_user(cfg: Config, key: str) -> bool:
+    """A threshold whose default is null was given a value: its rule is asked for, not merely on by default."""
+    section, name = key.rsplit(".", 1)
+    parent = cfg
+    for part in section.split("."):
+        parent = getattr(parent, part)
+    return type(parent).model_fields[name].default is None
+
+
+def check_rules(cfg: Config, columns: set[str]) -> tuple[frozenset[str], dict[str, str]]:
+    """Which row rules apply to scores with these columns: (reasons on, {reason: why off}).
+
+    A rule is off when its threshold is null, or when the scorer writing its column is not enabled
+    and the rule is on only by its default (filters.nsfw_max without the nsfw scorer). A threshold
+    the user set for a scorer that is not enabled, or an enabled scorer's column missing from the
+    scores, stops decide with the scorer to enable or re-run: never a rule that silently never fires.
+    """
+    on: set[str] = set()
+    off: dict[str, str] = {}
+    for rule in ROW_RULES:
+        if not rule.active(cfg):
+            off.setdefault(rule.reason, f"{rule.threshold} is null")
+            continue
+        scored = [c for c in rule.columns if c in COLUMNS]
+        disabled = [c for c in scored if not _scorer_on(cfg, c)]
+        if disabled:
+            scorer = PRODUCER[disabled[0]]
+            if rule.threshold and _set_by_user(cfg, rule.threshold):
+                raise RuleError(f"{rule.threshold} is set but the {scorer} scorer, which writes {disabled[0]}, is not "
+                                f"enabled: add {scorer} to models.enabled, or set {rule.threshold}: null")
+            off.setdefault(rule.reason, f"the {scorer} scorer is not enabled (models.enabled)")
+            continue
+        missing = [c for c in scored if c not in columns]
+        if missing:
+            raise RuleError(f"rule {rule.reason} reads {missing[0]}, which the scores on disk lack: the "
+                            f"{PRODUCER[missing[0]]} scorer has not run on them; run `curate score` (or `curate run`)")
+        on.add(rule.reason)
+    for name in cfg.dedupe.keep_order:
+        if name != "pixels" and name not in COLUMNS:
+            raise RuleError(f"dedupe.keep_order names {name!r}, which no scorer writes; choose from pixels or "
+                            f"{sorted(c for c, col in COLUMNS.items() if pa.types.is_floating(col.type))}")
+    return frozenset(on - set(off)), off
 
 
 # -- reading and per-row rules ---------------------------------------------------------------
@@ -74,7 +135,7 @@ def read_shard(job: Job, shard: str) -> pa.Table:
     table = storage.read_parquet(run.raw_table(shard) if downloaded else run.input_shard(shard),
                                  columns=RAW_INPUTS + style_column)
     if shard not in job.failed:
-        scores = storage.read_parquet(run.scores(shard), columns=["key", *SCORE_INPUTS])
+        scores = storage.read_parquet(run.scores(shard), columns=["key", *score_inputs(job.cfg)])
         if not scores.column("key").equals(table.column("key")):
             raise ValueError(f"scores/{shard}.parquet does not hold the rows of raw/{shard}.parquet")
         for name in scores.column_names[1:]:
@@ -94,41 +155,36 @@ def _apply(code: np.ndarray, name: str, fails: np.ndarray) -> None:
     code[(code == NONE) & fails] = CODES[name]
 
 
-def early_codes(t: pa.Table, cfg: Config, failed: bool) -> np.ndarray:
+def rule_codes(t: pa.Table, cfg: Config, rules: tuple[Rule, ...], on: frozenset[str]) -> np.ndarray:
+    """Reason codes of `rules` (the first that fires), each evaluated on the rows still in."""
+    code = np.full(t.num_rows, NONE, np.int8)
+    values: dict[str, np.ndarray] = {}
+    for rule in rules:
+        if rule.reason not in on:
+            continue
+        alive = np.flatnonzero(code == NONE)
+        if not len(alive):
+            break
+        for c in rule.columns:
+            if c not in values:
+                if c not in t.column_names:
+                    raise RuleError(f"rule {rule.reason} reads {c}, which this shard's files lack")
+                values[c] = t.column(c).to_numpy(zero_copy_only=False)
+        fails = rule.fails({c: values[c][alive] for c in rule.columns}, cfg)
+        code[alive[fails]] = CODES[rule.reason]
+    return code
+
+
+def early_codes(t: pa.Table, job: Job, failed: bool) -> np.ndarray:
     """Reason codes of the rules before caption_common (the ones it counts survivors of)."""
-    f = cfg.filters
-    code = np.full(t.num_rows, NONE, np.int8)
     if failed:
-        code[:] = CODES["shard_failed"]
-        return code
-    _apply(code, "download_failed", pc.not_equal(t.column("status"), "success").fill_null(True).to_numpy(False))
-    _apply(code, "decode_error", pc.is_valid(t.column("score_error")).to_numpy(False))
-    min_side = np.minimum(_num(t, "original_width"), _num(t, "original_height"))
-    _apply(code, "too_small", ~(min_side >= f.min_side))
-    _apply(code, "bad_aspect", ~(_num(t, "aspect_ratio") <= f.max_aspect_ratio))
-    _apply(code, "low_texture", ~((_num(t, "entropy") >= f.min_entropy) & (_num(t, "edge_density") >= f.min_edge_density)))
-    alive = np.flatnonzero(code == NONE)
-    sub = t.take(pa.array(alive))
-    text = {c: sub.column(c).to_numpy(zero_copy_only=False) for c in TEXT}
-    names = text_reasons(text, cfg.text)
-    code[alive] = np.array([CODES[n] if n else NONE for n in names], np.int8)
-    return code
+        return np.full(t.num_rows, CODES["shard_failed"], np.int8)
+    return rule_codes(t, job.cfg, BEFORE_COMMON, job.on)
 
 
-def late_codes(t: pa.Table, cfg: Config) -> np.ndarray:
+def late_codes(t: pa.Table, job: Job) -> np.ndarray:
     """Reason codes of the score rules after caption_common."""
-    f = cfg.filters
-    code = np.full(t.num_rows, NONE, np.int8)
-    for name, col, bad in (("nsfw", "nsfw", lambda x: x >= f.nsfw_max),
-                           ("watermark", "watermark", lambda x: x >= f.watermark_max),
-                           ("text_heavy", "text_area", lambda x: x > f.text_area_max),
-                           ("low_clip", "clip_score", lambda x: x < f.clip_min if f.clip_min is not None else False),
-                           ("low_aesthetic", "aesthetic",
-                            lambda x: x < f.aesthetic_min if f.aesthetic_min is not None else False)):
-        values = _num(t, col)
-        with np.errstate(invalid="ignore"):
-            _apply(code, name, np.isfinite(values) & bad(values))
-    return code
+    return rule_codes(t, job.cfg, AFTER_COMMON, job.on)
 
 
 def hash64(column: pa.ChunkedArray) -> np.ndarray:
@@ -143,7 +199,7 @@ def group_rules(job: Job, shards: list[str]) -> list[dict]:
     out = []
     for shard in shards:
         t = read_shard(job, shard)
-        alive = early_codes(t, job.cfg, shard in job.failed) == NONE
+        alive = early_codes(t, job, shard in job.failed) == NONE
         if alive.any():
             sub = t.filter(pa.array(alive))
             out.append({"caption": hash64(sub.column("caption_norm")), "image": hash64(sub.column("sha256")),
@@ -178,10 +234,12 @@ def _route(rows: np.ndarray, groups: int, bounds: np.ndarray) -> list[np.ndarray
 def survivors(job: Job, shard: str, common: np.ndarray) -> tuple[pa.Table, np.ndarray]:
     """A shard's table and reason codes after every per-row rule, caption_common included."""
     t = read_shard(job, shard)
-    code = early_codes(t, job.cfg, shard in job.failed)
+    code = early_codes(t, job, shard in job.failed)
+    if shard in job.failed:
+        return t, code
     is_common = np.isin(t.column("row_id").to_numpy(), common)
     _apply(code, "caption_common", is_common)
-    late = late_codes(t, job.cfg)
+    late = late_codes(t, job)
     code = np.where(code == NONE, late, code).astype(np.int8)
     return t, code
 
@@ -345,9 +403,12 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
             return previous["funnel"]
     if not dry_run:
         storage.delete(run.decided)   # from here on, write refuses the decisions until they are whole
+    on, off = check_rules(cfg, set(storage.parquet(run.scores(min(scored))).schema_arrow.names))
+    for reason, why in off.items():
+        log.info("decide: rule %s is off: %s", reason, why)
     plan = storage.read_json(run.plan)
     partitions = max(cfg.dedupe.partitions, math.ceil(plan["rows"] / ROWS_PER_PARTITION))
-    job = ray.put(Job(cfg, run, frozenset(failed), partitions))
+    job = ray.put(Job(cfg, run, frozenset(failed), partitions, on))
     groups = groups_of(shards, cfg.input.shard_rows)
     bounds = np.array([shard_index(g[0]) for g in groups] + [shard_index(shards[-1]) + 1], np.int64)
     G, P = len(groups), partitions
@@ -384,7 +445,7 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
                     skipped, MAX_BUCKET)
     if not dry_run:
         storage.write_json(run.decided, {"fingerprint": fp, "attempt": attempt, "funnel": result, "styles": styles,
-                                              "dedupe": {"near_dup_skipped_hashes": skipped}})
+                                         "rules_off": off, "dedupe": {"near_dup_skipped_hashes": skipped}})
     log.info("decide: %d rows, %d kept", result["rows_in"], result["kept"])
     return result
 

@@ -90,7 +90,7 @@ def check_models(cfg: Config, skip_missing: bool) -> dict:
         info.update(enabled=list(cfg.models.enabled), skipped=skipped)
         for scorer, why in skipped.items():
             log.warning("score: skipping %s: %s", scorer, why)
-    from curate.weights import clip_needed, clip_source, weight_files
+    from filters.models.weights import clip_needed, clip_source, weight_files
 
     info["files"] = weight_files(cfg.models)
     if clip_needed(cfg.models):   # scores of different CLIP backends are not comparable: say which one ran

@@ -194,7 +194,7 @@ def test_the_demo_writes_buckets_and_a_card(demo_run):
     stats.json's numbers, the config's thresholds and the shipped OCR weights' checksums."""
     import yaml
 
-    from curate.weights import SHIPPED
+    from filters.models.weights import SHIPPED
     from test_card import check_card
 
     stats = json.loads((demo_run / "stats.json").read_text())

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from curate import weights
+from filters.models import weights
 from filters.models import ModelOptions
 from filters.models.heads import LaionNsfwHead
-from jobs.convert_laion_nsfw import keras_to_state_dict, write_checked
+from filters.models.convert_laion_nsfw import keras_to_state_dict, write_checked
 
 
 def test_models_dir_precedence(tmp_path, monkeypatch):
@@ -129,7 +129,7 @@ def test_converter_rejects_an_unexpected_layout():
 
 
 def test_scorer_needs_names_every_scorer_and_where_style_comes_from():
-    from curate.weights import scorer_needs
+    from filters.models.weights import scorer_needs
     from filters.models import SCORERS, ModelOptions
 
     rows = scorer_needs(ModelOptions(enabled=["style", "nsfw"], nsfw_backend="open_nsfw"), "graphic")

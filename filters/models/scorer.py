@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from curate.weights import (chinese_text_needed, clip_image_needed, clip_needed, load_state_dict, open_clip_cache, path_of, shipped_path,
+from filters.models.weights import (chinese_text_needed, clip_image_needed, clip_needed, load_state_dict, open_clip_cache, path_of, shipped_path,
                             towers_needed)
 
 from .heads import AestheticHead, LaionNsfwHead, build_watermark_model, style_logits

@@ -57,7 +57,7 @@ REGISTRY: dict[str, WeightFile] = {w.name: w for w in (
         None, "nsfw", "LAION CLIP-based NSFW detector for ViT-L/14, Keras SavedModel zip (input of the converter)"),
     WeightFile(
         "laion_nsfw", "laion_nsfw_l14.safetensors",
-        "python -m jobs.convert_laion_nsfw (from clip_autokeras_binary_nsfw.zip)",
+        "python -m filters.models.convert_laion_nsfw (from clip_autokeras_binary_nsfw.zip)",
         None, "nsfw", "the LAION NSFW detector converted to safetensors", derived_from="laion_nsfw_keras"),
     WeightFile(
         "watermark", "watermark_model_v1.pt",
@@ -437,12 +437,12 @@ def pull(opts: ModelOptions, log: Callable[[str], None] = print) -> list[str]:
             if not src_path.is_file():
                 log(f"downloading {src.url}")
                 _record(opts, src.filename, download(src.url, src_path, src.sha256))
-            from jobs.convert_laion_nsfw import convert
+            from filters.models.convert_laion_nsfw import convert
 
             try:
                 convert(src_path, target)
             except ImportError as exc:
-                undone.append(f"{w.filename}: {exc}; then run `python -m jobs.convert_laion_nsfw {src_path} {target}`")
+                undone.append(f"{w.filename}: {exc}; then run `python -m filters.models.convert_laion_nsfw {src_path} {target}`")
                 continue
             _record(opts, w.filename, sha256_file(target))
         else:
