@@ -72,7 +72,7 @@ def _type_name(tp: Any) -> str:
     if origin is dict:
         return f"map of {_type_name(args[0])} to {_type_name(args[1])}"
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return "section"
+        return "{" + ", ".join(tp.model_fields) + "}"
     return {str: "str", int: "int", float: "float", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
