@@ -238,6 +238,14 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory with a manife
     console.print(f"report: {path}", highlight=False)
 
 
+@app.command("config-doc")
+def config_doc() -> None:
+    """Print the config reference (docs/config.md), generated from the config model."""
+    from curate.config_doc import render
+
+    sys.stdout.write(render())
+
+
 def main() -> None:
     from curate.runtime import setup_logging
 

@@ -5,7 +5,6 @@ that names the key, what was expected and what was given.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -292,21 +291,3 @@ def dump(cfg: Config) -> str:
     """The resolved config as YAML, every default spelled out."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
-
-def reference(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every config key: the README's table is made from it."""
-    rows = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
-            else None
-        if sub is not None:
-            rows += reference(sub, key + ".")
-            continue
-        if field.is_required():
-            default = "required"
-        else:
-            value = field.get_default(call_default_factory=True)
-            default = json.dumps(value, ensure_ascii=False) if not isinstance(value, dict) else "(see below)"
-        rows.append((key, default, field.description or ""))
-    return rows
