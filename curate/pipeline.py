@@ -75,10 +75,10 @@ def run_download(cfg: Config, run: RunDir) -> list[dict]:
 def check_models(cfg: Config, skip_missing: bool) -> dict:
     """Before Ray starts: stop on missing weights, or (demo) drop the scorers that lack them.
 
-    What ran, what was skipped and whether the weights were random is recorded in models.json,
-    which stats.json and the report repeat.
+    The scorers skipped here are recorded in models.json beside what the score markers say ran
+    (curate/provenance.py summarise), which stats.json and the report repeat.
     """
-    info: dict = {"enabled": list(cfg.models.enabled), "skipped": {}, "weights": cfg.models.weights}
+    info: dict = {"skipped": {}}
     if cfg.models.enabled:
         from filters.models import skipped_when_offline
 
@@ -87,17 +87,11 @@ def check_models(cfg: Config, skip_missing: bool) -> dict:
             lines = "\n".join(f"  - {why}" for why in dict.fromkeys(skipped.values()))
             raise ConfigError(f"models: weights for {sorted(skipped)} are missing:\n{lines}")
         cfg.models.enabled = [s for s in cfg.models.enabled if s not in skipped]
-        info.update(enabled=list(cfg.models.enabled), skipped=skipped)
+        info["skipped"] = skipped
         for scorer, why in skipped.items():
             log.warning("score: skipping %s: %s", scorer, why)
-    from filters.models.weights import clip_needed, clip_source, weight_files
-
-    info["files"] = weight_files(cfg.models)
-    if clip_needed(cfg.models):   # scores of different CLIP backends are not comparable: say which one ran
-        info["clip_score"] = clip_source(cfg.models)
     if cfg.models.weights == "random" and cfg.models.enabled:
-        info["warning"] = "models ran with RANDOM weights: every model score is meaningless"
-        log.warning(info["warning"])
+        log.warning("models run with RANDOM weights: every model score is meaningless")
     return info
 
 
@@ -117,8 +111,6 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
 
 
 def _phases(cfg: Config, run: RunDir, phases: tuple[str, ...], models: dict | None, dry_run: bool) -> Outcome:
-    if models is not None:
-        run.storage.write_json(run.file("models.json"), models)
     out = Outcome()
     timings = _read_json(run, "timings.json", {})
     for phase in phases:
@@ -128,8 +120,12 @@ def _phases(cfg: Config, run: RunDir, phases: tuple[str, ...], models: dict | No
         elif phase == "score":
             from curate.score import run_score
 
+            from curate.provenance import summarise
+
             downloaded = run.done("download")
             out.failures += run_score(cfg, run, [s for s in run.shard_names() if s in downloaded])
+            if not dry_run:   # what produced the scores on disk, read from their markers
+                run.storage.write_json(run.file("models.json"), summarise(run, (models or {}).get("skipped")))
         elif phase == "decide":
             from curate.decide import run_decide
 

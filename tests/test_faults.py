@@ -127,6 +127,7 @@ def test_a_killed_ray_worker_during_score_loses_no_row(urls, reference, tmp_path
 def test_finishing_a_scored_shard_again_is_a_success(reference, tmp_path):
     """Ray re-runs a finished merge task whose result died with its node: the re-run finds the
     marker and reports done, where it once reported "0 of N rows" and failed the shard."""
+    from curate.provenance import Work
     from curate.score import finish_shard
 
     run = tmp_path / "run"
@@ -136,10 +137,11 @@ def test_finishing_a_scored_shard_again_is_a_success(reference, tmp_path):
     scores = run / "scores" / f"{shard}.parquet"
     before = scores.read_bytes()
     rows = rd.markers("download", [shard])[0]["rows"]
-    assert finish_shard(rd, shard, rows) is None
+    work = Work(frozenset({"image", "caption"}), frozenset(), False, "")
+    assert finish_shard(rd, shard, rows, work, {}) is None
     assert scores.read_bytes() == before
     rd.unmark("score", shard)
-    assert finish_shard(rd, shard, rows) == f"scoring returned 0 of {rows} rows"
+    assert finish_shard(rd, shard, rows, work, {}) == f"scoring returned 0 of {rows} rows"
 
 
 def assert_failed_alone(run: Path, shard: str, error: str) -> None:
