@@ -148,12 +148,13 @@ def summarise(run: RunDir, skipped: dict[str, str] | None = None) -> dict:
                    "weights": described[fps.most_common(1)[0][0]].get("weights", {})} for n, fps in per.items()}
     mixed = {n: [{"fingerprint": fp, "shards": k, "examples": where[n, fp]} for fp, k in fps.most_common()]
              for n, fps in per.items() if len(fps) > 1 or sum(fps.values()) < len(shards)}
-    random = sorted(n for n in models if any(described[fp].get("settings", {}).get("models.weights") == "random"
-                                             for fp in per[n]))
-    uses_weights = [n for n in models if any("models.weights" in described[fp].get("settings", {}) for fp in per[n])]
+    modes = {n: {described[fp].get("settings", {}).get("models.weights") for fp in per[n]} - {None} for n in models}
+    random = sorted(n for n, m in modes.items() if "random" in m)
+    all_random = bool(random) and all(m == {"random"} for m in modes.values() if m)
     info: dict[str, Any] = {
         "enabled": [n for n in BY_NAME if n in models],
-        "weights": ("random" if random and len(random) == len(uses_weights) else "mixed" if random else "pretrained"),
+        "weights": ("unknown" if any(not described[fp] for fps in per.values() for fp in fps) else
+                    "random" if all_random else "mixed" if random else "pretrained"),
         "skipped": dict(skipped or {}),
         "shards_scored": len(shards),
         "scorers": scorers,
