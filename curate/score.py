@@ -28,7 +28,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from curate.config import Config, ConfigError
 from curate.rundir import RunDir
-from curate.runtime import Progress, Window, log
+from curate.runtime import Progress, Window, check_weights_where_actors_run, log
 from curate.storage import join
 from filters.image import aspect_ratio, decode, image_columns
 from filters.models.options import VIEW_SCORERS, ModelOptions
@@ -331,6 +331,7 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
     """Score every downloaded shard without a score marker; return failures (shard, error)."""
     import ray
 
+    check_weights_where_actors_run(cfg)
     done = run.done("score")
     todo = [s for s in shards if s not in done]
     if not todo:
