@@ -203,17 +203,29 @@ class Lease:
             return False
         return process_started(held["pid"]) != held.get("started")
 
+    def _held(self) -> dict | None:
+        """The lease as written, or None: absent, or torn by a writer that died inside its few-byte write
+        (a live holder's write lands in milliseconds, so a second look tells them apart)."""
+        for _ in range(3):
+            try:
+                return self.run.storage.read_json(self.uri)
+            except FileNotFoundError:
+                return None
+            except ValueError:
+                time.sleep(0.5)
+        log.warning("lease: %s is unreadable: its writer died while writing it; taking it over", self.uri)
+        return None
+
     def acquire(self) -> "Lease":
         storage = self.run.storage
-        if storage.exists(self.uri):
-            held = storage.read_json(self.uri)
-            if held["owner"] != self.owner and held["expires"] > time.time():
-                if not self.holder_is_gone(held):
-                    raise RunBusy(f"{self.run.root} is in use by another run ({held['owner']}, lease valid for "
-                                  f"{held['expires'] - time.time():.0f} s more); wait for it to finish, or delete "
-                                  f"{self.uri} if that run is known to be dead")
-                log.warning("lease: %s was held by process %s on this host (%s), which is gone: taking it over",
-                            self.run.root, held["pid"], held["host"])
+        held = self._held()
+        if held is not None and held["owner"] != self.owner and held["expires"] > time.time():
+            if not self.holder_is_gone(held):
+                raise RunBusy(f"{self.run.root} is in use by another run ({held['owner']}, lease valid for "
+                              f"{held['expires'] - time.time():.0f} s more); wait for it to finish, or delete "
+                              f"{self.uri} if that run is known to be dead")
+            log.warning("lease: %s was held by process %s on this host (%s), which is gone: taking it over",
+                        self.run.root, held["pid"], held["host"])
         self._write()
         if storage.read_json(self.uri)["owner"] != self.owner:
             raise RunBusy(f"{self.run.root}: another run took the lease at the same moment")

@@ -13,6 +13,7 @@ from typing import Any, Callable, Hashable
 
 from curate.config import Config, ConfigError, RayConfig
 from curate.storage import is_local
+from filters.models import ModelOptions
 
 log = logging.getLogger("curate")
 
@@ -53,19 +54,23 @@ def alive_nodes() -> list[dict]:
 
 
 def check_paths_reach_every_node(cfg: Config) -> None:
-    """Refuse, before any work, local paths that tasks on other nodes would look for on their own disks.
+    """Before any work: refuse local paths that tasks on other nodes would look for on their own disks."""
+    refusal = local_paths_refusal(cfg, len(alive_nodes()))
+    if refusal:
+        raise ConfigError(refusal)
 
-    One live node (a laptop, one machine) reads local paths fine; on several, run_dir and the
-    inputs must be on object storage, or on a filesystem every node mounts at the same path, which
-    the config declares with storage.shared_mount."""
-    nodes = alive_nodes()
-    if len(nodes) < 2 or cfg.storage.shared_mount:
-        return
+
+def local_paths_refusal(cfg: Config, nodes: int) -> str | None:
+    """Why a run cannot use its local paths on a cluster of `nodes` live nodes, or None.
+
+    One node (a laptop, one machine) reads local paths fine; on several, run_dir and the inputs must
+    be on object storage, or on a filesystem every node mounts at the same path, which the config
+    declares with storage.shared_mount."""
     local = ([f"run_dir {cfg.run_dir}"] if is_local(cfg.run_dir) else []) + \
         [f"input path {p}" for p in cfg.input.paths if is_local(p)]
-    if local:
-        raise ConfigError(
-            f"this Ray cluster has {len(nodes)} nodes alive, but {' and '.join(local)} "
+    if nodes < 2 or cfg.storage.shared_mount or not local:
+        return None
+    return (f"this Ray cluster has {nodes} nodes alive, but {' and '.join(local)} "
             f"{'is a local path' if len(local) == 1 else 'are local paths'}: tasks on the other nodes would read and "
             f"write their own disks. Put the run and its inputs on object storage (run_dir: s3://BUCKET/runs/NAME, "
             f"input.paths: [s3://BUCKET/urls/*.parquet]), or, if these paths are on a filesystem that every node "
@@ -92,21 +97,26 @@ def check_weights_where_actors_run(cfg: Config) -> None:
     The driver checked its own node; on one node nothing more is asked."""
     import ray
 
-    opts = cfg.models
     nodes = alive_nodes()
-    if not opts.enabled or (len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()):
+    if not cfg.models.enabled or (len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id()):
         return
-    from filters.models import skipped_when_offline
-
-    on_gpus = opts.num_gpus > 0 and "ocr" not in opts.enabled   # OCR actors may run on CPU nodes
-    found = on_every_node(skipped_when_offline, opts, needs={"GPU": opts.num_gpus} if on_gpus else None)
-    lacking = {node: why for node, why in found.items() if why}
+    lacking = missing_weights_by_node(cfg.models)
     if lacking:
         lines = "\n".join(f"  - node {node}: {scorer}: {why}" for node, missing in sorted(lacking.items())
                           for scorer, why in missing.items())
         raise ConfigError(f"models: weights are missing where the model actors run (models.models_dir or "
                           f"$CURATE_MODELS_DIR on each node):\n{lines}\nput them on every node (or on storage they "
                           f"all mount), or drop those scorers from models.enabled")
+
+
+def missing_weights_by_node(opts: ModelOptions) -> dict[str, dict[str, str]]:
+    """{node address: {scorer: why}} for each live node that could host a model actor and lacks weights
+    of an enabled scorer, as that node itself sees its disk and environment."""
+    from filters.models import skipped_when_offline
+
+    on_gpus = opts.num_gpus > 0 and "ocr" not in opts.enabled   # OCR actors may run on CPU nodes
+    found = on_every_node(skipped_when_offline, opts, needs={"GPU": opts.num_gpus} if on_gpus else None)
+    return {node: why for node, why in found.items() if why}
 
 
 class Progress:
