@@ -254,11 +254,26 @@ def test_demo_runs_as_a_submitted_job(head, tmp_path):
     assert sorted(in_shards) == sorted(manifest[manifest.keep].key)
     assert stats["shards"]["samples"] == len(in_shards) > 0
 
+    # A relative run directory would resolve inside the job's copy of --working-dir: refused, saying why.
+    relative = f"curate-rel-{os.getpid()}"
+    submit(head, relative, ["demo", "--out", "runs/reljob", "--n", "20"])
+    status, logs = wait_for(head, relative, time.time())
+    assert status == "FAILED" and "--out 'runs/reljob' is a relative path" in logs, logs[-2000:]
+    assert "Ray job's copy of its --working-dir" in logs and "s3://" in logs
+
 
 @pytest.mark.slow
-def test_a_two_node_job_on_s3_loses_its_worker_node_during_score_and_completes(s3, head, worker_node):
+def test_a_two_node_job_on_s3_loses_its_worker_node_during_score_and_completes(s3, head, worker_node, tmp_path):
     """The cluster case: run_dir on S3, a second node that dies in the middle of score (SIGKILL of
-    its raylet and workers). Ray re-runs the lost work on the head; every input row is accounted for."""
+    its raylet and workers). Ray re-runs the lost work on the head; every input row is accounted for.
+    First, the same demo on a local run_dir is refused before any work: the other node has its own disk."""
+    local = f"curate-local-{os.getpid()}"
+    submit(head, local, ["demo", "--out", str(tmp_path / "local"), "--n", "20"], env_vars=s3.env)
+    status, logs = wait_for(head, local, time.time())
+    assert status == "FAILED" and "this Ray cluster has 2 nodes alive" in logs, logs[-2000:]
+    assert "storage.shared_mount: true" in logs and "s3://BUCKET/runs/NAME" in logs
+    assert not (tmp_path / "local" / "_lease.json").exists() and not (tmp_path / "local" / "raw").exists()
+
     root = f"s3://{s3.bucket('cluster')}/demo"
     shards = N // SHARD_ROWS
     job = f"curate-s3-{os.getpid()}"
