@@ -131,9 +131,9 @@ def _failures_warning(stats: dict) -> list[str]:
     phases = sorted({f["phase"] for f in failures})
     listed = ", ".join(f"`{s}`" for s in shards[:10]) + (", ..." if len(shards) > 10 else "")
     return [f"> **Incomplete: {len(failures)} failure(s) in {', '.join(phases)}"
-            + (f" (input shards {listed})" if shards else "") + ".** The counts below cover only the input shards "
-            "written; the rows of the others are `shard_failed` or missing. `failures.json` in the run "
-            "directory has the errors; running `curate run` again retries them.", ""]
+            + (f" (input shards {listed})" if shards else "") + ".** The funnel and the shards below count only "
+            "what was written. `failures.json` in the run directory has the errors; `curate run` again "
+            "retries them.", ""]
 
 
 def _models_warning(models: dict) -> list[str]:
