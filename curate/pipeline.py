@@ -137,15 +137,14 @@ def _phases(cfg: Config, run: RunDir, phases: tuple[str, ...], models: dict | No
             new, rows = _run_phase(phase, cfg, run, out, dry_run)
         except REFUSALS:
             raise
-        except Exception as exc:   # a global step failed: the phase fails, the phases after it cannot run
+        except Exception as exc:   # a global step failed: the phase fails, and the phases after it cannot run
             log.exception("%s failed", phase)
-            new = [failures.failure(phase, None, error_text(exc))]
-            if dry_run:
-                out.failures = new
-                return out
-            out.failures = failures.record(run, new)
+            out.failures = [failures.failure(phase, None, error_text(exc))]
+            if not dry_run:
+                out.failures = failures.record(run, out.failures)
             break
         if dry_run:
+            out.failures += new
             continue
         out.failures = failures.record(run, new, finished=(phase,))
         if rows:   # a phase that had nothing to do keeps the timing of its last real run

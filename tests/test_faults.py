@@ -369,3 +369,25 @@ def test_a_no_op_rerun_keeps_each_phases_timing_and_the_report_says_so(urls, ref
     shown = dict(re.findall(r"<tr><td>(\w+)</td><td class=\"num\">[\d,.]+</td><td class=\"num\">([\d,]+)</td>",
                             html.split('id="timings"')[1].split("</table>")[0]))
     assert shown == {p: f"{N:,}" for p in ("download", "score", "decide", "write")}
+
+
+def test_a_failed_decide_fails_the_run_as_a_phase_until_decide_completes(urls, reference, tmp_path):
+    """decide is global (duplicates span shards): a task of it that fails fails the phase, recorded with
+    shard null; write does not run on half-made decisions; the entry goes when decide next completes."""
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    scores = run / "scores" / "00002.parquet"
+    good = scores.read_bytes()
+    scores.write_bytes(b"not a parquet file\n" * 64)
+    stats = (run / "stats.json").read_text()
+    stricter = config(run, urls, filters={"min_side": 300})   # new settings: decide must run again
+    outcome = run_here(stricter)
+    assert [(f["phase"], f["shard"]) for f in outcome.failures] == [("decide", None)]
+    assert resume.failures(str(run)) == outcome.failures
+    assert not (run / "decisions" / "_decided.json").exists()
+    assert (run / "stats.json").read_text() == stats, "write did not run"
+
+    scores.write_bytes(good)
+    outcome = run_here(stricter)
+    assert outcome.ok, outcome.failures
+    assert resume.failures(str(run)) == []
