@@ -11,6 +11,7 @@ import json
 
 from curate.config import Config
 from curate.rundir import RunDir
+from curate.sample import SAMPLE_EXCLUDE, hex_in_json
 from curate.storage import join
 from manifests.schema import ALL, REASONS
 
@@ -53,6 +54,7 @@ def render(cfg: Config, stats: dict, sources: list[str], shards_uri: str) -> str
              f"from {stats['funnel']['rows_in']:,} input rows (download, score, decide, write). Every input row's "
              f"fate is in the run's parquet manifest (`manifest/`), with the reason of each drop.", "",
              f"> {LICENSE_WARNING}", "",
+             *_failures_warning(stats),
              *_models_warning(stats.get("models") or {}),
              "## Funnel", "", *_funnel(stats["funnel"]), "",
              "## Shards and buckets", "", *_shards(cfg, stats), "",
@@ -120,6 +122,20 @@ def _thresholds(cfg: Config) -> list[str]:
                                      for k, v in rows])
 
 
+def _failures_warning(stats: dict) -> list[str]:
+    """An unfinished run says so first: what failed, and that the counts below cover only what was written."""
+    failures = stats.get("failures") or []
+    if not failures:
+        return []
+    shards = sorted({f["shard"] for f in failures if f["shard"] is not None})
+    phases = sorted({f["phase"] for f in failures})
+    listed = ", ".join(f"`{s}`" for s in shards[:10]) + (", ..." if len(shards) > 10 else "")
+    return [f"> **Incomplete: {len(failures)} failure(s) in {', '.join(phases)}"
+            + (f" (input shards {listed})" if shards else "") + ".** The funnel and the shards below count only "
+            "what was written. `failures.json` in the run directory has the errors; `curate run` again "
+            "retries them.", ""]
+
+
 def _models_warning(models: dict) -> list[str]:
     return [f"> **{models['warning']}**", ""] if models.get("warning") else []
 
@@ -142,8 +158,6 @@ def _models(models: dict) -> list[str]:
 
 
 def _columns(cfg: Config, stats: dict) -> list[str]:
-    from curate.write import SAMPLE_EXCLUDE, hex_in_json
-
     docs = {**{c: "input column (input.extra_cols), carried as given" for c in cfg.input.extra_cols},
             **stats["columns"]}
     for c in docs:

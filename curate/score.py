@@ -30,7 +30,7 @@ from curate import provenance
 from curate.config import Config, ConfigError
 from curate.provenance import Producer, Work
 from curate.rundir import RunDir
-from curate.runtime import Progress, Window, log
+from curate.runtime import Progress, Window, check_weights_where_actors_run, log
 from curate.storage import join
 from filters.image import aspect_ratio, decode, image_columns, model_views
 from filters.models.options import ModelOptions
@@ -390,8 +390,9 @@ def check_room(cfg: Config, views_on: bool, ocr_on: bool, cpus: float, model_act
                           f"models.num_actors, models.ocr_actors or score.num_cpus")
 
 
-def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
-    """Score every downloaded shard whose scores are not up to date with this config; return failures.
+def run_score(cfg: Config, run: RunDir, shards: list[str]) -> tuple[list[dict], list[str]]:
+    """Score every downloaded shard whose scores are not up to date with this config; return the
+    failures and the shards it worked on.
 
     Per shard, provenance.plan names the scorers to run (new, or their settings, weights or input
     changed) and the columns to remove (scorers no longer enabled); a shard scored with [nsfw] and
@@ -405,7 +406,8 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
     works = provenance.plan(run, cfg, shards, wanted)
     if not works:
         log.info("score: all %d shards up to date with these scorers and settings, nothing to do", len(shards))
-        return []
+        return [], []
+    check_weights_where_actors_run(cfg)
     provenance.record_producers(run, wanted)
     todo = sorted(works)
     for shard in todo:
@@ -431,7 +433,7 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
                 failures += _drop_columns(run, shard_work, expected, wanted)
     finally:
         context.execution_options.resource_limits = limits
-    return failures
+    return failures, todo
 
 
 def _log_work(kind: Work, shards: list[str], wanted: dict[str, Producer]) -> None:
