@@ -30,7 +30,8 @@ RATIOS = ("download.ours_over_img2dataset", "download.many_hosts_ours_over_img2d
           "scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
           "scale.write_samples_per_s_per_core", "ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model",
           "score_cpu.view_hashes_overhead", "near_dup.min_recall_crops_mirrors",
-          "near_dup.min_recall_others", "near_dup.precision", "near_dup.false_merges_50k", "graphic.accuracy")
+          "near_dup.min_recall_others", "near_dup.precision", "near_dup.false_merges_50k", "graphic.accuracy",
+          "rescore.add_ocr_over_full")
 
 
 def _models(mode: str) -> dict:
@@ -57,7 +58,8 @@ def _bench(name: str) -> Callable[[str], dict]:
     return module.run
 
 
-BENCHMARKS = ("download", "score_cpu", "score_stage", "models", "near_dup", "graphic", "scaling", "scale", "ocr", "score_gpu")
+BENCHMARKS = ("download", "score_cpu", "score_stage", "models", "near_dup", "graphic", "scaling", "scale", "ocr", "score_gpu",
+              "rescore")
 
 
 def run_one(name: str, mode: str) -> dict:
