@@ -40,7 +40,7 @@ from curate.config import Config, ConfigError
 from curate.dedupe import KMEANS_SAMPLE, MAX_BUCKET, components, concat, kmeans, nearest, normalised, partition_edges, partition_of, route, split
 from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_labels, style_limits
 from curate.rundir import RunDir, row_keys, shard_index
-from curate.runtime import Window, log
+from curate.runtime import log, windowed
 from filters.registry import COLUMNS, PRODUCER
 from manifests.rules import AFTER_COMMON, BEFORE_COMMON, REASONS, ROW_RULES, RULES, Rule
 from manifests.schema import conform
@@ -433,11 +433,8 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     attempt = uuid.uuid4().hex[:12]
     write = ray.remote(num_cpus=1)(write_group)
     per_shard: dict[str, dict] = {}
-    window = Window()
-    for i, s in enumerate(states):
-        for result in window.submit(write.remote(job, s[0], limits, attempt, not dry_run), i).values():
-            _collect(result, per_shard)
-    for result in window.drain().values():
+    tasks = windowed(range(len(states)), lambda i: write.remote(job, states[i][0], limits, attempt, not dry_run))
+    for _, result in tasks:
         _collect(result, per_shard)
     result = _funnel(per_shard)
     if skipped:

@@ -21,7 +21,7 @@ from curate.config import Config, ConfigError
 from curate.download import download_shard
 from curate.inputs import check_plan
 from curate.rundir import PHASES, Lease, RunBusy, RunDir
-from curate.runtime import Progress, Window, check_paths_reach_every_node, error_text, init_ray, log
+from curate.runtime import Progress, check_paths_reach_every_node, error_text, init_ray, log, windowed
 from curate.storage import Storage
 
 
@@ -57,21 +57,14 @@ def run_download(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
         return [], 0
     remote = ray.remote(num_cpus=cfg.download.num_cpus, max_retries=2, retry_exceptions=True)(download_shard)
     cfg_ref = ray.put(cfg)
-    window = Window()
     progress = Progress("download", len(todo) * cfg.input.shard_rows)
     failed: list[dict] = []
-
-    def collect(results: dict) -> None:
-        for shard, result in results.items():
-            if isinstance(result, dict):
-                progress.add(result["rows"])
-            else:
-                failed.append(failures.failure("download", shard, result))
-                log.error("download: shard %s failed: %s", shard, result)
-
-    for shard in todo:
-        collect(window.submit(remote.remote(cfg_ref, shard), shard))
-    collect(window.drain())
+    for shard, result in windowed(todo, lambda shard: remote.remote(cfg_ref, shard)):
+        if isinstance(result, dict):
+            progress.add(result["rows"])
+        else:
+            failed.append(failures.failure("download", shard, result))
+            log.error("download: shard %s failed: %s", shard, result)
     progress.total = progress.done
     progress.finish()
     return failed, progress.done

@@ -9,11 +9,14 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Hashable
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, Hashable, TypeVar
 
 from curate.config import Config, ConfigError, RayConfig
 from curate.storage import is_local
 from filters.models import ModelOptions
+
+T = TypeVar("T", bound=Hashable)
 
 log = logging.getLogger("curate")
 
@@ -188,6 +191,17 @@ class Window:
             return ray.get(ref)
         except Exception as exc:
             return error_text(exc)
+
+
+def windowed(items: Iterable[T], submit: Callable[[T], Any], limit: int | None = None) -> Iterator[tuple[T, Any]]:
+    """The one submit-and-collect driver: a Ray task per item (`submit(item)` returns its reference),
+    at most `limit` in flight; yields (item, outcome) as tasks finish, an outcome being the result or
+    the error text of a task that raised (Window.outcome). Items label their tasks, so they must be
+    hashable (shard names, indices)."""
+    window = Window(limit)
+    for item in items:
+        yield from window.submit(submit(item), item).items()
+    yield from window.drain().items()
 
 
 def error_text(exc: BaseException) -> str:

@@ -30,7 +30,7 @@ from curate import provenance
 from curate.config import Config, ConfigError
 from curate.provenance import Producer, Work
 from curate.rundir import RunDir
-from curate.runtime import Progress, Window, check_weights_where_actors_run, log
+from curate.runtime import Progress, Window, check_weights_where_actors_run, log, windowed
 from curate.storage import join
 from filters.image import aspect_ratio, decode, image_columns, model_views
 from filters.models.options import ModelOptions
@@ -454,11 +454,8 @@ def _drop_columns(run: RunDir, works: dict[str, Work], expected: dict[str, int],
     import ray
 
     finish = ray.remote(num_cpus=0.25)(finish_shard)
-    window, failures = Window(limit=8), {}
-    for shard, w in works.items():
-        failures.update(window.submit(finish.remote(run, shard, 0, w, wanted), shard))
-    failures.update(window.drain())
-    return [{"phase": "score", "shard": s, "error": e} for s, e in sorted(failures.items()) if e]
+    done = windowed(works, lambda shard: finish.remote(run, shard, 0, works[shard], wanted), limit=8)
+    return [{"phase": "score", "shard": s, "error": e} for s, e in sorted(done) if e]
 
 
 def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str, int], works: dict[str, Work],

@@ -35,7 +35,7 @@ from curate.config import PREFIX, Config
 from curate.failures import failure, record
 from curate.hosts import download_stats
 from curate.rundir import RunDir
-from curate.runtime import Progress, Window, log
+from curate.runtime import Progress, log, windowed
 from curate.sample import sample_json
 from curate.storage import Storage
 from curate.tario import TarWriter, members
@@ -221,17 +221,10 @@ def count_remote(job: Job, shards: list[str]) -> list[list[int]]:
     job_ref = ray.put(job)
     groups = [shards[i:i + COUNT_SHARDS] for i in range(0, len(shards), COUNT_SHARDS)]
     found: dict[int, list[list[int]]] = {}
-    window = Window()
-
-    def collect(results: dict) -> None:
-        for i, result in results.items():
-            if not isinstance(result, list):
-                raise RuntimeError(f"write: counting buckets of shards {groups[i][0]}..{groups[i][-1]} failed: {result}")
-            found[i] = result
-
-    for i, group in enumerate(groups):
-        collect(window.submit(remote.remote(job_ref, group), i))
-    collect(window.drain())
+    for i, result in windowed(range(len(groups)), lambda i: remote.remote(job_ref, groups[i])):
+        if not isinstance(result, list):
+            raise RuntimeError(f"write: counting buckets of shards {groups[i][0]}..{groups[i][-1]} failed: {result}")
+        found[i] = result
     return [row for i in range(len(groups)) for row in found[i]]
 
 
@@ -501,31 +494,24 @@ def run_write(cfg: Config, shards: list[str]) -> dict:
     progress = Progress("write", p.total)
     remote = ray.remote(num_cpus=1)(write_group)
     job_ref = ray.put(p.job)
-    window = Window()
     per_shard: dict[str, dict] = {}
     errors: list[dict] = []
-
-    def collect(results: dict) -> None:
-        for i, result in results.items():
-            task = p.tasks[i]
-            if not isinstance(result, Written):   # it raised, after Ray's retries, maybe before unmarking
-                log.error("write: shards %s..%s failed: %s", task.shards[0], task.shards[-1], result)
-                for shard in task.shards:
-                    run.unmark("write", shard)
-                errors.extend(failure("write", s, result) for s in task.shards)
-            elif result.broken:
-                for shard, error in result.broken.items():
-                    log.error("write: %s", error)
-                    errors.append(failure("write", shard, error))
-                why = f"not written: raw shard {', '.join(sorted(result.broken))} is broken"
-                errors.extend(failure("write", s, why) for s in task.shards if s not in result.broken)
-            else:
-                per_shard.update(result.markers)
-                progress.add(task.kept)
-
-    for i, task in enumerate(p.tasks):
-        collect(window.submit(remote.remote(job_ref, task), i))
-    collect(window.drain())
+    for i, result in windowed(range(len(p.tasks)), lambda i: remote.remote(job_ref, p.tasks[i])):
+        task = p.tasks[i]
+        if not isinstance(result, Written):   # it raised, after Ray's retries, maybe before unmarking
+            log.error("write: shards %s..%s failed: %s", task.shards[0], task.shards[-1], result)
+            for shard in task.shards:
+                run.unmark("write", shard)
+            errors.extend(failure("write", s, result) for s in task.shards)
+        elif result.broken:
+            for shard, error in result.broken.items():
+                log.error("write: %s", error)
+                errors.append(failure("write", shard, error))
+            why = f"not written: raw shard {', '.join(sorted(result.broken))} is broken"
+            errors.extend(failure("write", s, why) for s in task.shards if s not in result.broken)
+        else:
+            per_shard.update(result.markers)
+            progress.add(task.kept)
     progress.finish()
     return finish(cfg, p, per_shard, errors)
 
