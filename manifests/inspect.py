@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from curate.storage import Storage, join
 from manifests.io import numeric_columns
-from manifests.schema import REASONS
+from manifests.funnel import Funnel
 from manifests.where import WhereError, columns as where_columns, compile_where
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -117,12 +117,6 @@ def value_counts(column: pa.Array | pa.ChunkedArray, into: dict) -> dict:
     for item in pc.value_counts(column).to_pylist():
         into[item["values"]] = into.get(item["values"], 0) + item["counts"]
     return into
-
-
-def funnel_of_counts(counts: dict) -> dict:
-    """Rows in, dropped per reason in REASONS order (unknown names after, sorted), kept (the None count)."""
-    order = [r for r in REASONS if r in counts] + sorted(r for r in counts if r is not None and r not in REASONS)
-    return {"rows_in": sum(counts.values()), "dropped": {r: counts[r] for r in order}, "kept": counts.get(None, 0)}
 
 
 class Sampler:
@@ -226,7 +220,7 @@ def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 
     if clip:
         out["clip_score_from"] = clip
     if "reason" in manifest.schema.names:
-        out["funnel"] = funnel_of_counts(reasons)
+        out["funnel"] = Funnel.of_counts(reasons).to_dict()
     out["quantiles"] = {c: q for c, q in ((c, s.quantiles()) for c, s in samplers.items()) if q}
     if "style" in manifest.schema.names:
         out["styles"] = {s: n for s, n in sorted(styles.items(), key=lambda kv: -kv[1]) if s is not None}
