@@ -23,3 +23,8 @@ def active(cfg: Any) -> list[Scorer]:
     if cfg.models.keep_embeddings and any(s.stage == "model" for s in out):
         out.append(EMBEDDING)
     return out
+
+
+def shown(scorers: tuple[Scorer, ...] = SCORERS) -> tuple[str, ...]:
+    """The columns the declarations mark `shown`, in manifest order: inspect's samples, the report's cards."""
+    return tuple(c.name for s in scorers for c in s.columns if c.shown)
