@@ -108,3 +108,25 @@ def test_funnel_refuses_counts_that_do_not_add_up():
         Funnel.from_dict({"rows_in": 7, "dropped": {"nsfw": 1}, "kept": 1})
     with pytest.raises(ValueError, match="negative"):
         Funnel().add("nsfw", -1)
+
+
+def test_models_list_shows_each_declaration():
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+    from filters.registry import declarations
+
+    cfg = validate({"run_dir": "r", "input": {"paths": ["x.parquet"]},
+                    "models": {"enabled": ["nsfw", "ocr"], "nsfw_backend": "open_nsfw"}})
+    rows = {d["scorer"]: d for d in declarations(cfg)}
+    assert list(rows) == [s.name for s in registry.SCORERS] + ["embedding"]
+    assert rows["ocr"]["columns"] == {"text_area": "float", "text_boxes": "int32", "ocr_text": "string"}
+    assert rows["ocr"]["enabled"] and not rows["clip_score"]["enabled"] and rows["image"]["enabled"]
+    assert rows["nsfw"]["weights"] == [] and "models.nsfw_backend" in rows["nsfw"]["keys"]
+    assert rows["aesthetic"]["tower"] == "l14" and rows["aesthetic"]["weights"] == ["aesthetic"]
+    out = CliRunner().invoke(app, ["models", "list"])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    for name in rows:
+        assert f"│ {name} " in out.output
+    assert "sac+logos+ava1-l14-linearMSE.pth" in text and "always runs" in text and "models.ocr_side" in text
