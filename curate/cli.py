@@ -197,20 +197,21 @@ def models_list(config: Optional[Path] = CONFIG_OPT,
     cfg = _options(config)
     opts = cfg.models
     towers = weights.towers_needed(opts)
-    files = {**{n: w.filename for n, w in weights.REGISTRY.items()}, **{n: f.filename for n, f in weights.SHIPPED.items()}}
+    files = {n: w.filename for n, w in (*weights.REGISTRY.items(), *weights.SHIPPED.items())}
     scorers = Table(title="scorers, as declared (filters/registry.py)", show_header=False)
     scorers.add_column("field", no_wrap=True, style="dim")
     scorers.add_column("value", overflow="fold")
     for d in declarations(cfg):
         state = "always runs" if not d["optional"] else ("enabled" if d["enabled"] else "not enabled")
-        tower = d["tower"] and (f"{d['tower']} ({' / '.join(towers[d['tower']])})" if d["tower"] in towers else d["tower"])
+        tower = d["tower"] and (f"{d['tower']} ({' / '.join(towers[d['tower']])})" if d["tower"] in towers
+                                else d["tower"])
         scorers.add_row(f"[bold]{d['scorer']}[/bold]", f"[bold]{state}[/bold]: {d['doc']}", end_section=False)
         scorers.add_row("writes", ", ".join(f"{c} ({t})" for c, t in d["columns"].items()) or "embeddings/{shard}.npy")
         scorers.add_row("reads", f"{', '.join(d['reads'])}; runs in the {d['stage']} stage"
                         + (f"; tower {tower}" if tower else "") + (f"; {d['resources']}" if d["resources"] else ""))
         scorers.add_row("config keys", ", ".join(d["keys"]) or "-")
-        scorers.add_row("weights, files", ", ".join([*(f"{w} ({files.get(w, '?')})" for w in d["weights"]), *d["files"]])
-                        or "-", end_section=True)
+        loads = [*(f"{w} ({files.get(w, '?')})" for w in d["weights"]), *d["files"]]
+        scorers.add_row("weights, files", ", ".join(loads) or "-", end_section=True)
     console.print(scorers)
     console.print(f"style labels for rebalance: rebalance.style_source = {cfg.rebalance.style_source} "
                   f"({type(cfg.rebalance).model_fields['style_source'].description})", highlight=False)

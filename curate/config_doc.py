@@ -209,7 +209,8 @@ def write(docs: Path = Path(__file__).resolve().parents[1] / "docs") -> None:
     phases = docs / "phases.md"
     text = phases.read_text(encoding="utf-8")
     if RULES_BEGIN not in text or RULES_END not in text:
-        raise ValueError(f"{phases} has lost the markers of its generated rules table ({RULES_BEGIN!r} ... {RULES_END!r})")
+        raise ValueError(f"{phases} has lost the markers of its generated rules table "
+                         f"({RULES_BEGIN!r} ... {RULES_END!r})")
     head, rest = text.split(RULES_BEGIN, 1)
     phases.write_text(head + rules_table() + rest.split(RULES_END, 1)[1], encoding="utf-8")
 

@@ -130,3 +130,11 @@ def test_models_list_shows_each_declaration():
     for name in rows:
         assert f"│ {name} " in out.output
     assert "sac+logos+ava1-l14-linearMSE.pth" in text and "always runs" in text and "models.ocr_side" in text
+
+
+def test_the_reports_no_models_alert_names_every_model_scorer():
+    from curate.report.data import Run
+    from curate.report.page import alerts
+
+    html = alerts(Run("r", models={"enabled": []}))
+    assert all(s.name in html for s in registry.SCORERS if s.optional)

@@ -88,7 +88,8 @@ def metrics(rules: tuple[Rule, ...] = ROW_RULES, columns: dict[str, Column] = AL
         elif name in columns:
             on, inputs, doc = rules_on(name, rules), (name,), columns[name].doc
         else:
-            raise KeyError(f"curate/report/data.py TITLES names {name!r}, which no scorer declares and no rule combines")
+            raise KeyError(f"curate/report/data.py TITLES names {name!r}, which no scorer declares and no rule "
+                           f"combines")
         integral = all(pa.types.is_integer(columns[c].type) for c in inputs)
         out.append(Metric(TITLES.get(name, name), name, inputs, doc, integral, on))
     return tuple(out)

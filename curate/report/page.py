@@ -71,8 +71,9 @@ def alerts(run: Run) -> str:
     for scorer, why in run.models.get("skipped", {}).items():
         out.append(f'<div class="alert warn">scorer skipped: {escape(scorer)}: {escape(str(why))}</div>')
     if run.models and not run.models.get("enabled"):
-        out.append('<div class="alert warn">no model scorer ran: clip_score, aesthetic, nsfw, watermark '
-                   'and style are absent, and their rules did not apply</div>')
+        names = [s.name for s in SCORERS if s.optional]
+        out.append(f'<div class="alert warn">no model scorer ran: {", ".join(names[:-1])} and {names[-1]} are '
+                   f'absent, and their rules did not apply</div>')
     for f in run.stats.get("failures", []):
         out.append(f'<div class="alert danger">failed: {escape(str(f.get("phase")))} shard '
                    f'{escape(str(f.get("shard")))}: {escape(str(f.get("error")))}</div>')
@@ -148,7 +149,8 @@ def histogram_section(hists: list[Histogram], clip: dict | None = None, run: Run
         for rule in h.metric.rules:
             if rule not in applied:
                 why = why_off(rule, config, off) or f"{rule.threshold} is not in config.yaml"
-                lines.append(f'<p class="rule-off">{escape(rule.reason)}: {escape(rule.describe())}: off ({escape(why)})</p>')
+                lines.append(f'<p class="rule-off">{escape(rule.reason)}: {escape(rule.describe())}: '
+                             f'off ({escape(why)})</p>')
         if h.metric.column == "clip_score" and clip:
             lines.append(f'<p class="clip-source">produced by <b>{escape(clip["backend"])}</b>: {escape(clip["model"])}; '
                          f'image side: {escape(clip["image"])}; {escape(clip["score"])}</p>')
