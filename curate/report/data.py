@@ -72,8 +72,9 @@ def _combined_name(rule: Rule) -> str:
 
 
 def metrics(rules: tuple[Rule, ...] = ROW_RULES, columns: dict[str, Column] = ALL) -> tuple[Metric, ...]:
-    """One histogram per titled metric (TITLES order), then one per other column a threshold rule compares,
-    titled by its name; each draws the lines of the rules in `rules` that threshold it."""
+    """One histogram per titled metric that `columns` declare or `rules` combine (TITLES order), then one per
+    other column a threshold rule compares, titled by its name; each draws the lines of the rules in `rules`
+    that threshold it."""
     combined: dict[str, list[Rule]] = {}
     for rule in rules:
         if rule.combine and rule.threshold and rule.drops in COMPARE:
@@ -88,8 +89,7 @@ def metrics(rules: tuple[Rule, ...] = ROW_RULES, columns: dict[str, Column] = AL
         elif name in columns:
             on, inputs, doc = rules_on(name, rules), (name,), columns[name].doc
         else:
-            raise KeyError(f"curate/report/data.py TITLES names {name!r}, which no scorer declares and no rule "
-                           f"combines")
+            continue   # a title for a column these declarations lack
         integral = all(pa.types.is_integer(columns[c].type) for c in inputs)
         out.append(Metric(TITLES.get(name, name), name, inputs, doc, integral, on))
     return tuple(out)
