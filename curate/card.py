@@ -3,8 +3,8 @@
 Nothing in it is typed by hand: the funnel, buckets and shard counts are stats.json's, the
 thresholds are the config's values of the keys the rules table names (manifests/rules.py), the
 models and weight checksums models.json's (as stats.json repeats it), and the sample-JSON columns
-come from the manifest schema. Written by every write,
-beside the shards, so the data never travels without its description.
+come from the manifest schema. Written by every write, beside the shards, so the data never travels
+without its description.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 
 from curate.config import Config
 from curate.rundir import RunDir
+from curate.sample import SAMPLE_EXCLUDE, hex_in_json
 from curate.storage import join
 from manifests.funnel import Funnel
 from manifests.rules import REASONS, RULES
@@ -54,6 +55,7 @@ def render(cfg: Config, stats: dict, sources: list[str], shards_uri: str) -> str
              f"from {stats['funnel']['rows_in']:,} input rows (download, score, decide, write). Every input row's "
              f"fate is in the run's parquet manifest (`manifest/`), with the reason of each drop.", "",
              f"> {LICENSE_WARNING}", "",
+             *_failures_warning(stats),
              *_models_warning(stats.get("models") or {}),
              "## Funnel", "", *_funnel(stats["funnel"]), "",
              "## Shards and buckets", "", *_shards(cfg, stats), "",
@@ -133,6 +135,20 @@ def _thresholds(cfg: Config) -> list[str]:
                     ", ".join(f"`{r}`" for r in reasons)] for k, (v, reasons) in rows.items()])
 
 
+def _failures_warning(stats: dict) -> list[str]:
+    """An unfinished run says so first: what failed, and that the counts below cover only what was written."""
+    failures = stats.get("failures") or []
+    if not failures:
+        return []
+    shards = sorted({f["shard"] for f in failures if f["shard"] is not None})
+    phases = sorted({f["phase"] for f in failures})
+    listed = ", ".join(f"`{s}`" for s in shards[:10]) + (", ..." if len(shards) > 10 else "")
+    return [f"> **Incomplete: {len(failures)} failure(s) in {', '.join(phases)}"
+            + (f" (input shards {listed})" if shards else "") + ".** The funnel and the shards below count only "
+            "what was written. `failures.json` in the run directory has the errors; `curate run` again "
+            "retries them.", ""]
+
+
 def _models_warning(models: dict) -> list[str]:
     return [f"> **{models['warning']}**", ""] if models.get("warning") else []
 
@@ -155,8 +171,6 @@ def _models(models: dict) -> list[str]:
 
 
 def _columns(cfg: Config, stats: dict) -> list[str]:
-    from curate.write import SAMPLE_EXCLUDE, hex_in_json
-
     docs = {**{c: "input column (input.extra_cols), carried as given" for c in cfg.input.extra_cols},
             **stats["columns"]}
     for c in docs:

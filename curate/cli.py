@@ -17,9 +17,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(soft_wrap=True)
 
 SET_HELP = "Override a config key, e.g. --set filters.min_side=256 (repeatable)."
+# URIs are strings: typer's Path would turn s3://bucket/run into s3:/bucket/run.
+CONFIG_ARG = typer.Argument(..., help="Config YAML: a path or a URI (s3://bucket/run/config.yaml).")
 
 
-def _load(config: Path, overrides: list[str]) -> config_mod.Config:
+def _load(config: str, overrides: list[str]) -> config_mod.Config:
     try:
         return config_mod.load(config, overrides)
     except ConfigError as exc:
@@ -41,14 +43,17 @@ def _finish(outcome, run_dir: str) -> None:
         for label, name in (("shards", "shards/"), ("manifest", "manifest/"), ("stats", "stats.json"),
                             ("config", "config.yaml"), ("report", "report.html")):
             console.print(f"  {label:9s} {join(run_dir, name)}", highlight=False)
+    from curate.failures import describe
+
     for f in outcome.failures:
-        console.print(f"[red]failed:[/red] {f['phase']} shard {f['shard']}: {f['error']}", highlight=False)
+        console.print(f"[red]failed:[/red] {describe(f)}", highlight=False)
     if outcome.failures:
-        console.print("[red]some shards failed; run the same command again to retry only those[/red]")
+        console.print("[red]the run is not complete (failures.json lists what failed); `curate run` again retries "
+                      "it[/red]", highlight=False)
         raise typer.Exit(1)
 
 
-def _phases(config: Path, overrides: list[str], phases: tuple[str, ...], dry_run: bool = False) -> None:
+def _phases(config: str, overrides: list[str], phases: tuple[str, ...], dry_run: bool = False) -> None:
     from curate.pipeline import run_phases
     from curate.rundir import RunBusy
 
@@ -62,32 +67,32 @@ def _phases(config: Path, overrides: list[str], phases: tuple[str, ...], dry_run
 
 
 @app.command()
-def run(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def run(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Run all four phases; each skips the shards it has already done."""
     _phases(config, overrides, ("download", "score", "decide", "write"))
 
 
 @app.command()
-def download(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def download(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 1: fetch images into RUN/raw."""
     _phases(config, overrides, ("download",))
 
 
 @app.command()
-def score(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def score(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 2: compute every score column into RUN/scores."""
     _phases(config, overrides, ("score",))
 
 
 @app.command()
-def decide(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+def decide(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
            dry_run: bool = typer.Option(False, "--dry-run", help="Print the funnel; write nothing.")) -> None:
     """Phase 3: keep or drop every row from the scores; reads no image, loads no model."""
     _phases(config, overrides, ("decide",), dry_run=dry_run)
 
 
 @app.command()
-def write(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def write(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 4: write changed WebDataset shards, manifest.parquet and stats.json."""
     _phases(config, overrides, ("write",))
 
@@ -105,6 +110,7 @@ def demo(out: str = typer.Option("runs/demo", help="Run directory: a local path 
 
     setup_logging()
     try:
+        config_mod.refuse_relative_in_job(out, "--out")
         outcome = run_demo(out, n=n, seed=seed, overrides=overrides)
     except (ConfigError, FileExistsError, RunBusy) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
@@ -132,7 +138,7 @@ def inspect(target: str = typer.Argument(..., help="Run directory or manifest pa
         render(summary, console)
 
 
-def _options(config: Optional[Path]):
+def _options(config: Optional[str]):
     """The config's sections when one is given, else every default (no run directory needed)."""
     if config is not None:
         return _load(config, [])
@@ -148,7 +154,7 @@ CONFIG_OPT = typer.Option(None, "--config", help="Config whose settings to use (
 @app.command()
 def text(caption: Optional[str] = typer.Argument(None, help="One caption (omit with --file)."),
          file: Optional[Path] = typer.Option(None, "--file", help="Captions, one per line; prints JSON lines."),
-         config: Optional[Path] = CONFIG_OPT) -> None:
+         config: Optional[str] = CONFIG_OPT) -> None:
     """Normalise captions and apply the text rules, exactly as the pipeline does; prints JSON."""
     from manifests.rules import explain
 
@@ -185,7 +191,7 @@ def _weights_table(rows: list[dict], title: str) -> None:
 
 
 @models_app.command("list")
-def models_list(config: Optional[Path] = CONFIG_OPT,
+def models_list(config: Optional[str] = CONFIG_OPT,
                 verify: bool = typer.Option(False, help="Also verify checksums (reads every file).")) -> None:
     """Show every scorer's declaration (filters/registry.py), then what the enabled scorers need and whether it
     is present."""
@@ -219,7 +225,7 @@ def models_list(config: Optional[Path] = CONFIG_OPT,
 
 
 @models_app.command("pull")
-def models_pull(config: Optional[Path] = CONFIG_OPT) -> None:
+def models_pull(config: Optional[str] = CONFIG_OPT) -> None:
     """Download (and convert) the weights the enabled scorers lack. Needs internet."""
     from filters.models import weights
 
@@ -230,7 +236,7 @@ def models_pull(config: Optional[Path] = CONFIG_OPT) -> None:
 
 
 @models_app.command("check")
-def models_check(config: Optional[Path] = CONFIG_OPT) -> None:
+def models_check(config: Optional[str] = CONFIG_OPT) -> None:
     """Verify the checksum of every weights file present; exit 1 on a mismatch."""
     from filters.models import weights
 
@@ -241,7 +247,7 @@ def models_check(config: Optional[Path] = CONFIG_OPT) -> None:
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="Run directory with a manifest.parquet.")) -> None:
+def report(run_dir: str = typer.Argument(..., help="Run directory: a path or a URI (s3://bucket/run).")) -> None:
     """Write RUN_DIR/report.html: funnel, score histograms with thresholds, styles, image grids."""
     from curate.report import build_report
 

@@ -5,13 +5,16 @@ that names the key, what was expected and what was given.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from curate.storage import StorageOptions, absolute
+from curate.storage import Storage, StorageOptions, absolute, is_local
 from filters.buckets import SDXL_BUCKETS
 from filters.models import ModelOptions
 from filters.text import TextOptions
@@ -155,9 +158,12 @@ class RebalanceConfig(_Section):
         return self
 
 
+PREFIX = r"[A-Za-z0-9_.-]+"   # write.prefix: what an output shard's name may start with
+
+
 class WriteConfig(_Section):
     samples_per_shard: int = Field(1000, ge=1, description="samples per WebDataset shard; only the last is short")
-    prefix: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$", description="shard file name prefix")
+    prefix: str = Field("train", pattern=rf"^{PREFIX}$", description="shard file name prefix")
     ocr_caption: str | None = Field(None, description=(
         "template of the .txt caption where OCR read text, e.g. '{caption} 图中文字：{ocr_text}'; null keeps "
         "the caption as it is (ocr_text is in the sample's JSON either way)"))
@@ -268,26 +274,113 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML config with the safe loader, apply --set overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """Read a YAML config (a local path or a URI such as s3://bucket/run/config.yaml) with the safe
+    loader, apply --set overrides, take redacted secrets from the environment, validate."""
+    path = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return resolve(validate(apply_overrides(data, list(overrides)), str(path)))
+    data = apply_overrides(data, list(overrides))
+    if isinstance(data, dict) and isinstance(data.get("storage"), dict):
+        data["storage"] = {**data["storage"], "options": fill_secrets(data["storage"].get("options") or {}, path)}
+    return resolve(validate(data, path))
+
+
+def read_text(path: str) -> str:
+    """A config file's text; a URI is read through the storage module (credentials from the environment)."""
+    try:
+        if is_local(path):
+            return Path(path).read_text(encoding="utf-8")
+        return Storage().read_text(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"config file not found: {path}") from None
 
 
 def resolve(cfg: Config) -> Config:
     """Make run_dir and input paths absolute URIs, once, on the driver: inside a Ray job the
     working directory is not the user's, and a saved config must re-run from anywhere."""
+    refuse_relative_in_job(cfg.run_dir, "run_dir")
+    for p in cfg.input.paths:
+        refuse_relative_in_job(p, "input.paths")
     cfg.run_dir = absolute(cfg.run_dir)
     cfg.input.paths = [absolute(p) for p in cfg.input.paths]
     return cfg
 
 
+def job_working_dir(cwd: Path | None = None) -> Path | None:
+    """The copy of a `ray job submit --working-dir` upload that this process runs in, if it does:
+    Ray unpacks it under its session folder, `.../runtime_resources/working_dir_files/_ray_pkg_<hash>`."""
+    cwd = cwd or Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        if folder.parent.name == "working_dir_files" and folder.parent.parent.name == "runtime_resources":
+            return folder
+    return None
+
+
+def refuse_relative_in_job(uri: str, key: str) -> None:
+    """A relative local path inside a Ray job would resolve into Ray's package cache on the head node
+    (the job "succeeds" and its run sits in a temporary folder): refuse it, saying what to give instead."""
+    if not is_local(uri) or Path(uri.removeprefix("file://")).expanduser().is_absolute():
+        return
+    folder = job_working_dir()
+    if folder is not None:
+        raise ConfigError(f"{key} {uri!r} is a relative path, and this runs inside a Ray job's copy of its "
+                          f"--working-dir ({folder}): it would land in Ray's package cache on the head node, not in "
+                          f"your folder. Give object storage (s3://BUCKET/runs/NAME), or an absolute path on a "
+                          f"filesystem every node mounts (with storage.shared_mount: true)")
+
+
+# -- secrets in storage.options -------------------------------------------------------------------
+
+REDACTED = "<redacted>"
+SECRET_ENV = "CURATE_STORAGE_"   # CURATE_STORAGE_<KEY> gives storage.options.<key> where config.yaml has REDACTED
+SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|signature|sas", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")
+
+
+def _secret_env(path: list[str]) -> str:
+    return SECRET_ENV + "_".join(re.sub(r"\W", "_", p).upper() for p in path)
+
+
+def redact_options(options: Any) -> Any:
+    """storage.options with every secret-named value (at any depth) and every password in a URL replaced."""
+    if isinstance(options, dict):
+        return {k: REDACTED if SECRET_NAME.search(str(k)) and v is not None and not isinstance(v, bool)
+                else redact_options(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact_options(v) for v in options]
+    if isinstance(options, str):
+        return URL_PASSWORD.sub(rf"\1{REDACTED}@", options)
+    return options
+
+
+def redact(data: dict) -> dict:
+    """A dumped config (a dict) safe to write or show: storage.options and storage.endpoint_url redacted."""
+    storage = data.get("storage")
+    if not isinstance(storage, dict):
+        return data
+    storage = {**storage, "options": redact_options(storage.get("options") or {})}
+    if isinstance(storage.get("endpoint_url"), str):
+        storage["endpoint_url"] = redact_options(storage["endpoint_url"])
+    return {**data, "storage": storage}
+
+
+def fill_secrets(options: Any, source: str, path: tuple[str, ...] = ()) -> Any:
+    """Each REDACTED value of storage.options from its environment variable, or a ConfigError naming both."""
+    if isinstance(options, dict):
+        return {k: fill_secrets(v, source, (*path, str(k))) for k, v in options.items()}
+    if options != REDACTED:
+        return options
+    env = _secret_env(list(path))
+    if env not in os.environ:
+        raise ConfigError(f"{source}: storage.options.{'.'.join(path)} is {REDACTED} (a run's config.yaml never holds "
+                          f"secrets): set the environment variable {env}, or give it with --set "
+                          f"storage.options.{'.'.join(path)}=...")
+    return os.environ[env]
+
+
 def dump(cfg: Config) -> str:
-    """The resolved config as YAML, every default spelled out."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML, every default spelled out, secrets redacted."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 

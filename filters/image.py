@@ -147,6 +147,20 @@ def image_columns(images: Sequence[bytes | None], *, decode_side: int, max_pixel
     return cols, views
 
 
+def model_views(images: Sequence[bytes | None], *, decode_side: int, max_pixels: int,
+                model_side: int) -> list[np.ndarray | None]:
+    """The model view of each image alone, from the same decode image_columns makes: what a re-score of
+    the model scorers needs when the metrics are up to date. None where there is no image or it fails."""
+    views: list[np.ndarray | None] = []
+    for data in images:
+        try:
+            views.append(np.asarray(shrink(decode(data, decode_side, max_pixels)[0], model_side), dtype=np.uint8)
+                         if data is not None else None)
+        except Exception:   # the row's score_error, from the metrics' decode, already says why
+            views.append(None)
+    return views
+
+
 def aspect_ratio(width: np.ndarray, height: np.ndarray) -> np.ndarray:
     """max/min side; NaN where a side is unknown or zero."""
     w = np.asarray(width, dtype=np.float64)

@@ -225,3 +225,31 @@ def test_report_shows_error_kinds_wait_and_top_hosts(tmp_path):
     assert "94.0%" in hosts and "http_429 7, timeout 2" in hosts
     assert 'id="error-kinds"' in html and "HTTP 429 Too Many Requests" in html
     assert "12.5 s" in html
+
+
+def test_run_section_tells_what_ran_without_reprs_or_secrets(tmp_path):
+    """Timings are each phase's last real run (rows and rows/s from timings.json), the models table is
+    text a person reads at any depth, and the config shown holds no secret even if config.yaml does."""
+    import json
+
+    import yaml
+
+    root = make_dataset_run(tmp_path / "run", 200, shards=1)
+    models = {"enabled": ["nsfw"], "weights": "pretrained", "skipped": {},
+              "files": [{"name": "open_nsfw", "file": "open-nsfw.onnx", "sha256": "ab" * 32, "pin": "ok"}],
+              "clip_score": {"backend": "taiyi", "model": "L/14", "image": "ViT-L-14", "score": "cosine"}}
+    (root / "models.json").write_text(json.dumps(models))
+    (root / "timings.json").write_text(json.dumps({"download": {"seconds": 156.0, "rows": 2000},
+                                                   "score": {"seconds": 40.0, "rows": 1000}}))
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    config["storage"] = {"endpoint_url": "http://user:hunter2@127.0.0.1:9000", "options": {"account_key": "hunter2"}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    build_report(str(root))
+    html = (root / "report.html").read_text(encoding="utf-8")
+    timings = html.split('id="timings"')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>(\w+)</td><td class=\"num\">([\d,.]+)</td><td class=\"num\">([\d,-]+)</td>"
+                      r"<td class=\"num\">([\d,-]+)</td>", timings)
+    assert rows == [("download", "156.0", "2,000", "13"), ("score", "40.0", "1,000", "25")]
+    table = html.split('id="models"')[1].split("</table>")[0]
+    assert "open-nsfw.onnx" in table and "taiyi" in table and "{" not in table and "&#x27;" not in table
+    assert "hunter2" not in html and "&lt;redacted&gt;" in html

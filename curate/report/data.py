@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
+from curate.config import redact
 from curate.storage import Storage, join
 from filters.declare import Column
 from manifests.funnel import Funnel
@@ -116,10 +117,12 @@ class Run:
 
 
 def load_run(root: str, storage: Storage) -> Run:
+    """The run's files; config.yaml as shown is redacted again (a run written before redaction existed
+    may hold a secret in storage.options)."""
     run = Run(root)
     if storage.exists(join(root, "config.yaml")):
-        run.config_text = storage.read_text(join(root, "config.yaml"))
-        run.config = yaml.safe_load(run.config_text) or {}
+        run.config = yaml.safe_load(storage.read_text(join(root, "config.yaml"))) or {}
+        run.config_text = yaml.safe_dump(redact(run.config), sort_keys=False, allow_unicode=True)
     for name in ("stats", "models", "timings"):
         uri = join(root, f"{name}.json")
         if storage.exists(uri):
@@ -127,7 +130,7 @@ def load_run(root: str, storage: Storage) -> Run:
     decided = join(root, "decisions", "_decided.json")
     if storage.exists(decided):
         run.rules_off = storage.read_json(decided).get("rules_off") or {}
-    run.timings = run.stats.get("timings") or run.timings
+    run.timings = run.timings or run.stats.get("timings") or {}
     run.models = run.models or run.stats.get("models", {})
     return run
 

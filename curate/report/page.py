@@ -5,6 +5,7 @@ import platform
 from html import escape
 from importlib import metadata
 
+from curate.failures import describe
 from curate.report import svg
 from curate.report.data import Histogram, Run, described, why_off
 from curate.report.samples import Grid
@@ -54,7 +55,7 @@ SCRIPT = """document.addEventListener('click', function (e) {
 
 def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, grids_html: str) -> str:
     title = f"Curation report: {base_name(run.root)}"
-    parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run, funnel),
+    parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run),
              "<h2>Funnel</h2>", funnel_section(funnel), rules_section(run), download_section(run.stats.get("download")),
              "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score"), run),
              styles_section(styles), buckets_section(run.stats.get("buckets"), run.config), "<h2>Images</h2>", grids_html]
@@ -75,8 +76,7 @@ def alerts(run: Run) -> str:
         out.append(f'<div class="alert warn">no model scorer ran: {", ".join(names[:-1])} and {names[-1]} are '
                    f'absent, and their rules did not apply</div>')
     for f in run.stats.get("failures", []):
-        out.append(f'<div class="alert danger">failed: {escape(str(f.get("phase")))} shard '
-                   f'{escape(str(f.get("shard")))}: {escape(str(f.get("error")))}</div>')
+        out.append(f'<div class="alert danger">failed: {escape(describe(f))}</div>')
     return "".join(out)
 
 
@@ -207,29 +207,35 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def run_section(run: Run, funnel: dict) -> str:
-    """Timings with rows/s, model settings, versions and the full config (collapsed)."""
-    rows_in = funnel["rows_in"]
-    timing_rows = "".join(
-        f'<tr><td>{escape(phase)}</td><td class="num">{sec:,.1f}</td>'
-        f'<td class="num">{f"{rows_in / sec:,.0f}" if sec else "-"}</td></tr>'
-        for phase, sec in run.timings.items())
+def run_section(run: Run) -> str:
+    """Timings with the rows each phase worked on, model settings, versions and the full config (collapsed)."""
+    timing_rows = "".join(_timing_row(phase, t) for phase, t in run.timings.items())
     models = "".join(f"<tr><td>{escape(k)}</td><td>{escape(_plain(v))}</td></tr>" for k, v in run.models.items())
     versions = "".join(f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in _versions().items())
-    return (f'<h2>Run</h2><div class="charts"><div><h3>Timings per phase</h3><table id="timings"><tr><th>phase</th>'
-            f'<th class="num">seconds</th><th class="num">input rows/s</th></tr>{timing_rows}</table></div>'
-            f"<div><h3>Models</h3><table>{models}</table></div>"
+    return (f'<h2>Run</h2><div class="charts"><div><h3>Timings per phase</h3><p>each phase\'s last run that did '
+            f'work (a re-run with nothing to do keeps it)</p><table id="timings"><tr><th>phase</th>'
+            f'<th class="num">seconds</th><th class="num">rows</th><th class="num">rows/s</th></tr>{timing_rows}'
+            f"</table></div><div><h3>Models</h3><table id=\"models\">{models}</table></div>"
             f"<div><h3>Versions (of the environment that wrote this report)</h3><table>{versions}</table></div></div>"
             f"<details><summary>config.yaml</summary><pre>{escape(run.config_text)}</pre></details>")
 
 
+def _timing_row(phase: str, timing) -> str:
+    """timings.json's entry for a phase: {seconds, rows}; a bare number (older runs) is seconds alone."""
+    seconds, rows = (timing.get("seconds"), timing.get("rows")) if isinstance(timing, dict) else (timing, None)
+    rate = f"{rows / seconds:,.0f}" if rows and seconds else "-"
+    return (f'<tr><td>{escape(phase)}</td><td class="num">{seconds:,.1f}</td>'
+            f'<td class="num">{f"{rows:,}" if rows else "-"}</td><td class="num">{rate}</td></tr>')
+
+
 def _plain(value) -> str:
-    """Lists and mappings from models.json as text a person reads, not Python reprs."""
+    """models.json's values as text a person reads, at any depth, never a Python repr."""
     if isinstance(value, dict):
-        return "; ".join(f"{k}: {v}" for k, v in value.items()) or "none"
+        return "; ".join(f"{k}: {_plain(v)}" for k, v in value.items()) or "none"
     if isinstance(value, list):
-        return ", ".join(map(str, value)) or "none"
-    return str(value)
+        sep = " | " if any(isinstance(v, (dict, list)) for v in value) else ", "
+        return sep.join(_plain(v) for v in value) or "none"
+    return "-" if value is None else str(value)
 
 
 def _versions() -> dict[str, str]:

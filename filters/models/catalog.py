@@ -69,7 +69,7 @@ MODEL_SCORERS: tuple[Scorer, ...] = (
            doc="LAION improved aesthetic predictor v2 on the ViT-L/14 embedding",
            columns=(Column("aesthetic", pa.float32(), "LAION aesthetic predictor v2 score (about 1..10)", shown=True),)),
     Scorer("nsfw", stage="model", reads=("view",), keys=_nsfw_keys,
-           weights=lambda cfg: ["laion_nsfw"] if cfg.models.nsfw_backend == "laion" else [],
+           weights=lambda cfg: ["laion_nsfw"] if cfg.models.nsfw_backend == "laion" else ["open_nsfw"],
            tower=lambda cfg: "l14" if cfg.models.nsfw_backend == "laion" else None, resources="the model actors",
            doc="P(NSFW): the LAION head on the ViT-L/14 embedding, or Yahoo open_nsfw (models.nsfw_backend)",
            columns=(Column("nsfw", pa.float32(), "probability the image is NSFW", shown=True),)),

