@@ -193,19 +193,34 @@ def _weights_table(rows: list[dict], title: str) -> None:
 @models_app.command("list")
 def models_list(config: Optional[str] = CONFIG_OPT,
                 verify: bool = typer.Option(False, help="Also verify checksums (reads every file).")) -> None:
-    """Show every scorer and what it runs on, then what each enabled scorer needs and whether it is present."""
+    """Show every scorer's declaration (filters/registry.py), then what the enabled scorers need and whether it
+    is present."""
     from rich.table import Table
 
     from filters.models import weights
+    from filters.registry import declarations
 
     cfg = _options(config)
     opts = cfg.models
-    scorers = Table(title="scorers (style: one source, chosen by rebalance.style_source)")
-    for col in ("scorer", "runs on / needs", "enabled"):
-        scorers.add_column(col, overflow="fold")
-    for row in weights.scorer_needs(opts, cfg.rebalance.style_source):
-        scorers.add_row(row["scorer"], row["needs"], "yes" if row["enabled"] else "no")
+    towers = weights.towers_needed(opts)
+    files = {n: w.filename for n, w in (*weights.REGISTRY.items(), *weights.SHIPPED.items())}
+    scorers = Table(title="scorers, as declared (filters/registry.py)", show_header=False)
+    scorers.add_column("field", no_wrap=True, style="dim")
+    scorers.add_column("value", overflow="fold")
+    for d in declarations(cfg):
+        state = "always runs" if not d["optional"] else ("enabled" if d["enabled"] else "not enabled")
+        tower = d["tower"] and (f"{d['tower']} ({' / '.join(towers[d['tower']])})" if d["tower"] in towers
+                                else d["tower"])
+        scorers.add_row(f"[bold]{d['scorer']}[/bold]", f"[bold]{state}[/bold]: {d['doc']}", end_section=False)
+        scorers.add_row("writes", ", ".join(f"{c} ({t})" for c, t in d["columns"].items()) or "embeddings/{shard}.npy")
+        scorers.add_row("reads", f"{', '.join(d['reads'])}; runs in the {d['stage']} stage"
+                        + (f"; tower {tower}" if tower else "") + (f"; {d['resources']}" if d["resources"] else ""))
+        scorers.add_row("config keys", ", ".join(d["keys"]) or "-")
+        loads = [*(f"{w} ({files.get(w, '?')})" for w in d["weights"]), *d["files"]]
+        scorers.add_row("weights, files", ", ".join(loads) or "-", end_section=True)
     console.print(scorers)
+    console.print(f"style labels for rebalance: rebalance.style_source = {cfg.rebalance.style_source} "
+                  f"({type(cfg.rebalance).model_fields['style_source'].description})", highlight=False)
     _weights_table(weights.list_weights(opts, verify=verify), f"weights in {weights.models_dir(opts)}")
 
 

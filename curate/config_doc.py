@@ -1,16 +1,20 @@
-"""The config reference, docs/config.md, rendered from the config model itself.
+"""The generated parts of the manual: docs/config.md from the config model, and docs/phases.md's table
+of rules from the rules table (manifests/rules.py).
 
 Keys, types, limits, defaults and descriptions are read from the pydantic fields of `Config`
-and the sections it embeds, so the page cannot say anything the model does not.
-tests/test_docs.py regenerates it and fails when the file differs:
-`python -m curate.config_doc > docs/config.md` (or `curate config-doc`) writes it again.
+and the sections it embeds, and each rule's reason, test and meaning from its `Rule`, so the pages
+cannot say anything the code does not. tests/test_docs.py regenerates both and fails when a file
+differs: `python -m curate.config_doc --write` writes them again (`python -m curate.config_doc`, or
+`curate config-doc`, prints the config reference; `--rules` prints the rules table).
 """
 from __future__ import annotations
 
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import annotated_types
@@ -19,6 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from curate.config import Config
+from manifests.rules import RULES, Rule
 
 REQUIRED = object()   # the default of a key that has none
 INLINE_MAX = 60       # longer defaults are shown as YAML under the section's table
@@ -175,8 +180,48 @@ def render(model: type[BaseModel] = Config) -> str:
     return "\n".join(out)
 
 
+RULES_BEGIN = ("<!-- Generated from manifests/rules.py by `python -m curate.config_doc --write`; do not edit by hand. "
+               "tests/test_docs.py fails when this table and the rules differ. -->")
+RULES_END = "<!-- End of the generated rules table. -->"
+WHEN = {"input": "before download: the caption's or the input's own columns",
+        "download": "after download: what the download recorded",
+        "score": "after score: the score columns", "run": "over the whole run (decide's global steps)"}
+
+
+def rules_table(rules: tuple[Rule, ...] = RULES) -> str:
+    """One row per reason, in the order decide applies them: what it means, the test it applies (a reason
+    with several rules, such as low_texture, drops a row failing any), and what it needs to run."""
+    lines = ["| reason | drops a row when | test | needs |", "|---|---|---|---|"]
+    by_reason: dict[str, list[Rule]] = {}
+    for rule in rules:
+        by_reason.setdefault(rule.reason, []).append(rule)
+    for reason, group in by_reason.items():
+        tests = " or ".join(f"`{_cell(r.describe())}`" for r in group if r.drops and r.when != "run") or "-"
+        docs = "; ".join(dict.fromkeys(r.doc for r in group))
+        lines.append(f"| `{reason}` | {_cell(docs)} | {tests} | {group[0].when} |")
+    legend = "; ".join(f"*{k}*: {v}" for k, v in WHEN.items())
+    return "\n".join([RULES_BEGIN, "", *lines, "", f"Needs: {legend}.", RULES_END])
+
+
+def write(docs: Path = Path(__file__).resolve().parents[1] / "docs") -> None:
+    """Rewrite docs/config.md and the rules table in docs/phases.md."""
+    (docs / "config.md").write_text(render(), encoding="utf-8")
+    phases = docs / "phases.md"
+    text = phases.read_text(encoding="utf-8")
+    if RULES_BEGIN not in text or RULES_END not in text:
+        raise ValueError(f"{phases} has lost the markers of its generated rules table "
+                         f"({RULES_BEGIN!r} ... {RULES_END!r})")
+    head, rest = text.split(RULES_BEGIN, 1)
+    phases.write_text(head + rules_table() + rest.split(RULES_END, 1)[1], encoding="utf-8")
+
+
 def main() -> None:
-    print(render(), end="")
+    if "--write" in sys.argv[1:]:
+        write()
+    elif "--rules" in sys.argv[1:]:
+        print(rules_table())
+    else:
+        print(render(), end="")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_cou
 from curate.rundir import RunDir, row_keys, shard_index
 from curate.runtime import log, windowed
 from filters.registry import COLUMNS, PRODUCER
+from manifests.funnel import Funnel
 from manifests.rules import AFTER_COMMON, BEFORE_COMMON, REASONS, ROW_RULES, RULES, Rule
 from manifests.schema import conform
 
@@ -436,7 +437,7 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     tasks = windowed(range(len(states)), lambda i: write.remote(job, states[i][0], limits, attempt, not dry_run))
     for _, result in tasks:
         _collect(result, per_shard)
-    result = _funnel(per_shard)
+    result = Funnel.total(per_shard).to_dict()
     if skipped:
         log.warning("decide: %d hashes sat in pHash sub-band buckets larger than %d and were not compared",
                     skipped, MAX_BUCKET)
@@ -479,13 +480,3 @@ def _rebalance_limits(cfg: Config, state_refs: list, count_refs: list) -> tuple[
     found = [f for part in ray.get([gather.remote(s, cuts) for s in state_refs]) for f in part]
     return style_limits(cuts, found), report
 
-
-def _funnel(per_shard: dict[str, dict]) -> dict:
-    """Rows in, dropped per reason in rule order, kept: summed from per-shard counts."""
-    dropped: dict[str, int] = {}
-    for info in per_shard.values():
-        for r, n in info["reasons"].items():
-            dropped[r] = dropped.get(r, 0) + n
-    return {"rows_in": sum(i["rows"] for i in per_shard.values()),
-            "dropped": {r: dropped[r] for r in REASONS if r in dropped},
-            "kept": sum(i["kept"] for i in per_shard.values())}

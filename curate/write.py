@@ -40,7 +40,7 @@ from curate.sample import sample_json
 from curate.storage import Storage
 from curate.tario import TarWriter, members
 from filters.buckets import bucket_name, nearest_buckets
-from manifests.inspect import funnel_of_counts
+from manifests.funnel import Funnel
 from manifests.io import manifest_schema, shard_table
 from manifests.schema import ALL
 
@@ -536,15 +536,13 @@ def finish(cfg: Config, p: Plan, per_shard: dict[str, dict], errors: list[dict])
 
 def aggregate(markers: dict[str, dict], job: Job) -> dict:
     """stats.json's funnel, download counts and kept rows per bucket, summed from the write markers (O(shards))."""
-    reasons: dict[str, int] = {}
     status: dict[str, int] = {}
     buckets: dict[str, int] = {bucket_name(*b): 0 for b in job.buckets or ()}
     for info in markers.values():
-        for into, counts in ((reasons, info["reasons"]), (status, info["status"]), (buckets, info.get("buckets") or {})):
+        for into, counts in ((status, info["status"]), (buckets, info.get("buckets") or {})):
             for k, v in counts.items():
                 into[k] = into.get(k, 0) + v
-    kept = sum(i["kept"] for i in markers.values())
-    return {"funnel": funnel_of_counts({**reasons, None: kept}),
+    return {"funnel": Funnel.total(markers).to_dict(),
             "download_status": status,
             "buckets": buckets if job.buckets is not None else None,
             "columns": {c: ALL[c].doc for c in job.schema.names if c in ALL}}

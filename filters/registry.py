@@ -23,3 +23,19 @@ def active(cfg: Any) -> list[Scorer]:
     if cfg.models.keep_embeddings and any(s.stage == "model" for s in out):
         out.append(EMBEDDING)
     return out
+
+
+def shown(scorers: tuple[Scorer, ...] = SCORERS) -> tuple[str, ...]:
+    """The columns the declarations mark `shown`, in manifest order: inspect's samples, the report's cards."""
+    return tuple(c.name for s in scorers for c in s.columns if c.shown)
+
+
+def declarations(cfg: Any, scorers: tuple[Scorer, ...] = (*SCORERS, EMBEDDING)) -> list[dict[str, Any]]:
+    """Each scorer's declaration evaluated under a config (`curate models list`): whether it runs, the columns
+    it writes with their Arrow types, what it reads, where it runs, its tower, the config keys, weight names
+    and files that change its output."""
+    on = {s.name for s in active(cfg)}
+    return [{"scorer": s.name, "enabled": s.name in on, "optional": s.optional,
+             "columns": {c.name: str(c.type) for c in s.columns}, "reads": list(s.reads), "stage": s.stage,
+             "tower": s.tower(cfg), "keys": list(s.config_keys(cfg)), "weights": list(s.weights(cfg)),
+             "files": list(s.files(cfg)), "resources": s.resources, "doc": s.doc} for s in scorers]

@@ -26,6 +26,9 @@ When = Literal["input", "download", "score", "run"]
 Comparator = Literal["below", "above", "at_or_above", "true", "present", "not_success"]
 SYMBOLS: dict[str, str] = {"below": "<", "above": ">", "at_or_above": ">=", "true": "is true",
                            "present": "is set", "not_success": "is not success"}
+# The comparators against a threshold, as numpy functions of (values, threshold).
+COMPARE: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    "below": np.less, "above": np.greater, "at_or_above": np.greater_equal}
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,12 @@ class Rule:
     combine: Literal["min"] | None = None   # several columns compared as one value (too_small: the shorter side)
     spare: Callable[[Mapping[str, np.ndarray], Any], np.ndarray] | None = None   # rows kept although they fail
     nan_drops: bool = False             # a missing value fails the rule (a size or texture not shown to pass)
+    keys: tuple[str, ...] = ()          # other config keys (or whole sections) the rule reads, besides its threshold
+
+    @property
+    def config_keys(self) -> tuple[str, ...]:
+        """Every config key that changes what this rule drops: its threshold, then its other keys."""
+        return (*([self.threshold] if self.threshold else []), *self.keys)
 
     def limit(self, cfg: Any) -> Any:
         return lookup(cfg, self.threshold) if self.threshold else None
@@ -68,14 +77,9 @@ class Rule:
         elif self.drops == "not_success":
             out = np.array([v != "success" for v in columns[self.columns[0]]], bool)
         else:
-            x, t = self.value(columns), float(self.limit(cfg))
+            x = self.value(columns)
             with np.errstate(invalid="ignore"):
-                if self.drops == "below":
-                    out = x < t
-                elif self.drops == "above":
-                    out = x > t
-                else:
-                    out = x >= t
+                out = COMPARE[self.drops](x, float(self.limit(cfg)))
             if self.nan_drops:
                 out |= np.isnan(x)
         if self.spare is not None and out.any():
@@ -119,7 +123,7 @@ RULES: tuple[Rule, ...] = (
          "text.max_chars", "above"),
     Rule("not_chinese", "the share of CJK characters is below text.min_zh_ratio (text.keep_bilingual_share "
                         "of such captions is kept)", "input", ("zh_ratio", "caption_norm"), "text.min_zh_ratio",
-         "below", spare=_bilingual),
+         "below", spare=_bilingual, keys=("text.keep_bilingual_share",)),
     Rule("caption_repetitive", "the repeated-character ratio exceeds text.max_repeat_ratio", "input",
          ("repeat_ratio",), "text.max_repeat_ratio", "above"),
     Rule("caption_unsafe", "the caption matches the text-safety blocklist", "input", ("blocked_term",),
@@ -137,8 +141,9 @@ RULES: tuple[Rule, ...] = (
     Rule("low_aesthetic", "aesthetic score is below filters.aesthetic_min", "score", ("aesthetic",),
          "filters.aesthetic_min", "below"),
     Rule("duplicate", "an exact or near duplicate of a kept row (dup_of names it)", "run",
-         ("sha256", "phash", "phash_views")),
-    Rule("rebalanced", "dropped to bring its style's share to the configured target", "run", ("style", "graphic")),
+         ("sha256", "phash", "phash_views"), keys=("dedupe",)),
+    Rule("rebalanced", "dropped to bring its style's share to the configured target", "run", ("style", "graphic"),
+         keys=("rebalance",)),
 )
 
 # Reason -> meaning, in the order decide applies them: stats, inspect, the report and the card use it.
@@ -150,9 +155,9 @@ AFTER_COMMON = tuple(r for r in ROW_RULES if r not in BEFORE_COMMON)
 INPUT_RULES = tuple(r for r in ROW_RULES if r.when == "input")
 
 
-def rules_on(column: str) -> tuple[Rule, ...]:
+def rules_on(column: str, rules: tuple[Rule, ...] = ROW_RULES) -> tuple[Rule, ...]:
     """The thresholded rules comparing `column` (the report draws their lines on its histogram)."""
-    return tuple(r for r in ROW_RULES if r.threshold and r.drops in SYMBOLS and column in r.columns[:1]
+    return tuple(r for r in rules if r.threshold and r.drops in COMPARE and column in r.columns[:1]
                  and r.combine is None)
 
 

@@ -12,7 +12,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from filters import image, text
-from filters.declare import Column
+from filters.declare import Column, Scorer
+from filters.registry import SCORERS
 from filters.models.catalog import MODEL_SCORERS
 from manifests.rules import REASONS  # noqa: F401  (the reasons live with their rules; re-exported here)
 
@@ -59,7 +60,23 @@ OUTPUT = _cols(
                                   "null when bucketing is off or the size is unknown"),
 )
 
-ALL: dict[str, Column] = {**IDENTITY, **DOWNLOAD, **IMAGE, **TEXT, **MODEL, **DECISION, **OUTPUT}
+
+
+def declared(scorers: tuple[Scorer, ...] = SCORERS) -> dict[str, Column]:
+    """Every manifest column, in manifest order, the score columns being those `scorers` declare; a column
+    two declarations claim is an error naming both."""
+    out = {**IDENTITY, **DOWNLOAD}
+    owner = {name: "manifests/schema.py" for name in (*out, *DECISION, *OUTPUT)}
+    for scorer in scorers:
+        for column in scorer.columns:
+            if column.name in owner:
+                raise ValueError(f"column {column.name!r} is declared by both {owner[column.name]} and scorer "
+                                 f"{scorer.name}")
+            out[column.name], owner[column.name] = column, f"scorer {scorer.name}"
+    return {**out, **DECISION, **OUTPUT}
+
+
+ALL: dict[str, Column] = declared()
 
 # Download error kinds: the coarse, named cause beside each failed row's free-text `error`.
 # curate/fetch.py and curate/download.py classify every failure into one of these.

@@ -12,6 +12,7 @@ import yaml
 from curate import sample, write
 from curate.card import LICENSE_WARNING, size_category
 from curate.write import run_write
+from manifests.rules import REASONS, RULES
 from manifests.schema import ALL
 from synthetic_write import EXTRA, config, decided_run
 
@@ -46,7 +47,10 @@ def check_card(root: Path, stats: dict, config_data: dict) -> str:
     assert {"`bucket`", "`caption`", "`caption_norm`", "`width`", "`original_width`"} <= columns
     assert not {f"`{c}`" for c in sample.SAMPLE_EXCLUDE} & columns
     thresholds = table_rows(body, "Thresholds")
-    assert thresholds["`filters.min_side`"] == [f"`{config_data['filters']['min_side']}`"]
+    assert thresholds["`filters.min_side`"] == [f"`{config_data['filters']['min_side']}`", "`too_small`"]
+    assert {f"`{k}`" for r in RULES for k in r.config_keys if "." in k} <= set(thresholds)
+    assert {"`text.keep_bilingual_share`", "`dedupe.phash_max_distance`", "`rebalance.style_source`"} <= set(thresholds)
+    assert list(funnel)[1:-1] == [f"dropped: `{r}`" for r in REASONS if r in stats["funnel"]["dropped"]]
     for path in config_data["input"]["paths"]:
         assert f"- `{path}`" in body
     assert 'load_dataset("webdataset"' in body and "ray.data.read_webdataset" in body and "wds.WebDataset" in body

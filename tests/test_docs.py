@@ -3,12 +3,14 @@ the manual's links, commands, config keys and rule order are checked against the
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from curate.config import Config
-from curate.config_doc import LABEL, REQUIRED, keys, render
+from curate.config_doc import LABEL, REQUIRED, RULES_BEGIN, RULES_END, keys, render, rules_table
+from manifests.rules import RULES
 from manifests.schema import REASONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,20 @@ def test_reference_keys_and_defaults_are_the_models():
         return out
 
     assert not undocumented(plain)
+
+
+def test_phases_rules_table_is_generated_from_the_rules():
+    text = _text(ROOT / "docs" / "phases.md")
+    assert text.count(RULES_BEGIN) == 1 and text.count(RULES_END) == 1
+    block = RULES_BEGIN + text.split(RULES_BEGIN, 1)[1].split(RULES_END, 1)[0] + RULES_END
+    assert block == rules_table(), (
+        "docs/phases.md's rules table differs from manifests/rules.py: run `python -m curate.config_doc --write`")
+
+
+def test_the_rules_table_follows_a_changed_rule():
+    changed = tuple(replace(r, drops="above") if r.reason == "too_small" else r for r in RULES)
+    assert "min(original_width, original_height) > filters.min_side" in rules_table(changed)
+    assert rules_table(changed) != rules_table()
 
 
 def test_phases_list_every_reason_in_rule_order():

@@ -7,13 +7,23 @@ from importlib import metadata
 
 from curate.failures import describe
 from curate.report import svg
-from curate.report.data import Histogram, Run
+from curate.report.data import Histogram, Run, described, why_off
 from curate.report.samples import Grid
 from curate.storage import name as base_name
+from filters.declare import Scorer
+from filters.registry import SCORERS
+from manifests.rules import RULES
 from manifests.schema import ERROR_KINDS, REASONS
 
 VERSIONED = ("curate-zh", "ray", "torch", "open-clip-torch", "timm", "pyarrow", "pillow", "img2dataset")
-CARD_SCORES = ("aesthetic", "clip_score", "nsfw", "watermark", "text_area", "ocr_text", "style", "n_chars", "zh_ratio")
+
+
+def card_scores(scorers: tuple[Scorer, ...] = SCORERS) -> tuple[str, ...]:
+    """The declarations' `shown` columns, the model scorers' first (the three under a thumbnail)."""
+    return tuple(c.name for s in sorted(scorers, key=lambda s: not s.optional) for c in s.columns if c.shown)
+
+
+CARD_SCORES = card_scores()
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:0 20px 40px;color:#222}
@@ -46,8 +56,8 @@ SCRIPT = """document.addEventListener('click', function (e) {
 def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, grids_html: str) -> str:
     title = f"Curation report: {base_name(run.root)}"
     parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run),
-             "<h2>Funnel</h2>", funnel_section(funnel), download_section(run.stats.get("download")),
-             "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score")),
+             "<h2>Funnel</h2>", funnel_section(funnel), rules_section(run), download_section(run.stats.get("download")),
+             "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score"), run),
              styles_section(styles), buckets_section(run.stats.get("buckets"), run.config), "<h2>Images</h2>", grids_html]
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -62,8 +72,9 @@ def alerts(run: Run) -> str:
     for scorer, why in run.models.get("skipped", {}).items():
         out.append(f'<div class="alert warn">scorer skipped: {escape(scorer)}: {escape(str(why))}</div>')
     if run.models and not run.models.get("enabled"):
-        out.append('<div class="alert warn">no model scorer ran: clip_score, aesthetic, nsfw, watermark '
-                   'and style are absent, and their rules did not apply</div>')
+        names = [s.name for s in SCORERS if s.optional]
+        out.append(f'<div class="alert warn">no model scorer ran: {", ".join(names[:-1])} and {names[-1]} are '
+                   f'absent, and their rules did not apply</div>')
     for f in run.stats.get("failures", []):
         out.append(f'<div class="alert danger">failed: {escape(describe(f))}</div>')
     return "".join(out)
@@ -79,6 +90,20 @@ def funnel_section(funnel: dict) -> str:
                    for label, count in zip(labels, counts))
     return (f'<div id="funnel">{chart}<table class="funnel"><tr><th>step</th><th class="num">rows</th>'
             f'<th class="num">share of input</th><th>rule</th></tr>{rows}</table></div>')
+
+
+def rules_section(run: Run) -> str:
+    """Every rule of the table in the order decide applies it, as it reads with this run's settings, and
+    whether it applied (decide's rules_off, a null threshold)."""
+    rows, off = [], 0
+    for rule in RULES:
+        why = why_off(rule, run.config, run.rules_off)
+        off += why is not None
+        state = f'<td class="off">off: {escape(why)}</td>' if why else "<td>on</td>"
+        rows.append(f"<tr><td>{escape(rule.reason)}</td><td>{escape(described(rule, run.config))}</td>"
+                    f"<td>{escape(rule.doc)}</td>{state}</tr>")
+    return (f'<details id="rules"><summary>Rules ({off} off)</summary><table><tr><th>reason</th><th>rule</th>'
+            f'<th>meaning</th><th>applied</th></tr>{"".join(rows)}</table></details>')
 
 
 def download_section(download: dict | None) -> str:
@@ -107,8 +132,10 @@ def download_section(download: dict | None) -> str:
             f'{"".join(hosts)}</table></div></div></div>')
 
 
-def histogram_section(hists: list[Histogram], clip: dict | None = None) -> str:
-    """One card per score; clip_score's names the backend and model that produced it (models.json)."""
+def histogram_section(hists: list[Histogram], clip: dict | None = None, run: Run | None = None) -> str:
+    """One card per score, each threshold line as the rules table describes it; clip_score's names the backend
+    and model that produced it (models.json)."""
+    config, off = (run.config, run.rules_off) if run else ({}, {})
     if not hists:
         return "<p>No scored rows.</p>"
     cards = []
@@ -116,10 +143,14 @@ def histogram_section(hists: list[Histogram], clip: dict | None = None) -> str:
         lines = [f"<p>{escape(h.doc)}. {h.n:,} scored rows"
                  + (f"; {h.outside:,} beyond the axis are counted in the end bins" if h.outside else "") + ".</p>"]
         for rule, value, share in h.thresholds:
-            lines.append(f'<p class="threshold-note"><b>{escape(rule.key)} = {value:g}</b> drops values '
-                         f'{rule.drops.replace("_", " ")} it: <b>{100 * share:.1f}%</b> of scored rows</p>')
-        if not h.thresholds and h.metric.rules:
-            lines.append(f"<p>{escape(', '.join(r.key for r in h.metric.rules))}: not set, no rule applied</p>")
+            lines.append(f'<p class="threshold-note"><b>{escape(rule.reason)}: {escape(described(rule, config))}'
+                         f'</b> drops <b>{100 * share:.1f}%</b> of scored rows</p>')
+        applied = {rule for rule, _ in h.rules}
+        for rule in h.metric.rules:
+            if rule not in applied:
+                why = why_off(rule, config, off) or f"{rule.threshold} is not in config.yaml"
+                lines.append(f'<p class="rule-off">{escape(rule.reason)}: {escape(rule.describe())}: '
+                             f'off ({escape(why)})</p>')
         if h.metric.column == "clip_score" and clip:
             lines.append(f'<p class="clip-source">produced by <b>{escape(clip["backend"])}</b>: {escape(clip["model"])}; '
                          f'image side: {escape(clip["image"])}; {escape(clip["score"])}</p>')

