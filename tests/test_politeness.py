@@ -32,6 +32,7 @@ LOOPBACK = ["127.0.0.0/24"]
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
+    import img2dataset.resizer  # noqa: F401 - imported once here (seconds), so the timings below are the fetch loop's
     folder = tmp_path_factory.mktemp("polite")
     Image.new("RGB", (64, 48), (30, 120, 200)).save(folder / "a.jpg", quality=90)
     (folder / "page.html").write_bytes(b"<html>not an image</html>")
@@ -42,7 +43,7 @@ def _fetch(urls: list[str], **download):
     cfg = DownloadConfig(**{"allow_networks": LOOPBACK, "backoff": 0.2, **download})
     out = io.BytesIO()
     tar = TarWriter(out)
-    rows, hosts = fetch_rows(cfg, urls, [f"k{i:03d}" for i in range(len(urls))], tar)
+    rows, hosts, _ = fetch_rows(cfg, urls, [f"k{i:03d}" for i in range(len(urls))], tar)
     tar.close()
     out.seek(0)
     return rows, hosts, dict(members(out))
@@ -142,17 +143,20 @@ def test_a_failing_host_is_paused_then_probed_and_the_shard_wait_is_bounded(file
 
 
 def test_host_queue_pause_holds_the_host_then_sends_one_probe():
-    """The scheduler on its own, on a fake clock: after most of a window failed, nothing goes out to
-    that host until the pause ends, and then exactly one request (the probe) until it answers."""
+    """The scheduler on its own, on a fake clock: after most of a window of first attempts failed,
+    nothing goes out to that host until the pause ends, and then exactly one request (the probe)
+    until it answers."""
     now = [0.0]
-    cfg = DownloadConfig(per_host_connections=3, retries=5, host_window=4, host_pause=10, backoff=0, max_wait=1e9)
+    cfg = DownloadConfig(per_host_connections=3, retries=5, host_window=4, host_pause=10, backoff=100,
+                         max_wait=1e9, robots_txt=False)
     q = HostQueue([Job(i, f"http://h/{i}", "h") for i in range(20)], cfg, clock=lambda: now[0], rng=random.Random(1))
     jobs = [q.take() for _ in range(3)]
     assert q.hosts["h"].active == 3
     for job in jobs:
-        assert not q.settle(job, "http_503")   # retried later
+        assert not q.settle(job, "http_503")   # retried later (50 s or more)
     job = q.take()
-    q.settle(job, "http_503")                   # the fourth failure of four: paused
+    assert job.attempts == 0
+    q.settle(job, "http_503")                   # the fourth failed URL of four: paused
     assert q.hosts["h"].ready_at == pytest.approx(10)
     now[0] = 10.0
     probe = q.take()
@@ -161,6 +165,20 @@ def test_host_queue_pause_holds_the_host_then_sends_one_probe():
     assert q.settle(probe, None)
     assert q.hosts["h"].probing is False
     assert [q.take() for _ in range(3)] and q.hosts["h"].active == 3   # back to the cap
+
+
+def test_retries_of_a_few_bad_urls_never_pause_a_host_that_serves_the_rest():
+    """The demo's case: among many good URLs, two that always fail are retried at the end of the shard,
+    when nothing else is left; their failures fill the last requests but are not new samples."""
+    now = [0.0]
+    cfg = DownloadConfig(per_host_connections=4, retries=8, host_window=4, host_pause=10, backoff=0,
+                         max_wait=1e9, robots_txt=False)
+    urls = [f"http://h/{i}" for i in range(30)]
+    q = HostQueue([Job(i, u, "h") for i, u in enumerate(urls)], cfg, clock=lambda: now[0], rng=random.Random(1))
+    while (job := q.take()) is not None:
+        q.settle(job, "http_5xx" if job.index in (3, 17) else None)
+    assert q.hosts["h"].stats.pauses == 0
+    assert q.hosts["h"].stats.retries == 2 * cfg.retries
 
 
 def test_retryable_kinds_are_error_kinds():
