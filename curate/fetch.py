@@ -132,14 +132,17 @@ def _blocked(ip, allowed: tuple) -> bool:
 
 
 def address_blocked(address: str, allowed: Iterable[ipaddress._BaseNetwork] = ()) -> bool:
-    """True when a resolved address must not be contacted. An IPv4 address embedded in IPv6 is
-    checked as itself; a forwarded one (NAT64, 6to4, Teredo) must pass along with its IPv6 form."""
+    """True when a resolved address must not be contacted. An IPv4 address written in IPv6 is checked
+    as itself. One a gateway forwards to (NAT64, 6to4, Teredo) must be public whatever the allow list
+    says (it names hosts reached directly, not the gateway's neighbours), and the IPv6 form must pass too."""
     allowed = tuple(allowed)
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
         inner, notation = embedded_ipv4(ip)
+        if inner is not None and notation:
+            return _blocked(inner, allowed)
         if inner is not None:
-            return _blocked(inner, allowed) or (not notation and _blocked(ip, allowed))
+            return _blocked(inner, ()) or _blocked(ip, allowed)
     return _blocked(ip, allowed)
 
 

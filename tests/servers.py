@@ -9,7 +9,7 @@ the connection instead); ?after=N adds `Retry-After: N` to those answers; /drip/
 headers and then the file one byte every `drip` seconds (a tarpit). Every request is counted in
 `hits` (with its time in `times`), and the requests being answered at once in `peak`, except
 /robots.txt: those are counted in `robots` alone, and answer `robots` (a body, an HTTP status
-code, or 404 when None). Several servers on 127.0.0.2, 127.0.0.3, ... act as separate hosts
+code, or 404 when None; a list gives one answer per request, the last one repeated). Several servers on 127.0.0.2, 127.0.0.3, ... act as separate hosts
 (`serve_hosts`). `tls` serves HTTPS (tests/tls.py makes the certificate).
 
 `serve_proxy` is a forward proxy on a loopback address: absolute-form GETs and CONNECT tunnels,
@@ -49,7 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
     folder: Path
     delay: float
     drip: float
-    robots: str | int | None
+    robots: list
     served: Served
 
     def log_message(self, *args) -> None:
@@ -132,15 +132,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _robots(self) -> None:
         with self.served.lock:
             self.served.robots.append(self.headers.get("User-Agent", ""))
-        if isinstance(self.robots, str):
-            body = self.robots.encode()
+            answer = self.robots[min(len(self.served.robots), len(self.robots)) - 1]
+        if isinstance(answer, str):
+            body = answer.encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
         else:
-            self._answer(str(self.robots or 404), None)
+            self._answer(str(answer or 404), None)
 
     def do_GET(self) -> None:
         if self.path == "/robots.txt":
@@ -189,11 +190,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextmanager
 def serve(folder: Path, host: str = "127.0.0.1", delay: float = 0.0, drip: float = 0.5,
-          robots: str | int | None = None, tls: ssl.SSLContext | None = None) -> Iterator[Served]:
+          robots: str | int | list | None = None, tls: ssl.SSLContext | None = None) -> Iterator[Served]:
     """Serve `folder` on host:<free port> for the block; only loopback hosts are accepted."""
     assert host.startswith("127."), "test servers stay on 127.0.0.0/8"
     served = Served("")
-    handler = type("Handler", (_Handler,), {"folder": folder, "delay": delay, "drip": drip, "robots": robots,
+    answers = robots if isinstance(robots, list) else [robots]
+    handler = type("Handler", (_Handler,), {"folder": folder, "delay": delay, "drip": drip, "robots": answers,
                                              "served": served})
     server = ThreadingHTTPServer((host, 0), handler)
     server.daemon_threads = True
