@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import io
 import random
+import urllib.parse
 import time
 from pathlib import Path
 
@@ -236,3 +237,95 @@ def test_download_stats_keep_the_top_hosts_and_sum_the_rest():
     assert stats["top_hosts"]["(other hosts)"]["rows"] == 10 + 11 + 12
     assert stats["wait_s"] == {"total": 2.0, "max_shard": 1.5}
     assert stats["error_kinds"] == {"timeout": 3, "http_429": 2}
+
+
+# -- robots.txt ------------------------------------------------------------------------------------
+
+ROBOTS = "User-agent: *\nDisallow: /img/private\n\nUser-agent: curatebot\nDisallow: /noai/\nAllow: /noai/ok\n"
+
+
+@pytest.mark.parametrize("token,refused", [(None, ["/img/private.jpg"]), ("curatebot", ["/noai/a.jpg"])])
+def test_robots_txt_refuses_what_it_disallows_once_per_host(files, token, refused):
+    """The token's group applies when it has one (RFC 9309: the most specific group only), `*` otherwise;
+    refused URLs are never requested, and each host's robots.txt is requested once."""
+    (files / "private.jpg").write_bytes((files / "a.jpg").read_bytes())
+    with serve_hosts(files, 2, robots=ROBOTS) as (a, b):
+        paths = ["/img/a.jpg", "/img/private.jpg", "/noai/a.jpg?tag=none", "/noai/ok.jpg?tag=none"]
+        urls = [f"{s.base}{p}" for s in (a, b) for p in paths]
+        rows, hosts, _ = _fetch(urls, user_agent_token=token, disallowed_header_directives=[])
+    for url, row in zip(urls, rows):
+        path = urllib.parse.urlsplit(url).path
+        if path in refused:
+            assert (row.status, row.error_kind) == ("rejected", "robots_disallowed"), (url, row)
+        else:
+            assert row.error_kind != "robots_disallowed", (url, row)
+    assert len(a.robots) == len(b.robots) == 1
+    assert not [h for h in a.hits + b.hits if urllib.parse.urlsplit(h).path in refused]
+    assert hosts.hosts["127.0.0.2"].stats.kinds["robots_disallowed"] == 1
+    assert hosts.hosts["127.0.0.2"].stats.robots == "rules"
+    assert all(token or "" in agent for agent in a.robots)
+
+
+def test_a_missing_robots_txt_allows_everything(files):
+    with serve_hosts(files, 1, robots=404) as (srv,):
+        rows, hosts, _ = _fetch([f"{srv.base}/img/a.jpg?{i}" for i in range(3)])
+    assert all(r.status == "success" for r in rows) and len(srv.robots) == 1
+    assert hosts.hosts["127.0.0.2"].stats.robots.startswith("no rules: HTTP 404")
+
+
+def test_a_robots_txt_that_fails_transiently_is_retried_while_the_hosts_urls_wait(files):
+    with serve_hosts(files, 1, robots=[503, "User-agent: *\nDisallow: /img/private\n"]) as (srv,):
+        rows, _, _ = _fetch([f"{srv.base}/img/a.jpg", f"{srv.base}/img/private.jpg"], retries=2, backoff=0.3)
+    assert [r.error_kind for r in rows] == [None, "robots_disallowed"]
+    assert len(srv.robots) == 2 and srv.hits == ["/img/a.jpg"]
+
+
+def test_a_robots_txt_that_keeps_failing_refuses_the_host(files):
+    with serve_hosts(files, 1, robots=503) as (srv,):
+        rows, hosts, _ = _fetch([f"{srv.base}/img/a.jpg?{i}" for i in range(3)], retries=1, backoff=0.1)
+    assert {(r.status, r.error_kind) for r in rows} == {("rejected", "robots_unavailable")}
+    assert len(srv.robots) == 2 and srv.hits == []   # 1 + retries, and no image was requested
+    assert hosts.hosts["127.0.0.2"].stats.robots.startswith("unavailable")
+
+
+def test_crawl_delay_is_a_floor_on_the_hosts_request_interval(files):
+    with serve_hosts(files, 1, robots="User-agent: *\nCrawl-delay: 0.3\n") as (srv,):
+        rows, _, _ = _fetch([f"{srv.base}/img/a.jpg?{i}" for i in range(4)], per_host_connections=4)
+    assert all(r.status == "success" for r in rows)
+    starts = sorted(t for t, _ in srv.times)   # arrivals: a request started 0.3 s after another may land sooner
+    assert starts[-1] - starts[0] >= 0.85 and min(b - a for a, b in zip(starts, starts[1:])) >= 0.2
+
+
+def test_robots_refusals_are_counted_per_host_in_the_stats(files, tmp_path):
+    with serve_hosts(files, 1, robots=ROBOTS) as (srv,):
+        urls = [f"{srv.base}/img/a.jpg", f"{srv.base}/img/private.jpg", f"{srv.base}/img/private.jpg?2"]
+        pq.write_table(pa.table({"url": urls, "caption": ["一只猫"] * 3}), tmp_path / "urls.parquet")
+        cfg = resolve(validate({"run_dir": str(tmp_path / "run"), "input": {"paths": [str(tmp_path / "urls.parquet")]},
+                                "download": {"allow_networks": LOOPBACK}}))
+        run = RunDir(Path(cfg.run_dir))
+        (shard,) = plan(cfg.input, run)
+        download_shard(cfg, shard)
+    marker = run.storage.read_json(run.marker("download", shard))
+    assert marker["error_kinds"] == {"robots_disallowed": 2}
+    stats = download_stats([marker])
+    assert stats["top_hosts"]["127.0.0.2"]["kinds"] == {"robots_disallowed": 2}
+    assert stats["top_hosts"]["127.0.0.2"]["robots"] == "rules"
+    assert stats["top_hosts"]["127.0.0.2"]["requests"] == 2   # robots.txt and the one allowed image
+
+
+# -- tarpits ---------------------------------------------------------------------------------------
+
+def test_a_tarpit_host_fails_at_the_deadline_and_is_paused_like_any_failing_host(files):
+    (files / "drip.jpg").write_bytes((files / "a.jpg").read_bytes())
+    with serve_hosts(files, 2, drip=0.2) as (pit, good):
+        urls = [f"{pit.base}/drip/drip.jpg?{i}" for i in range(12)] + [f"{good.base}/img/a.jpg?{i}" for i in range(4)]
+        started = time.monotonic()
+        rows, hosts, _ = _fetch(urls, timeout=0.5, retries=1, per_host_connections=2, host_window=4,
+                                host_pause=30, max_wait=0.5)
+        seconds = time.monotonic() - started
+    kinds = [r.error_kind for r in rows[:12]]
+    assert "timeout" in kinds and set(kinds) <= {"timeout", "host_unavailable"}
+    assert hosts.hosts["127.0.0.2"].stats.pauses == 1
+    assert len(pit.hits) < 12   # paused after its first four timed out, then given up
+    assert all(r.status == "success" for r in rows[12:])
+    assert seconds < 6
