@@ -311,6 +311,10 @@ def test_robots_refusals_are_counted_per_host_in_the_stats(files, tmp_path):
     assert stats["top_hosts"]["127.0.0.2"]["kinds"] == {"robots_disallowed": 2}
     assert stats["top_hosts"]["127.0.0.2"]["robots"] == "rules"
     assert stats["top_hosts"]["127.0.0.2"]["requests"] == 2   # robots.txt and the one allowed image
+    from curate.report.page import download_section
+
+    table = download_section(stats).split('id="hosts"')[1]
+    assert "refused by robots.txt" in table and '<td class="num">2</td><td>robots_disallowed 2</td>' in table
 
 
 # -- tarpits ---------------------------------------------------------------------------------------
