@@ -15,7 +15,7 @@ it reports both contenders' images/s and the peak connections any one host saw.
 
 The tarpit case serves TARPIT_URLS URLs evenly from TARPIT_HOSTS hosts, sorted by host, of which
 20% drip their answers (bench.hosts_server: 40 bytes, one every 0.5 s): images/s counts the good
-hosts' images over the whole shard, for both. Run it alone with `python -m bench.bench_download tarpits`.
+hosts' images over the whole shard, for both. Run it alone with `python -m bench.bench_download tarpits [DRIP_BYTES]`.
 """
 from __future__ import annotations
 
@@ -43,10 +43,10 @@ TARPIT_URLS = {"smoke": 10, "quick": 200, "full": 200}
 
 
 @contextmanager
-def served_hosts(folder: Path, count: int, tarpits: int = 0) -> Iterator[list[str]]:
+def served_hosts(folder: Path, count: int, tarpits: int = 0, drip_bytes: int = 40) -> Iterator[list[str]]:
     """bench.hosts_server in its own process; yields the base URL of each host (the last `tarpits` drip)."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench.hosts_server", str(folder), str(count), str(tarpits)],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.hosts_server", str(folder), str(count), str(tarpits),
+                             str(drip_bytes)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         bases = [proc.stdout.readline().strip() for _ in range(count)]
         if not all(b.startswith("http://127.0.1.") for b in bases):
@@ -144,8 +144,9 @@ def _many_hosts(root: Path, files: list[Path], threads: int, cfg: DownloadConfig
     }
 
 
-def tarpits(mode: str) -> dict:
-    """Both contenders once on a sorted list over TARPIT_HOSTS hosts, TARPITS of them slow-drip tarpits."""
+def tarpits(mode: str, drip_bytes: int = 40) -> dict:
+    """Both contenders once on a sorted list over TARPIT_HOSTS hosts, TARPITS of them slow-drip tarpits
+    (each answer `drip_bytes` long: img2dataset's time follows it, ours is bounded by download.timeout)."""
     from bench import hosts_server
 
     cfg = DownloadConfig()
@@ -153,7 +154,7 @@ def tarpits(mode: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_tarpit_") as tmp:
         root = Path(tmp)
         files = photos(root / "images", n, 512, 1536)
-        with served_hosts(root / "images", TARPIT_HOSTS, TARPITS) as bases:
+        with served_hosts(root / "images", TARPIT_HOSTS, TARPITS, drip_bytes) as bases:
             listed = sorted(f"{bases[i % TARPIT_HOSTS]}/{p.name}" for i, p in enumerate(files))
             good = sum(not any(u.startswith(b + "/") for b in bases[-TARPITS:]) for u in listed)
             urls = root / "urls_tarpit.parquet"
@@ -163,7 +164,7 @@ def tarpits(mode: str) -> dict:
                 "img2dataset": lambda: _img2dataset(urls, root / "i2d_t", cfg.thread_count, cfg, [], expect=good),
             }, 1, warm=())
     return {"hosts": TARPIT_HOSTS, "tarpit_hosts": TARPITS, "urls": n, "good_urls": good,
-            "drip": {"bytes": hosts_server.DRIP_BYTES, "seconds_per_byte": hosts_server.DRIP_SECONDS},
+            "drip": {"bytes": drip_bytes, "seconds_per_byte": hosts_server.DRIP_SECONDS},
             "settings": {"timeout": cfg.timeout, "retries": cfg.retries, "host_window": cfg.host_window,
                          "host_pause": cfg.host_pause, "max_wait": cfg.max_wait, "thread_count": cfg.thread_count},
             "timings": timings, "images_per_s": {k: rate(good, t) for k, t in timings.items()}}
@@ -212,5 +213,5 @@ def run(mode: str) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["tarpits"]:
-        print(json.dumps(tarpits("quick"), indent=1))
+    if sys.argv[1:2] == ["tarpits"]:   # [DRIP_BYTES]
+        print(json.dumps(tarpits("quick", *(int(a) for a in sys.argv[2:3])), indent=1))

@@ -1,8 +1,8 @@
 """A folder served on several loopback addresses, each a separate host counting its peak connections.
 
-`python -m bench.hosts_server FOLDER N [TARPITS]` serves FOLDER on 127.0.1.1 ... 127.0.1.N (a thread
-per connection) and prints one base URL per line. The last TARPITS hosts are slow-drip tarpits:
-every request gets its headers at once, then DRIP_BYTES bytes one every DRIP_SECONDS. GET /_peak on a host answers its most
+`python -m bench.hosts_server FOLDER N [TARPITS [DRIP_BYTES]]` serves FOLDER on 127.0.1.1 ... 127.0.1.N
+(a thread per connection) and prints one base URL per line. The last TARPITS hosts are slow-drip
+tarpits: every request gets its headers at once, then DRIP_BYTES bytes one every DRIP_SECONDS. GET /_peak on a host answers its most
 concurrent connections since the last /_peak (JSON) and resets the count: the download benchmark
 reads it after each contender. Runs in its own process, like bench.common.served.
 """
@@ -30,6 +30,7 @@ class _Handler(BaseHTTPRequestHandler):
     folder: Path
     counter: _Counter
     tarpit: bool = False
+    drip_bytes: int = DRIP_BYTES
 
     def log_message(self, *args) -> None:
         pass
@@ -68,10 +69,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _drip(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(DRIP_BYTES))
+        self.send_header("Content-Length", str(self.drip_bytes))
         self.end_headers()
         try:
-            for _ in range(DRIP_BYTES):
+            for _ in range(self.drip_bytes):
                 self.wfile.write(b"\xff")
                 self.wfile.flush()
                 time.sleep(DRIP_SECONDS)
@@ -79,11 +80,11 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
-def main(folder: Path, count: int, tarpits: int = 0) -> None:
+def main(folder: Path, count: int, tarpits: int = 0, drip_bytes: int = DRIP_BYTES) -> None:
     servers = []
     for i in range(count):
         handler = type("Handler", (_Handler,), {"folder": folder, "counter": _Counter(),
-                                                 "tarpit": i >= count - tarpits})
+                                                 "tarpit": i >= count - tarpits, "drip_bytes": drip_bytes})
         server = ThreadingHTTPServer((f"127.0.1.{1 + i}", 0), handler)
         server.daemon_threads = True
         servers.append(server)
@@ -94,4 +95,4 @@ def main(folder: Path, count: int, tarpits: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    main(Path(sys.argv[1]), int(sys.argv[2]), *(int(a) for a in sys.argv[3:5]))
