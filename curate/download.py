@@ -212,10 +212,10 @@ def fetch_rows(cfg: DownloadConfig, urls: list[str | None], keys: list[str], tar
         hosts.record(job, kind)
     for job in hosts.given_up:
         got = last.get(job.index)
-        rows[job.index] = Row("failed_to_download", f"{got.error}; not retried: the shard's wait budget "
-                                                    f"(download.max_wait) was spent", got.kind) if got else \
-            Row("failed_to_download", f"not fetched: {job.host} stayed paused past the shard's wait budget "
-                                      f"(download.max_wait)", "host_unavailable")
+        rows[job.index] = Row("failed_to_download", f"{got.error}; not retried: {hosts.give_up_reason}",
+                              got.kind) if got else \
+            Row("failed_to_download", f"not fetched: {job.host} was paused and {hosts.give_up_reason}",
+                "host_unavailable")
         hosts.record(job, rows[job.index].error_kind)
     missing = [keys[i] for i, r in enumerate(rows) if r is None]
     if missing:

@@ -6,11 +6,12 @@ asleep. `HostQueue` instead keeps one FIFO per host and hands a thread a URL onl
 that has fewer than `per_host_connections` requests in flight and is not waiting (Retry-After,
 backoff, a pause or its robots.txt Crawl-delay); hosts take turns. Transient failures come back
 after their delay, up to `retries` times; permanent ones are final at once. A host that failed
-most of its last `host_window` first attempts transiently is paused for `host_pause` seconds
-(doubling while it stays bad), then gets a single probe request; retries do not count there, so
-a few bad URLs retried at the end of a shard cannot pause a host that serves the rest. The
-shard's waiting is bounded: once it has spent `max_wait` seconds with nothing in flight,
-whatever still waits is given up.
+most of its last `host_window` first attempts (at least two rounds of its connections) transiently
+is paused for `host_pause` seconds (doubling while it stays bad), then gets a single probe
+request; retries do not count there, so a few bad URLs retried at the end of a shard cannot
+pause a host that serves the rest. The shard's waiting is bounded: once it has spent `max_wait`
+seconds with nothing in flight, whatever still waits is given up; at once when all that waits is
+on paused hosts that answered none of their requests (dead hosts, tarpits).
 
 With `robots_txt`, the first URL of each origin is held back and a robots.txt request goes out
 instead; the origin's URLs wait until it is settled (retried like any transient failure), and
@@ -78,6 +79,7 @@ class _Host:
     pause_doublings: int = 0
     interval: float = 0.0        # robots.txt Crawl-delay: seconds between request starts
     robots_pending: int = 0      # robots.txt requests not settled: the host's URLs wait
+    answered: int = 0            # requests that did not fail transiently
     recent: deque = field(init=False)
     stats: HostStats = field(default_factory=HostStats)
 
@@ -112,6 +114,9 @@ class HostQueue:
         self.waited = 0.0            # seconds with nothing in flight and something waiting
         self.peak = Counter()        # most requests in flight per host
         self.given_up: list[Job] = []   # never final through settle(): the caller records them
+        self.give_up_reason = "the shard's wait budget (download.max_wait) was spent"
+        # fewest first attempts a pause is decided on: two rounds of the host's connections
+        self._sample = min(cfg.host_window, 2 * cfg.per_host_connections)
         self.ended: list[tuple[Job, str, str]] = []   # (job, error_kind, error) refused here, never requested
         self.agent = cfg.user_agent_token.strip().lower() if cfg.user_agent_token else "*"
         self.rules: dict[str, Rules | None] = {} if cfg.robots_txt else None   # origin -> verdict (None: asked)
@@ -183,6 +188,13 @@ class HostQueue:
         self.gave_up = True
         self._cond.notify_all()
 
+    def _only_dead_hosts_left(self) -> bool:
+        """Nothing is in flight and every row still waiting is on a paused host that has answered none
+        of its requests (a dead host or a tarpit): waiting out max_wait for it would only idle the task."""
+        waiting = {name for _, _, name, job in self.timers if job is not None}
+        waiting |= {h.name for h in self.hosts.values() if h.queue}
+        return bool(waiting) and all(self.hosts[n].probing and not self.hosts[n].answered for n in waiting)
+
     def _pause(self, host: _Host, now: float) -> None:
         host.probing, host.probe = True, None
         host.recent.clear()
@@ -231,6 +243,13 @@ class HostQueue:
                 if self.in_flight == 0:
                     if self._idle_since is None:
                         self._idle_since = now
+                    if self._only_dead_hosts_left():
+                        self.waited += now - self._idle_since
+                        self._idle_since = None
+                        self.give_up_reason = "nothing else was left and the host, paused, had answered none of " \
+                                              "its requests"
+                        self._give_up()
+                        continue
                     if self.waited + now - self._idle_since >= self.cfg.max_wait:
                         self.waited += now - self._idle_since
                         self._idle_since = None
@@ -253,6 +272,7 @@ class HostQueue:
             self.in_flight -= 1
             host.stats.requests += 1
             transient = kind in RETRYABLE
+            host.answered += not transient
             if job.attempts == 0:   # a retry is the same URL again, not a new sample of the host
                 host.recent.append(transient)
             if retry_after is not None and transient:   # the server said when: the whole host waits
@@ -265,8 +285,7 @@ class HostQueue:
                     self._pause(host, now)   # still failing: a longer pause
                 else:
                     host.probing, host.pause_doublings = False, 0
-            elif not host.probing and len(host.recent) == host.recent.maxlen \
-                    and 2 * sum(host.recent) > len(host.recent):
+            elif not host.probing and len(host.recent) >= self._sample and 2 * sum(host.recent) > len(host.recent):
                 self._pause(host, now)
             final = self.gave_up or not (transient and job.attempts < self.cfg.retries)
             if final:

@@ -147,7 +147,8 @@ ERROR_KINDS: dict[str, str] = {
                           "(RFC 9309: assume disallowed)",
     "too_large": "more than download.max_bytes served, or more than download.max_pixels claimed",
     "not_an_image": "the bytes are not an image format identified before decoding, or could not be decoded",
-    "host_unavailable": "never fetched: its host stayed paused past the shard's wait budget",
+    "host_unavailable": "never fetched: its host stayed paused past the shard's wait budget (download.max_wait), "
+                        "or answered none of its requests and was all that was left",
     "error": "any other failure (the error column says what)",
 }
 
