@@ -75,12 +75,13 @@ class DownloadConfig(_Section):
         "longest Retry-After (of a 429 or 503) waited for; longer ones are cut to this"))
     host_window: int = Field(20, ge=2, description=(
         "a host's last first attempts watched (retries of a URL are not a new sample): when most of "
-        "them failed transiently, the host is paused"))
+        "them failed transiently, and at least 2 x per_host_connections of them, the host is paused"))
     host_pause: float = Field(30.0, ge=0, description=(
         "seconds a failing host is paused before one probe request; doubles while probes fail"))
     max_wait: float = Field(120.0, ge=0, description=(
         "seconds a shard may sit with nothing in flight waiting on paused hosts and retry delays; "
-        "then the rest is given up (error_kind host_unavailable or the last error)"))
+        "then the rest is given up (error_kind host_unavailable or the last error); at once when all that "
+        "waits is on paused hosts that answered none of their requests"))
     dns_ttl: float = Field(300.0, ge=0, description=(
         "seconds a host's checked addresses (or a refusal: address not allowed, name does not exist) are "
         "reused within a task; timed-out lookups are never kept"))
