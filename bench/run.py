@@ -116,6 +116,10 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
         rows.append(("download, 16 hosts (sorted, half on one)", f"{who} peak connections on one host", _fmt(v), goal))
     rows.append(("download, 16 hosts (sorted, half on one)", "ours / img2dataset",
                  _fmt(ratios["download.many_hosts_ours_over_img2dataset"]), ""))
+    pits = dl.get("tarpits") or {}
+    for who, v in pits.get("images_per_s", {}).items():
+        rows.append((f"download, {pits['hosts']} hosts, {pits['tarpit_hosts']} slow-drip tarpits", f"{who} images/s",
+                     _fmt(v), ""))
     sc = results.get("score_cpu", {})
     for who, v in sc.get("images_per_s_per_core", {}).items():
         rows.append(("score_cpu", f"{who} images/s per core", _fmt(v), ""))

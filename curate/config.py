@@ -5,9 +5,12 @@ that names the key, what was expected and what was given.
 """
 from __future__ import annotations
 
+import codecs
+import ipaddress
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +21,18 @@ from curate.storage import Storage, StorageOptions, absolute, is_local
 from filters.buckets import SDXL_BUCKETS
 from filters.models import ModelOptions
 from filters.text import TextOptions
+
+
+def proxy_address(proxy: str) -> tuple[str, int]:
+    """host and port of a `download.proxy` URL (http://HOST:PORT), or ValueError saying what is wrong."""
+    parts = urllib.parse.urlsplit(proxy)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"expected http://HOST:PORT, got {proxy!r}")
+    if parts.username or parts.password:
+        raise ValueError("proxy credentials are not supported (they would be written into the run's config)")
+    if parts.path not in ("", "/") or parts.query or parts.port is None:
+        raise ValueError(f"expected http://HOST:PORT with nothing after the port, got {proxy!r}")
+    return parts.hostname, parts.port
 
 
 class ConfigError(ValueError):
@@ -32,6 +47,9 @@ class InputConfig(_Section):
     paths: list[str] = Field(description="URL manifests (files or globs): parquet, csv, tsv or jsonl")
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
         "auto", description="input format; auto picks it from each file's extension")
+    encoding: str = Field("utf-8", description=(
+        "text encoding of csv, tsv and jsonl inputs (any Python codec name: gb18030 reads GBK and GB2312 "
+        "exports too); parquet text is UTF-8 by definition"))
     url_col: str = Field("url", description="column holding the image URL")
     caption_col: str = Field("caption", description="column holding the caption")
     extra_cols: list[str] = Field(default_factory=list, description="input columns carried into every manifest")
@@ -40,40 +58,107 @@ class InputConfig(_Section):
         "order rows by a stable hash of the URL when cutting shards, so one host's URLs spread over "
         "every shard and over the whole run instead of a few tasks (keys follow the shuffled order)"))
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        try:
+            return codecs.lookup(v).name
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r} (e.g. utf-8, gb18030, big5)") from None
+
+
+# Bytes per pixel the decode of one image may take at its peak (measured in tests/test_hostile.py:
+# an RGBA or 16-bit image decoded by PIL, composited on white, re-encoded for the resizer).
+DECODE_BYTES_PER_PIXEL = 20
+MIN_BODY_BUFFER_MB = 32
+
 
 class DownloadConfig(_Section):
     thread_count: int = Field(32, ge=1, description="concurrent fetches per download task")
     per_host_connections: int = Field(
         4, ge=1, description="most requests in flight to one host within a download task")
-    timeout: float = Field(10.0, gt=0, description="seconds before a fetch is abandoned")
+    timeout: float = Field(10.0, gt=0, description=(
+        "seconds one fetch may take in all: connect, TLS, headers and body, redirects included (a server "
+        "that drips bytes fails as timeout at this deadline); each DNS lookup gets the time left"))
     retries: int = Field(2, ge=0, description=(
-        "extra attempts per URL after a transient failure (timeout, reset, 429, 5xx); "
-        "404, 410, refused addresses and opt-outs are never retried"))
+        "extra attempts per URL after a transient failure (timeout, reset, 429, 5xx, DNS timeout); "
+        "404, 410, refused addresses, unknown names and opt-outs are never retried"))
     backoff: float = Field(1.0, ge=0, description=(
         "seconds before the first retry; doubled for each further one, with jitter (0.5-1.5x)"))
     max_retry_after: float = Field(60.0, ge=0, description=(
         "longest Retry-After (of a 429 or 503) waited for; longer ones are cut to this"))
     host_window: int = Field(20, ge=2, description=(
-        "recent requests per host watched: when most of them failed transiently, the host is paused"))
+        "a host's last first attempts watched (retries of a URL are not a new sample): when most of "
+        "them failed transiently, and at least 2 x per_host_connections of them, the host is paused"))
     host_pause: float = Field(30.0, ge=0, description=(
         "seconds a failing host is paused before one probe request; doubles while probes fail"))
     max_wait: float = Field(120.0, ge=0, description=(
         "seconds a shard may sit with nothing in flight waiting on paused hosts and retry delays; "
-        "then the rest is given up (error_kind host_unavailable or the last error)"))
+        "then the rest is given up (error_kind host_unavailable or the last error); at once when all that "
+        "waits is on paused hosts that answered none of their requests"))
     dns_ttl: float = Field(300.0, ge=0, description=(
-        "seconds a host's checked addresses (or its refusal) are reused within a task"))
+        "seconds a host's checked addresses (or a refusal: address not allowed, name does not exist) are "
+        "reused within a task; timed-out lookups are never kept"))
     image_size: int = Field(1024, ge=64, description="images whose shorter side is larger are resized to this")
     encode_quality: int = Field(95, ge=50, le=100, description="JPEG quality of the stored image")
-    max_pixels: int = Field(100_000_000, ge=1, description="images claiming more pixels are refused undecoded")
-    user_agent_token: str | None = Field(None, description="token added to the User-Agent, for opt-out lists")
+    max_pixels: int = Field(100_000_000, ge=1, description=(
+        "images claiming more pixels are refused undecoded; also OpenCV's own limit in the download worker"))
+    user_agent_token: str | None = Field(None, description=(
+        "your crawler's name: added to the User-Agent, matched by robots.txt groups and X-Robots-Tag agents"))
+    robots_txt: bool = Field(True, description=(
+        "honour each host's robots.txt (RFC 9309): fetched once per host per task, its rules for "
+        "user_agent_token and for * applied, Crawl-delay a floor on the host's request interval"))
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
         description="X-Robots-Tag directives that make a row count as opted out")
     max_bytes: int = Field(20_000_000, ge=1, description="responses larger than this are refused")
+    memory_mb: int = Field(2560, ge=64, description=(
+        "memory a download task's images may take, MB: the one image being decoded (max_bytes + "
+        f"{DECODE_BYTES_PER_PIXEL} bytes x max_pixels) and the response bodies held in memory (the rest); "
+        "bodies past it spill to the task's scratch disk"))
     allow_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs fetched even though private or loopback (e.g. 127.0.0.1/32 for a local server)")
+    proxy: str | None = Field(None, description=(
+        "http://HOST:PORT of a forward proxy every fetch goes through (HTTPS by CONNECT); null: direct. "
+        "Proxy environment variables are never used for fetches. Targets are still checked against the "
+        "address guard; the proxy's own address needs no allow_networks entry"))
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per download task")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            proxy_address(v)   # ValueError says what is wrong
+        return v
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for n in v:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{n!r} is not a CIDR: {exc}") from None
+        return v
+
+    def decode_reserve(self) -> int:
+        """Bytes set aside in memory_mb for the one image being decoded."""
+        return self.max_bytes + DECODE_BYTES_PER_PIXEL * self.max_pixels
+
+    def body_buffer(self) -> int:
+        """Bytes of response bodies a task holds in memory; the rest spill to its scratch disk."""
+        return self.memory_mb * 2**20 - self.decode_reserve()
+
+    @model_validator(mode="after")
+    def _memory_covers_decode(self) -> "DownloadConfig":
+        need = -(-self.decode_reserve() // 2**20) + MIN_BODY_BUFFER_MB
+        if self.memory_mb < need:
+            raise ValueError(
+                f"memory_mb {self.memory_mb} is too small for max_pixels {self.max_pixels} and max_bytes "
+                f"{self.max_bytes}: decoding one image may take {self.decode_reserve() // 2**20} MB, and "
+                f"{MIN_BODY_BUFFER_MB} MB more hold response bodies; raise memory_mb to {need} or lower max_pixels")
+        return self
 
 
 class ScoreConfig(_Section):

@@ -83,8 +83,9 @@ ALL: dict[str, Column] = declared()
 ERROR_KINDS: dict[str, str] = {
     "bad_url": "empty URL, a scheme other than http(s), or no host",
     "refused_address": "the host resolves to an address not allowed (private, loopback, metadata, ...)",
-    "dns_failed": "the host name could not be resolved within download.timeout",
-    "timeout": "no complete answer within download.timeout",
+    "dns_failed": "the host name does not exist (or has no address)",
+    "dns_timeout": "the lookup did not finish within download.timeout, or failed temporarily; retried, never cached",
+    "timeout": "no complete answer within download.timeout (one deadline for connect, headers and body)",
     "connection_reset": "the server reset or closed the connection mid-request",
     "connection_failed": "the connection could not be made (refused, unreachable, TLS)",
     "http_403": "HTTP 403 Forbidden",
@@ -96,9 +97,13 @@ ERROR_KINDS: dict[str, str] = {
     "http_4xx": "another HTTP 4xx client error",
     "http_other": "any other unexpected HTTP status (a redirect loop, ...)",
     "opted_out": "X-Robots-Tag opts the image out (download.disallowed_header_directives)",
+    "robots_disallowed": "never requested: the host's robots.txt disallows it for download.user_agent_token or *",
+    "robots_unavailable": "never requested: the host's robots.txt failed transiently past download.retries "
+                          "(RFC 9309: assume disallowed)",
     "too_large": "more than download.max_bytes served, or more than download.max_pixels claimed",
-    "not_an_image": "the bytes could not be decoded and re-encoded as an image",
-    "host_unavailable": "never fetched: its host stayed paused past the shard's wait budget",
+    "not_an_image": "the bytes are not an image format identified before decoding, or could not be decoded",
+    "host_unavailable": "never fetched: its host stayed paused past the shard's wait budget (download.max_wait), "
+                        "or answered none of its requests and was all that was left",
     "error": "any other failure (the error column says what)",
 }
 

@@ -119,6 +119,7 @@ def download_section(download: dict | None) -> str:
         hosts.append(f'<tr><td>{escape(host)}</td><td class="num">{h["rows"]:,}</td><td class="num">{rate}</td>'
                      f'<td class="num">{h["requests"]:,}</td><td class="num">{h["retries"]:,}</td>'
                      f'<td class="num">{h["pauses"]:,}</td><td class="num">{h["peak_connections"]}</td>'
+                     f'<td class="num">{h["kinds"].get("robots_disallowed", 0):,}</td>'
                      f"<td>{escape(main)}</td></tr>")
     wait = download["wait_s"]
     return (f'<h2>Download</h2><div id="download"><p>{download["requests"]:,} requests, {download["retries"]:,} '
@@ -128,7 +129,8 @@ def download_section(download: dict | None) -> str:
             f'<th class="num">rows</th><th>meaning</th></tr>{kinds}</table></div>'
             f'<div><h3>Top hosts by rows</h3><table id="hosts"><tr><th>host</th><th class="num">rows</th>'
             f'<th class="num">success</th><th class="num">requests</th><th class="num">retries</th>'
-            f'<th class="num">pauses</th><th class="num">peak connections</th><th>main error kinds</th></tr>'
+            f'<th class="num">pauses</th><th class="num">peak connections</th>'
+            f'<th class="num">refused by robots.txt</th><th>main error kinds</th></tr>'
             f'{"".join(hosts)}</table></div></div></div>')
 
 
