@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -62,32 +61,32 @@ def _phases(config: Path, overrides: list[str], phases: tuple[str, ...], dry_run
 
 
 @app.command()
-def run(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def run(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Run all four phases; each skips the shards it has already done."""
     _phases(config, overrides, ("download", "score", "decide", "write"))
 
 
 @app.command()
-def download(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def download(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 1: fetch images into RUN/raw."""
     _phases(config, overrides, ("download",))
 
 
 @app.command()
-def score(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def score(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 2: compute every score column into RUN/scores."""
     _phases(config, overrides, ("score",))
 
 
 @app.command()
-def decide(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+def decide(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
            dry_run: bool = typer.Option(False, "--dry-run", help="Print the funnel; write nothing.")) -> None:
     """Phase 3: keep or drop every row from the scores; reads no image, loads no model."""
     _phases(config, overrides, ("decide",), dry_run=dry_run)
 
 
 @app.command()
-def write(config: Path, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def write(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 4: write changed WebDataset shards, manifest.parquet and stats.json."""
     _phases(config, overrides, ("write",))
 
@@ -96,7 +95,7 @@ def write(config: Path, overrides: List[str] = typer.Option([], "--set", help=SE
 def demo(out: str = typer.Option("runs/demo", help="Run directory: a local path or s3://bucket/prefix."),
          n: int = typer.Option(2000, help="Number of synthetic samples."),
          seed: int = typer.Option(0, help="Seed of the corpus generator."),
-         overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+         overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Generate a nasty synthetic corpus, serve it on 127.0.0.1 and curate it end to end."""
     from curate.demo import run_demo
     from curate.rundir import RunBusy
@@ -114,9 +113,9 @@ def demo(out: str = typer.Option("runs/demo", help="Run directory: a local path 
 
 @app.command()
 def inspect(target: str = typer.Argument(..., help="Run directory or manifest parquet (path or URL)."),
-            where: Optional[str] = typer.Option(None, help="Row filter, e.g. \"aesthetic < 5 and style == 'cartoon'\"."),
+            where: str | None = typer.Option(None, help="Row filter, e.g. \"aesthetic < 5 and style == 'cartoon'\"."),
             show: int = typer.Option(0, help="Print N sample rows."),
-            bucket: Optional[str] = typer.Option(None, help="Only rows of this bucket, e.g. 1152x896."),
+            bucket: str | None = typer.Option(None, help="Only rows of this bucket, e.g. 1152x896."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Summarise a manifest: funnel by reason, quantiles of every score, styles, buckets, sample rows."""
     from manifests.inspect import render, summarize
@@ -132,7 +131,7 @@ def inspect(target: str = typer.Argument(..., help="Run directory or manifest pa
         render(summary, console)
 
 
-def _options(config: Optional[Path]):
+def _options(config: Path | None):
     """The config's sections when one is given, else every default (no run directory needed)."""
     if config is not None:
         return _load(config, [])
@@ -146,9 +145,9 @@ CONFIG_OPT = typer.Option(None, "--config", help="Config whose settings to use (
 
 
 @app.command()
-def text(caption: Optional[str] = typer.Argument(None, help="One caption (omit with --file)."),
-         file: Optional[Path] = typer.Option(None, "--file", help="Captions, one per line; prints JSON lines."),
-         config: Optional[Path] = CONFIG_OPT) -> None:
+def text(caption: str | None = typer.Argument(None, help="One caption (omit with --file)."),
+         file: Path | None = typer.Option(None, "--file", help="Captions, one per line; prints JSON lines."),
+         config: Path | None = CONFIG_OPT) -> None:
     """Normalise captions and apply the text rules, exactly as the pipeline does; prints JSON."""
     from filters.text import explain
 
@@ -185,7 +184,7 @@ def _weights_table(rows: list[dict], title: str) -> None:
 
 
 @models_app.command("list")
-def models_list(config: Optional[Path] = CONFIG_OPT,
+def models_list(config: Path | None = CONFIG_OPT,
                 verify: bool = typer.Option(False, help="Also verify checksums (reads every file).")) -> None:
     """Show every scorer and what it runs on, then what each enabled scorer needs and whether it is present."""
     from rich.table import Table
@@ -204,7 +203,7 @@ def models_list(config: Optional[Path] = CONFIG_OPT,
 
 
 @models_app.command("pull")
-def models_pull(config: Optional[Path] = CONFIG_OPT) -> None:
+def models_pull(config: Path | None = CONFIG_OPT) -> None:
     """Download (and convert) the weights the enabled scorers lack. Needs internet."""
     from curate import weights
 
@@ -215,7 +214,7 @@ def models_pull(config: Optional[Path] = CONFIG_OPT) -> None:
 
 
 @models_app.command("check")
-def models_check(config: Optional[Path] = CONFIG_OPT) -> None:
+def models_check(config: Path | None = CONFIG_OPT) -> None:
     """Verify the checksum of every weights file present; exit 1 on a mismatch."""
     from curate import weights
 

@@ -151,7 +151,7 @@ class Lease:
     def _write(self) -> None:
         self.run.storage.write_json(self.uri, {"owner": self.owner, "expires": time.time() + self.seconds})
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         storage = self.run.storage
         if storage.exists(self.uri):
             held = storage.read_json(self.uri)
@@ -179,7 +179,7 @@ class Lease:
             self._thread.join()
         self.run.storage.delete(self.uri)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

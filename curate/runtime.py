@@ -9,7 +9,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 from curate.config import RayConfig
 

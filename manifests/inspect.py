@@ -9,8 +9,8 @@ and sample rows are read back from the row groups that hold them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from curate.storage import Storage, join
 from manifests.io import numeric_columns
 from manifests.schema import REASONS
-from manifests.where import WhereError, columns as where_columns, compile_where
+from manifests.where import WhereError, compile_where
+from manifests.where import columns as where_columns
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 SAMPLE_COLUMNS = ("key", "caption", "keep", "reason", "width", "height", "bucket", "aesthetic", "clip_score", "style")
@@ -146,7 +147,8 @@ class Sampler:
         v = self.values()
         if not len(v):
             return None
-        return {"count": self.count, **{f"p{round(q * 100)}": float(x) for q, x in zip(QUANTILES, np.quantile(v, QUANTILES))}}
+        quantiles = zip(QUANTILES, np.quantile(v, QUANTILES))
+        return {"count": self.count, **{f"p{round(q * 100)}": float(x) for q, x in quantiles}}
 
 
 class Reservoir:

@@ -6,8 +6,9 @@ reach a manifest, and tests assert the declared types.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -78,7 +79,8 @@ MODEL = _cols(
     Column("style_prob", pa.float32(), "softmax probability of the chosen style"),
     Column("text_area", pa.float32(), "share of the image covered by detected text boxes (PP-OCRv4), 0..1"),
     Column("text_boxes", pa.int32(), "number of detected text boxes"),
-    Column("ocr_text", pa.string(), "recognised text in reading order (models.ocr_recognize), cut at models.ocr_text_max"),
+    Column("ocr_text", pa.string(),
+           "recognised text in reading order (models.ocr_recognize), cut at models.ocr_text_max"),
 )
 
 DECISION = _cols(

@@ -11,7 +11,8 @@ from bench import common, run
 
 OWN_RATIOS = {
     "download": ["download.ours_over_img2dataset", "download.many_hosts_ours_over_img2dataset"],
-    "score_cpu": ["score_cpu.ours_over_careful_loop", "score_cpu.ours_over_data_juicer", "score_cpu.view_hashes_overhead"],
+    "score_cpu": ["score_cpu.ours_over_careful_loop", "score_cpu.ours_over_data_juicer",
+                  "score_cpu.view_hashes_overhead"],
     "score_stage": ["score_stage.ray_over_loop", "score_stage.startup_s"],
     "near_dup": ["near_dup.min_recall_crops_mirrors", "near_dup.min_recall_others", "near_dup.precision",
                  "near_dup.false_merges_50k"],

@@ -47,7 +47,8 @@ def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, gr
     parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run, funnel),
              "<h2>Funnel</h2>", funnel_section(funnel), download_section(run.stats.get("download")),
              "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score")),
-             styles_section(styles), buckets_section(run.stats.get("buckets"), run.config), "<h2>Images</h2>", grids_html]
+             styles_section(styles), buckets_section(run.stats.get("buckets"), run.config),
+             "<h2>Images</h2>", grids_html]
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{CSS}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script></body></html>")
@@ -121,7 +122,8 @@ def histogram_section(hists: list[Histogram], clip: dict | None = None) -> str:
         if not h.thresholds and h.metric.rules:
             lines.append(f"<p>{escape(', '.join(r.key for r in h.metric.rules))}: not set, no rule applied</p>")
         if h.metric.column == "clip_score" and clip:
-            lines.append(f'<p class="clip-source">produced by <b>{escape(clip["backend"])}</b>: {escape(clip["model"])}; '
+            lines.append(f'<p class="clip-source">produced by <b>{escape(clip["backend"])}</b>: '
+                         f'{escape(clip["model"])}; '
                          f'image side: {escape(clip["image"])}; {escape(clip["score"])}</p>')
         sides = [(value, "below" if rule.drops == "below" else "above") for rule, value, _ in h.thresholds]
         chart = svg.histogram(h.counts, h.edges, h.metric.title, sides)
