@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Lint first (seconds), then the whole suite; PYTEST_ARGS selects, e.g. PYTEST_ARGS='-m "not slow"'.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

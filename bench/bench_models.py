@@ -68,7 +68,8 @@ def compare_clip_backends(n: int, batch_size: int, device: str, weights: str, mo
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
     common = dict(enabled=enabled, weights=weights, models_dir=models_dir, batch_size=batch_size, nsfw_backend="laion")
     contenders = {
-        "open_clip ViT-H-14 + ViT-L-14": ModelOptions(clip_model="ViT-H-14", clip_pretrained="laion2b_s32b_b79k", **common),
+        "open_clip ViT-H-14 + ViT-L-14": ModelOptions(clip_model="ViT-H-14", clip_pretrained="laion2b_s32b_b79k",
+                                                      **common),
         "taiyi (ViT-L-14 only)": ModelOptions(clip_backend="taiyi", **common),
     }
     rates = {label: round(_rate(opts, images, captions, device), 3) for label, opts in contenders.items()}
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.clip_model:
         base["clip_model"] = args.clip_model
     elif real:
-        base.update(clip_model="ViT-H-14", clip_pretrained="laion2b_s32b_b79k")  # bundled tokenizer; same image tower as the zh default
+        # bundled tokenizer; same image tower as the zh default
+        base.update(clip_model="ViT-H-14", clip_pretrained="laion2b_s32b_b79k")
     if not real:
         tiny = _tiny_tower()
         base.update(clip_model=tiny, clip_pretrained="", l14_model=tiny, l14_pretrained="")
@@ -125,11 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
         configs = {k: v for k, v in configs.items() if k in args.only}
     results = {}
     for label, enabled in configs.items():
-        opts = ModelOptions(enabled=enabled, **{**base, **({"nsfw_backend": "open_nsfw"} if label == "open_nsfw" else {})})
+        backend = {"nsfw_backend": "open_nsfw"} if label == "open_nsfw" else {}
+        opts = ModelOptions(enabled=enabled, **{**base, **backend})
         results[label] = round(_rate(opts, images, captions, device), 2)
     report = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
-        "weights": args.weights, "clip_tower": base.get("clip_model"), "l14_tower": base.get("l14_model", "ViT-L-14-quickgelu"),
+        "weights": args.weights, "clip_tower": base.get("clip_model"),
+        "l14_tower": base.get("l14_model", "ViT-L-14-quickgelu"),
         "batch_size": base["batch_size"], "images": n, "images_per_s": results,
     }
     print(json.dumps(report, indent=2))

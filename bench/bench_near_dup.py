@@ -30,7 +30,7 @@ from curate.config import DedupeConfig, DownloadConfig, ScoreConfig
 from curate.dedupe import partition_edges, route
 from filters.image import image_columns
 from filters.multihash import MATCHES, VIEWS, view_hashes
-from filters.phash import hamming, roots
+from filters.phash import roots
 
 SIZES = {"smoke": (24, 600), "quick": (200, 50_000), "full": (400, 100_000)}
 PARTITIONS = 8

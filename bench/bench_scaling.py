@@ -269,5 +269,6 @@ def run(mode: str) -> dict:
             "rows": sizes[-1], "capped": {k: capped[k] for k in ("seconds", "sec_per_1k", "peak_mb")},
             "uncapped": {k: uncapped[k] for k in ("seconds", "sec_per_1k", "peak_mb", "ray_memory")},
             "uncapped_over_capped_seconds": round(uncapped["seconds"] / capped["seconds"], 3),
-            "uncapped_over_capped_workers_peak": round(uncapped["peak_mb"]["workers_mb"] / capped["peak_mb"]["workers_mb"], 3)}
+            "uncapped_over_capped_workers_peak": round(uncapped["peak_mb"]["workers_mb"]
+                                                       / capped["peak_mb"]["workers_mb"], 3)}
     return out

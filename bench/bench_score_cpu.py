@@ -168,7 +168,8 @@ def data_juicer_python() -> Path:
     if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(DJ_VENV)], check=True, capture_output=True)
-    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *DJ_PACKAGES], capture_output=True, text=True)
+    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *DJ_PACKAGES],
+                          capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"pip install {' '.join(DJ_PACKAGES)} failed: {done.stderr.strip()[-800:]}")
     return python

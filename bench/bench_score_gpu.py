@@ -149,7 +149,8 @@ def measure(models, images: int, batch_size: int, repeats: int, device: str, fol
     for name in ("pipeline", "pipeline_gpu_decode"):
         failed = [t for t in outputs[name] if "_shard_error" in t.column_names and t.column("_shard_error")[0].as_py()]
         if failed or any("aesthetic" not in t.column_names for t in outputs[name]):
-            raise RuntimeError(f"{name}: a batch failed: {failed[0].column('_shard_error')[0] if failed else 'no scores'}")
+            why = failed[0].column('_shard_error')[0] if failed else 'no scores'
+            raise RuntimeError(f"{name}: a batch failed: {why}")
     rates = {name: round(images / t["median_s"], 2) for name, t in timings.items()}
     dtype = _autocast_dtype(models, device)
     return {

@@ -12,10 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Collection, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ray", "img2dataset", "pillow", "numpy", "pyarrow", "torch", "open-clip-torch",
@@ -157,7 +157,7 @@ class PeakMemory:
         while not self._stop.wait(self.every):
             self.sample()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 

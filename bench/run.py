@@ -16,15 +16,16 @@ import os
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from bench.common import ROOT, machine, versions
 
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "bench" / "README.md"
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
-RATIOS = ("download.ours_over_img2dataset", "download.many_hosts_ours_over_img2dataset", "score_cpu.ours_over_careful_loop", "score_cpu.ours_over_data_juicer",
+RATIOS = ("download.ours_over_img2dataset", "download.many_hosts_ours_over_img2dataset",
+          "score_cpu.ours_over_careful_loop", "score_cpu.ours_over_data_juicer",
           "score_stage.ray_over_loop", "score_stage.startup_s",
           "scaling.sec_per_1k_max_over_min", "scaling.peak_mem_max_over_min", "score_gpu.pipeline_over_model_alone",
           "scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
@@ -134,7 +135,8 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
                  _fmt(ratios["score_cpu.view_hashes_overhead"]), "≤ 0.15"))
     st = results.get("score_stage", {})
     for label, v in st.get("stage_rows_per_s", {}).items():
-        rows.append(("score_stage", f"stage through Ray, {label}: rows/s ({st.get('ray_cpus', 0):g} CPUs)", _fmt(v), ""))
+        rows.append(("score_stage", f"stage through Ray, {label}: rows/s ({st.get('ray_cpus', 0):g} CPUs)",
+                     _fmt(v), ""))
     for label, v in st.get("loop_rows_per_s_per_core", {}).items():
         rows.append(("score_stage", f"{label} rows/s per core", _fmt(v), ""))
     rows.append(("score_stage", "stage / (careful loop per core x CPUs), models off",
@@ -144,10 +146,12 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     for label, v in results.get("models", {}).get("images_per_s", {}).items():
         if label == "all" or "_without_" not in label:
             rows.append(("models (CPU, tiny towers)", f"{label} images/s", _fmt(v), ""))
-    rows.append(("near_dup", "min recall, crops and mirrors", _fmt(ratios["near_dup.min_recall_crops_mirrors"]), "≥ 0.97"))
+    rows.append(("near_dup", "min recall, crops and mirrors", _fmt(ratios["near_dup.min_recall_crops_mirrors"]),
+                 "≥ 0.97"))
     rows.append(("near_dup", "min recall, other transforms", _fmt(ratios["near_dup.min_recall_others"]), "≥ 0.99"))
     rows.append(("near_dup", "precision on pairs", _fmt(ratios["near_dup.precision"]), "≥ 0.999"))
-    rows.append(("near_dup", "rows merged among 50,000 distinct images", _fmt(ratios["near_dup.false_merges_50k"]), "0"))
+    rows.append(("near_dup", "rows merged among 50,000 distinct images", _fmt(ratios["near_dup.false_merges_50k"]),
+                 "0"))
     rows.append(("graphic", "photo / graphic label accuracy", _fmt(ratios["graphic.accuracy"]), "≥ 0.9"))
     for n, s in results.get("scaling", {}).get("per_size", {}).items():
         rows.append(("scaling", f"{int(n):,} rows: s per 1k rows (x{s['repeats']})", _fmt(s["sec_per_1k"]), ""))
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for name, result in results.items():
         _write(args.results / f"{name}.json", {**result, "ratios": ratios, "ratios_missing": missing})
     info = machine()
-    command = "make bench FULL=1" if mode == "full" else "make bench" if mode == "quick" else "python -m bench.run --smoke"
+    command = {"full": "make bench FULL=1", "quick": "make bench"}.get(mode, "python -m bench.run --smoke")
     if args.only:
         command = f"python -m bench.run{' --full' if mode == 'full' else ''} --only {' '.join(args.only)}"
     header = (f"`{command}` on {info['cpu_model']}, {info['cores']} cores, {info['memory_gb']} GB, "

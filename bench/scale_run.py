@@ -6,8 +6,9 @@ per success, in a shuffled "download" order), scores/{shard}.parquet, their mark
 The mix is meant to exercise every decide step at its real share: about 8% failed downloads,
 a spread of sizes, aspect ratios, texture and scores, 3% captions shared by many images, 2%
 exact copies (same sha256), 3% near copies (every view hash 1-3 bits away, embedding 0.995
-cosine) and 1% semantic copies (own hashes, embedding 0.995 cosine) of rows in other shards; the 12 view hashes and the embeddings cluster in families of
-look-alike images, as photos do, rather than spreading uniformly (the search's easy case).
+cosine) and 1% semantic copies (own hashes, embedding 0.995 cosine) of rows in other shards;
+the 12 view hashes and the embeddings cluster in families of look-alike images, as photos do,
+rather than spreading uniformly (the search's easy case).
 """
 from __future__ import annotations
 

@@ -193,7 +193,7 @@ def _loading(cfg: Config, stats: dict, shards_uri: str) -> list[str]:
             "With `webdataset`:", "", "```python", "import glob", "", "import webdataset as wds", "",
             f'SHARDS = "{shards_uri}"',
             'urls = sorted(glob.glob(f"{SHARDS}/*.tar"))',
-            'for image, caption, meta in wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json"):',
+            'for image, caption, meta in wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "txt", "json"):',  # noqa: E501 (the card's code, as users copy it)
             '    print(image.size, caption, meta["bucket"])',
             "    break", *one, "```", "",
             "With Hugging Face `datasets` (its webdataset builder; columns `__key__`, `jpg`, `txt`, `json`):", "",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -101,7 +100,7 @@ def write(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--s
 def demo(out: str = typer.Option("runs/demo", help="Run directory: a local path or s3://bucket/prefix."),
          n: int = typer.Option(2000, help="Number of synthetic samples."),
          seed: int = typer.Option(0, help="Seed of the corpus generator."),
-         overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+         overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Generate a nasty synthetic corpus, serve it on 127.0.0.1 and curate it end to end."""
     from curate.demo import run_demo
     from curate.rundir import RunBusy
@@ -120,9 +119,9 @@ def demo(out: str = typer.Option("runs/demo", help="Run directory: a local path 
 
 @app.command()
 def inspect(target: str = typer.Argument(..., help="Run directory or manifest parquet (path or URL)."),
-            where: Optional[str] = typer.Option(None, help="Row filter, e.g. \"aesthetic < 5 and style == 'cartoon'\"."),
+            where: str | None = typer.Option(None, help="Row filter, e.g. \"aesthetic < 5 and style == 'cartoon'\"."),
             show: int = typer.Option(0, help="Print N sample rows."),
-            bucket: Optional[str] = typer.Option(None, help="Only rows of this bucket, e.g. 1152x896."),
+            bucket: str | None = typer.Option(None, help="Only rows of this bucket, e.g. 1152x896."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Summarise a manifest: funnel by reason, quantiles of every score, styles, buckets, sample rows."""
     from manifests.inspect import render, summarize

@@ -213,7 +213,7 @@ class StyleTarget(_Section):
                                     description="floor on the style's share, met by down-sampling the others")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "StyleTarget":
+    def _ordered(self) -> StyleTarget:
         if None not in (self.min_share, self.max_share) and self.min_share > self.max_share:
             raise ValueError("min_share is larger than max_share")
         return self
@@ -235,7 +235,7 @@ class RebalanceConfig(_Section):
         "accuracy in bench/README.md)"))
 
     @model_validator(mode="after")
-    def _reachable(self) -> "RebalanceConfig":
+    def _reachable(self) -> RebalanceConfig:
         if sum(t.min_share or 0.0 for t in self.styles.values()) > 1.0:
             raise ValueError("the min_share values add up to more than 1")
         if self.style_source == "column" and not self.style_column:
@@ -278,7 +278,7 @@ class WriteConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _grouping_needs_buckets(self) -> "WriteConfig":
+    def _grouping_needs_buckets(self) -> WriteConfig:
         if self.group_by_bucket and self.buckets is None:
             raise ValueError("group_by_bucket: true needs write.buckets (it is null)")
         return self
@@ -300,7 +300,8 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    run_dir: str = Field(description="run directory (local path or s3://bucket/prefix): every phase reads and writes under it")
+    run_dir: str = Field(description="run directory (local path or s3://bucket/prefix): "
+                                     "every phase reads and writes under it")
     storage: StorageOptions = Field(default_factory=StorageOptions)
     input: InputConfig
     download: DownloadConfig = Field(default_factory=DownloadConfig)
@@ -314,7 +315,7 @@ class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _style_column_carried(self) -> "Config":
+    def _style_column_carried(self) -> Config:
         column = self.rebalance.style_column
         if self.rebalance.style_source == "column" and column not in self.input.extra_cols:
             raise ValueError(f"rebalance.style_column {column!r} must be listed in input.extra_cols")

@@ -4,11 +4,11 @@ from __future__ import annotations
 import mimetypes
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 
 class _Handler(BaseHTTPRequestHandler):

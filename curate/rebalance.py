@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 from curate.config import RebalanceConfig
 from curate.runtime import log
 
-
 _FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 
 
@@ -70,7 +69,7 @@ def keep_counts(counts: dict[str, int], cfg: RebalanceConfig) -> dict[str, int]:
         if target.min_share is not None:   # min·Σa - a_i ≤ 0
             rows.append([target.min_share - (1.0 if j == i else 0.0) for j in range(len(styles))])
             bound.append(0.0)
-    from scipy.optimize import linprog   # here: scipy.optimize costs seconds to import, and only decide needs it
+    from scipy.optimize import linprog  # here: scipy.optimize costs seconds to import, and only decide needs it
 
     result = linprog(c=-np.ones(len(styles)), A_ub=np.array(rows), b_ub=np.array(bound),
                      bounds=[(0, counts[s]) for s in styles], method="highs")

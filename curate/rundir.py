@@ -216,7 +216,7 @@ class Lease:
         log.warning("lease: %s is unreadable: its writer died while writing it; taking it over", self.uri)
         return None
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         storage = self.run.storage
         held = self._held()
         if held is not None and held["owner"] != self.owner and held["expires"] > time.time():
@@ -246,7 +246,7 @@ class Lease:
             self._thread.join()
         self.run.storage.delete(self.uri)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

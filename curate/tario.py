@@ -8,7 +8,8 @@ treats a stream that ends before the end-of-archive blocks as truncated, never a
 """
 from __future__ import annotations
 
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 BLOCK = 512
 END = bytes(2 * BLOCK)   # end-of-archive: two zero blocks

@@ -7,7 +7,7 @@ decoding is the main cost of per-filter libraries.
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

@@ -15,8 +15,7 @@ frequencies, so a mirrored view costs a sign flip.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -54,7 +53,7 @@ ANCHORS = frozenset({"whole", "mirror"})
 MATCHES: np.ndarray = np.array([[a.name in ANCHORS or b.name in ANCHORS for b in VIEWS] for a in VIEWS])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _basis(length: int, start: float, span: float) -> np.ndarray:
     """(BITS, length) low-frequency cosines over the window [start, start + span) of `length` pixels.
 

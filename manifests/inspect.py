@@ -9,8 +9,8 @@ and sample rows are read back from the row groups that hold them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -151,7 +151,8 @@ class Sampler:
         v = self.values()
         if not len(v):
             return None
-        return {"count": self.count, **{f"p{round(q * 100)}": float(x) for q, x in zip(QUANTILES, np.quantile(v, QUANTILES))}}
+        quantiles = zip(QUANTILES, np.quantile(v, QUANTILES))
+        return {"count": self.count, **{f"p{round(q * 100)}": float(x) for q, x in quantiles}}
 
 
 class Reservoir:

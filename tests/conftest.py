@@ -16,6 +16,20 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ[LOOPBACK_ONLY] = "0"
 
 DEMO_N = 300
+DEMO_TIMEOUT = 900   # seconds: the first test that needs the demo run also pays for building it
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Markers that follow from the fixtures a test uses, so they cannot drift from it: `s3` for
+    the S3 server's users, and `slow` (and a deadline that leaves room to build the demo) for
+    the demo run's."""
+    for item in items:
+        if "s3" in item.fixturenames:
+            item.add_marker(pytest.mark.s3)
+        if "demo_run" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(DEMO_TIMEOUT))
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +75,25 @@ def demo_run(ray_session, tmp_path_factory) -> Path:
     outcome = run_demo(out, n=DEMO_N, seed=7)
     assert outcome.ok, outcome.failures
     return out
+
+
+TINY_TOWER = "curate-tiny-768"
+
+
+@pytest.fixture(scope="session")
+def tiny_tower(tmp_path_factory) -> str:
+    """The name of a tiny open_clip config registered for the session: a 768-d embedding (the
+    LAION heads' input width, as ViT-L/14's), one layer per tower, open_clip's bundled tokenizer.
+    Tests of the model plumbing use it where the tower's size does not matter: building and
+    running ViT-B-32 on CPU costs tens of seconds on a loaded machine."""
+    import json
+
+    import open_clip
+
+    root = tmp_path_factory.mktemp("open_clip_configs")
+    (root / f"{TINY_TOWER}.json").write_text(json.dumps({
+        "embed_dim": 768,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(root)
+    return TINY_TOWER

@@ -13,8 +13,8 @@ import json
 import re
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs

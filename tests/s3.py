@@ -18,10 +18,10 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 MOTO_SERVER = str(Path(sys.executable).with_name("moto_server"))
 START_TIMEOUT = 60

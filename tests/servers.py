@@ -25,11 +25,11 @@ import struct
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 CHUNK = b"\0" * (1 << 20)
 

@@ -11,7 +11,8 @@ from bench import common, run
 
 OWN_RATIOS = {
     "download": ["download.ours_over_img2dataset", "download.many_hosts_ours_over_img2dataset"],
-    "score_cpu": ["score_cpu.ours_over_careful_loop", "score_cpu.ours_over_data_juicer", "score_cpu.view_hashes_overhead"],
+    "score_cpu": ["score_cpu.ours_over_careful_loop", "score_cpu.ours_over_data_juicer",
+                  "score_cpu.view_hashes_overhead"],
     "score_stage": ["score_stage.ray_over_loop", "score_stage.startup_s"],
     "near_dup": ["near_dup.min_recall_crops_mirrors", "near_dup.min_recall_others", "near_dup.precision",
                  "near_dup.false_merges_50k"],
@@ -25,9 +26,21 @@ OWN_RATIOS = {
 }
 
 
+_SMOKE: dict[str, dict] = {}
+
+
+def smoke(name: str) -> dict:
+    """run.run_one(name, "smoke"), once per session: the runner's own tests reuse the result."""
+    if name not in _SMOKE:
+        _SMOKE[name] = run.run_one(name, "smoke")
+    return _SMOKE[name]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", run.BENCHMARKS)
 def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchmarks run phases in-process
-    result = run.run_one(name, "smoke")
+    result = smoke(name)
     assert set(OWN_RATIOS[name]) <= set(result["own_ratios"])
     assert result["machine"]["cores"] >= 1 and "ray" in result["versions"]
     if name == "models":   # one real model (open_nsfw's ONNX ResNet-50) on 8 images
@@ -122,7 +135,10 @@ def test_runner_writes_every_ratio_and_the_table(tmp_path, monkeypatch):
     assert text.startswith("# Benchmarks\n\nintro") and text.rstrip().endswith("after")
 
 
-def test_runner_main_writes_one_json_per_benchmark(tmp_path):
+def test_runner_main_writes_one_json_per_benchmark(tmp_path, monkeypatch):
+    # The benchmark's own result comes from its smoke test above (the same call): this test is
+    # about what the runner writes around it.
+    monkeypatch.setattr(run, "run_one", lambda name, mode: smoke(name) if mode == "smoke" else pytest.fail(mode))
     run.main(["--smoke", "--only", "score_gpu", "--results", str(tmp_path)])
     data = json.loads((tmp_path / "score_gpu.json").read_text())
     assert set(run.RATIOS) <= set(data["ratios"]) and data["ratios_missing"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
 try:  # transformers' pure-Python WordPiece: BertTokenizerLegacy in 5.x, BertTokenizer before
     from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as PyBertTokenizer
 except ImportError:
@@ -55,7 +56,8 @@ def _vocab():
 
 
 def _reference_ids(texts: list[str], context: int) -> torch.Tensor:
-    """transformers' Python BertTokenizer (not the Rust one ours uses) on the shipped vocab: [CLS] tokens[:context-2] [SEP], zero-padded."""
+    """transformers' Python BertTokenizer (not the Rust one ours uses) on the shipped vocab:
+    [CLS] tokens[:context-2] [SEP], zero-padded."""
     ref = PyBertTokenizer(str(_vocab()), do_lower_case=True)
     out = torch.zeros(len(texts), context, dtype=torch.long)
     for i, text in enumerate(texts):
@@ -103,7 +105,8 @@ def test_taiyi_tokens_match_the_model_cards_call():
 def tiny_l14(tmp_path_factory):
     root = tmp_path_factory.mktemp("oc_taiyi")
     (root / f"{TINY_L14}.json").write_text(json.dumps(
-        {"embed_dim": 768, "quick_gelu": True, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+        {"embed_dim": 768, "quick_gelu": True,
+         "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}))
     open_clip.add_model_config(root)
     torch.manual_seed(3)
@@ -219,7 +222,8 @@ def test_chinese_clip_score_matches_cn_clip_on_a_published_format_checkpoint(tmp
 def test_registry_names_each_backends_files_and_sources(tmp_path):
     opts = ModelOptions(models_dir=str(tmp_path), clip_backend="taiyi", enabled=["clip_score", "aesthetic"])
     rows = {r["name"]: r for r in weights.list_weights(opts)}
-    assert published.TAIYI.repo in rows["taiyi_clip"]["source"] and published.TAIYI.revision in rows["taiyi_clip"]["source"]
+    source = rows["taiyi_clip"]["source"]
+    assert published.TAIYI.repo in source and published.TAIYI.revision in source
     assert rows["bert_chinese_vocab"]["present"] and rows["bert_chinese_vocab"]["pin"] == "pinned"
     assert not any(n.startswith("chinese_clip_") or "xlm-roberta" in n for n in rows)  # no second CLIP
     assert any("ViT-L-14-quickgelu" in n for n in rows)  # the one image tower

@@ -32,6 +32,9 @@ import pytest
 
 from tests.procs import LOOPBACK_ONLY, ROOT, descendants, env
 
+# A head (and a worker node) of their own, and jobs of up to JOB_TIMEOUT each.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1200)]
+
 RAY = str(Path(sys.executable).with_name("ray"))
 N = 200
 SHARD_ROWS = 20   # ten shards: score has a middle to be killed in
@@ -97,9 +100,10 @@ def start_node(args: list[str], temp: str) -> subprocess.Popen:
                                 env=node_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head() -> Iterator[Cluster]:
-    """A one-node Ray cluster with a dashboard on 127.0.0.1; yields its addresses."""
+    """A one-node Ray cluster with a dashboard on 127.0.0.1, shared by this module's tests (its
+    start-up is most of a test's cost); yields its addresses. Worker nodes come and go per test."""
     temp = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     dash, gcs = free_port(), free_port()
     ports = {"--port": gcs, "--dashboard-port": dash,

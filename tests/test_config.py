@@ -73,11 +73,13 @@ def test_buckets_default_to_sdxl_and_bad_ones_are_named():
     cfg = validate(BASE)
     assert [tuple(b) for b in cfg.write.buckets] == list(SDXL_BUCKETS) and not cfg.write.group_by_bucket
     assert validate({**BASE, "write": {"buckets": None}}).write.buckets is None
-    assert validate({**BASE, "write": {"buckets": [[512, 512], [768, 512]], "group_by_bucket": True}}).write.group_by_bucket
+    grouped = {"buckets": [[512, 512], [768, 512]], "group_by_bucket": True}
+    assert validate({**BASE, "write": grouped}).write.group_by_bucket
     for buckets, message in (([[1024, 1001]], r"\[1024, 1001\]: width and height must be positive multiples of 8"),
                              ([[0, 512]], "positive multiples of 8"),
                              ([], "at least one"),
-                             ([[512, 512], [1024, 1024]], r"\[512, 512\] and \[1024, 1024\] have the same aspect ratio"),
+                             ([[512, 512], [1024, 1024]],
+                              r"\[512, 512\] and \[1024, 1024\] have the same aspect ratio"),
                              ([[512, 512, 3]], r"write\.buckets\.0")):
         with pytest.raises(ConfigError, match=rf"write\.buckets.*{message}" if "write" not in message else message):
             validate({**BASE, "write": {"buckets": buckets}})

@@ -172,7 +172,8 @@ def test_ocr_drops_text_images_as_text_heavy_and_no_photo(demo_run):
     scored = m[m.text_area.notna()]
     assert len(scored) > DEMO_N // 2 and scored.text_boxes.notna().all()
     assert (scored[scored.kind == "text_image"].text_area > limit).all()
-    assert (scored[scored.kind == "photo"].text_area <= limit).all() and scored[scored.kind == "photo"].text_boxes.eq(0).all()
+    photos = scored[scored.kind == "photo"]
+    assert (photos.text_area <= limit).all() and photos.text_boxes.eq(0).all()
     assert set(m[m.reason == "text_heavy"].kind) == {"text_image"}
 
 

@@ -2,9 +2,11 @@
 truncated shard, an exception in one shard, a second run on a busy directory, a changed input,
 a re-score. Each loses nothing and ends with exactly the uninterrupted run's result.
 
-Driver runs are `python -m jobs.curate run CONFIG` subprocesses with their own embedded Ray
-(tests/resume.py has the corpus, the kill points and the snapshot); the rest run the phases
-in this process, on the session's Ray, starting from a copy of the reference run's files.
+Only what is about a process runs in one: the drivers killed with SIGKILL and the live run that
+holds the lease are `python -m jobs.curate run CONFIG` subprocesses with their own embedded Ray
+(tests/resume.py has the corpus, the kill points and the snapshot). Everything else, the re-runs
+after a kill included, runs the phases in this process on the session's Ray (or the CLI through
+typer's CliRunner), starting from a copy of the reference run's files where it can.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import re
 import shutil
 import signal
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,9 +30,12 @@ from curate.config import ConfigError, load
 from curate.demo_corpus import generate
 from curate.rundir import Lease, RunBusy, RunDir
 from tests import resume
-from tests.procs import Driver, cmdline, run_cli
+from tests.procs import Driver, cmdline, descendants
 from tests.resume import N, SHARDS
 from tests.servers import serve
+
+# Every test here needs the module's reference run (a full run of N rows) or a driver subprocess.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +67,16 @@ def run_here(cfg_path: Path, phases: tuple[str, ...] = ("download", "score", "de
     return run_phases(load(cfg_path), phases)
 
 
+def cli_here(args: list[str]) -> tuple[int, str]:
+    """`curate ARGS` through the typer app in this process (on the session's Ray): exit code, output."""
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    result = CliRunner().invoke(app, args)
+    return result.exit_code, result.output
+
+
 @pytest.fixture(scope="module")
 def reference(urls, tmp_path_factory, ray_session) -> dict:
     """One uninterrupted run, the result every interrupted run must reproduce exactly."""
@@ -78,6 +95,7 @@ def copy_downloaded(reference: dict, run: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)   # four driver processes, each killed in its phase, then a re-run
 def test_driver_killed_in_every_phase_resumes_to_the_same_result(urls, reference, tmp_path):
     run = tmp_path / "run"
     cfg = config(run, urls)
@@ -161,26 +179,31 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(urls, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_ray_worker_during_score_loses_no_row(urls, reference, tmp_path):
+    """The run goes on in this process, on the session's Ray, while the test SIGKILLs one of that
+    Ray's workers (a descendant of this process) in the middle of a scoring task."""
     run = tmp_path / "run"
     cfg = config(run, urls)
-    driver = Driver(["run", str(cfg)], tmp_path / "driver.log")
+    copy_downloaded(reference, run)   # the fault is in score: start from the downloaded shards
     killed = []
-    try:
-        def scoring_worker_killed() -> bool:
-            for pid in driver.descendants():
-                if "score_cpu" in cmdline(pid):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return True
-            return False
 
-        resume.poll_until(driver, scoring_worker_killed)
-        code = driver.wait()
-    finally:
-        if driver.proc.poll() is None:
-            driver.kill()
+    def scoring_worker_killed() -> bool:
+        for pid in descendants(os.getpid()):
+            if "score_cpu" in cmdline(pid):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return True
+        return False
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run_here, cfg)
+        deadline = time.time() + 240
+        while not scoring_worker_killed():
+            assert not running.done(), f"the run ended before a scoring worker was seen: {running.result()}"
+            assert time.time() < deadline, "no scoring worker was ever seen"
+            time.sleep(0.01)
+        outcome = running.result(timeout=280)
     assert killed
-    assert code == 0, driver.output()[-4000:]
+    assert outcome.ok, outcome.failures
     assert resume.snapshot(str(run)) == reference["snapshot"]
 
 
@@ -225,7 +248,7 @@ def test_an_unreadable_raw_shard_fails_alone_and_is_retried_alone(urls, referenc
     good_bytes = bad.read_bytes()
     bad.write_bytes(b"this is not a tar archive\n" * 64)
 
-    code, out = run_cli(["run", str(cfg)], tmp_path / "driver.log")
+    code, out = cli_here(["run", str(cfg)])
     assert code == 1, out[-4000:]
     assert "score shard 00003" in out and "unreadable" in out
     assert_failed_alone(run, "00003", "unreadable")

@@ -48,12 +48,12 @@ def test_images_over_the_pixel_limit_are_never_decoded():
     assert decode_views([big], SIDE, "cpu", max_pixels=1_000_000) == [None]
 
 
-def test_model_stage_decodes_its_own_views_and_keeps_the_bytes_for_ocr():
+def test_model_stage_decodes_its_own_views_and_keeps_the_bytes_for_ocr(tiny_tower):
     from curate.config import validate
     from curate.score import ModelStage, score_cpu
 
     models = {"enabled": ["clip_score", "aesthetic", "style"], "weights": "random", "clip_backend": "open_clip",
-              "clip_model": "ViT-B-32", "l14_model": "ViT-B-32", "gpu_decode": True}
+              "clip_model": tiny_tower, "l14_model": tiny_tower, "gpu_decode": True}   # one shared tower
     cfg = validate({"run_dir": "runs/x", "input": {"paths": ["x.parquet"]}, "models": models})
     images = _images()
     n = len(images)

@@ -49,7 +49,7 @@ def test_phash_survives_reencoding_but_not_a_different_image():
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "I;16", "1", "LA"])
 def test_every_mode_becomes_rgb(mode):
     base = photo(np.random.default_rng(1), 60, 80)
-    img = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)) if mode == "I;16" else base.convert(mode)
+    img = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257) if mode == "I;16" else base.convert(mode)
     rgb = to_rgb(img)
     assert rgb.mode == "RGB" and rgb.size == (80, 60)
     if mode == "I;16":  # scaled by range, not clipped to white

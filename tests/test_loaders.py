@@ -91,7 +91,8 @@ def test_the_manifest_reads_the_same_in_duckdb_polars_and_pyarrow(demo_run):
                                 f"group by bucket").fetchall())
     by_polars = dict(pl.scan_parquet(pattern).filter(pl.col("keep")).group_by("bucket").len().collect().iter_rows())
     table = ds.dataset(demo_run / "manifest", format="parquet").to_table(filter=ds.field("keep"))
-    by_arrow = {r["bucket"]: r["count_all"] for r in table.group_by("bucket").aggregate([([], "count_all")]).to_pylist()}
+    counts = table.group_by("bucket").aggregate([([], "count_all")]).to_pylist()
+    by_arrow = {r["bucket"]: r["count_all"] for r in counts}
     assert by_duckdb == by_polars == by_arrow == expected and sum(expected.values()) == stats["funnel"]["kept"]
     [(rows, placed)] = duckdb.sql(f"select count(*), count(out_shard) from read_parquet('{pattern}')").fetchall()
     assert (rows, placed) == (stats["funnel"]["rows_in"], stats["shards"]["samples"])

@@ -1,7 +1,6 @@
 """Style rebalance: targets met within one percentage point, deterministic to the byte."""
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -101,7 +100,8 @@ def test_a_style_column_must_be_named_and_carried():
             "rebalance": {"style_source": "column", "style_column": "site"}}
     with pytest.raises(ConfigError, match="input.extra_cols"):
         validate(base)
-    assert validate({**base, "input": {"paths": ["x.parquet"], "extra_cols": ["site"]}}).rebalance.style_column == "site"
+    carried = {**base, "input": {"paths": ["x.parquet"], "extra_cols": ["site"]}}
+    assert validate(carried).rebalance.style_column == "site"
 
 
 def test_graphic_labels_rebalance_through_decide(ray_session):

@@ -26,6 +26,9 @@ from tests.procs import run_cli
 from tests.resume import N
 from tests.servers import serve
 
+# Driver subprocesses and full runs on S3 (the `s3` marker comes from the fixture, tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
 DATA_SUFFIXES = (".parquet", ".tar", ".npy", ".arrow", ".jpg")
 DEMO_N = 60
 
@@ -124,6 +127,7 @@ def run_files_on_disk(folder: Path, root: str, besides: tuple[str, ...] = ()) ->
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)   # four driver processes, each killed in its phase, then a re-run
 def test_run_on_s3_killed_in_every_phase_resumes_to_the_same_result(s3, urls, reference, tmp_path, local):
     root = f"s3://{s3.bucket('run')}/run"
     cfg = resume.config(root, urls, tmp_path / "run.yaml")

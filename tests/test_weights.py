@@ -102,8 +102,9 @@ def test_keras_checkpoint_converts_to_the_head_layout(tmp_path):
              "layer_with_weights-0/count/.ATTRIBUTES/VARIABLE_VALUE": np.array(1000),
              "optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE": np.array(5)}
     for i in range(4):
-        keras[f"layer_with_weights-{i + 1}/kernel/.ATTRIBUTES/VARIABLE_VALUE"] = rng.normal(0, 0.1, (dims[i], dims[i + 1]))
-        keras[f"layer_with_weights-{i + 1}/bias/.ATTRIBUTES/VARIABLE_VALUE"] = rng.normal(0, 0.1, dims[i + 1])
+        layer = f"layer_with_weights-{i + 1}"
+        keras[f"{layer}/kernel/.ATTRIBUTES/VARIABLE_VALUE"] = rng.normal(0, 0.1, (dims[i], dims[i + 1]))
+        keras[f"{layer}/bias/.ATTRIBUTES/VARIABLE_VALUE"] = rng.normal(0, 0.1, dims[i + 1])
     from safetensors.numpy import save_file as save_np
 
     out = tmp_path / "laion_nsfw_l14.safetensors"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -17,11 +17,12 @@ CHINESE = ["春眠不觉晓", "处处闻啼鸟", "夜来风雨声", "花落知�
 LATIN = ["OPEN", "SALE 50%", "Hello World", "CURATE", "Made in 2026"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def font(size: int) -> ImageFont.FreeTypeFont:
     import mplfonts
 
-    return ImageFont.truetype(os.path.join(os.path.dirname(mplfonts.__file__), "fonts", "NotoSansCJKsc-Regular.otf"), size)
+    path = os.path.join(os.path.dirname(mplfonts.__file__), "fonts", "NotoSansCJKsc-Regular.otf")
+    return ImageFont.truetype(path, size)
 
 
 @dataclass

@@ -154,7 +154,8 @@ def histogram_section(hists: list[Histogram], clip: dict | None = None, run: Run
                 lines.append(f'<p class="rule-off">{escape(rule.reason)}: {escape(rule.describe())}: '
                              f'off ({escape(why)})</p>')
         if h.metric.column == "clip_score" and clip:
-            lines.append(f'<p class="clip-source">produced by <b>{escape(clip["backend"])}</b>: {escape(clip["model"])}; '
+            lines.append(f'<p class="clip-source">produced by <b>{escape(clip["backend"])}</b>: '
+                         f'{escape(clip["model"])}; '
                          f'image side: {escape(clip["image"])}; {escape(clip["score"])}</p>')
         sides = [(value, "below" if rule.drops == "below" else "above") for rule, value, _ in h.thresholds]
         chart = svg.histogram(h.counts, h.edges, h.metric.title, sides)

@@ -76,7 +76,7 @@ def histogram(counts: np.ndarray, edges: np.ndarray, title: str,
                     f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle">{_fmt(float(t))}</text>')
     body.append(f'<text x="{pad_l - 4}" y="{pad_t + 8}" text-anchor="end">{peak:,}</text>'
                 f'<text x="{pad_l - 4}" y="{base}" text-anchor="end">0</text>')
-    for value, side in thresholds:
+    for value, _side in thresholds:
         x = x_of(value)
         body.append(f'<line class="threshold" x1="{x:.1f}" y1="{pad_t - 4}" x2="{x:.1f}" y2="{base}" '
                     f'stroke="{LINE}" stroke-width="2"/>'

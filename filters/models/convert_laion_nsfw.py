@@ -33,7 +33,8 @@ def keras_to_state_dict(names: Iterable[str], read: Callable[[str], np.ndarray])
         if match:
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = name
     if sorted(layers) != [0, 1, 2, 3, 4] or not {"mean", "variance"} <= set(layers[0]):
-        raise ValueError(f"unexpected SavedModel layout: layers {sorted(layers)}, first has {sorted(layers.get(0, {}))}")
+        raise ValueError(f"unexpected SavedModel layout: layers {sorted(layers)}, "
+                         f"first has {sorted(layers.get(0, {}))}")
     state = {
         "mean": read(layers[0]["mean"]).reshape(-1),
         "variance": read(layers[0]["variance"]).reshape(-1),
@@ -73,7 +74,8 @@ def write_checked(state: dict[str, np.ndarray], out_path: str | Path, save_file:
 
     from filters.models.heads import LaionNsfwHead
 
-    LaionNsfwHead(state["mean"].shape[0]).load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    LaionNsfwHead(state["mean"].shape[0]).load_state_dict({k: torch.from_numpy(v) for k, v in state.items()},
+                                                          strict=True)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out_path), metadata={"source": "LAION-AI/CLIP-based-NSFW-Detector clip_autokeras_binary_nsfw"})
 

@@ -17,14 +17,16 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from filters.models import published
 
 if TYPE_CHECKING:
     import torch
+
     from filters.models.options import ModelOptions
 
 ENV_MODELS_DIR = "CURATE_MODELS_DIR"
@@ -154,7 +156,8 @@ def shipped_needed(opts: ModelOptions) -> list[ShippedFile]:
 def models_dir(opts: ModelOptions | None = None) -> Path:
     """The models directory: the config's, else $CURATE_MODELS_DIR, else ~/.cache/curate/models."""
     configured = opts.models_dir if opts is not None else None
-    return Path(configured or os.environ.get(ENV_MODELS_DIR) or Path.home() / ".cache" / "curate" / "models").expanduser()
+    default = Path.home() / ".cache" / "curate" / "models"
+    return Path(configured or os.environ.get(ENV_MODELS_DIR) or default).expanduser()
 
 
 def open_clip_cache(opts: ModelOptions | None = None) -> Path:
@@ -349,7 +352,8 @@ def hf_text_missing(model_config: dict | None, opts: ModelOptions) -> list[str]:
     name = (model_config or {}).get("text_cfg", {}).get("hf_tokenizer_name")
     if not name:
         return []
-    missing = [] if importlib.util.find_spec("transformers") else ["the `transformers` package (pip install transformers)"]
+    missing = [] if importlib.util.find_spec("transformers") else [
+        "the `transformers` package (pip install transformers)"]
     if not isinstance(try_to_load_from_cache(name, "tokenizer_config.json", cache_dir=str(open_clip_cache(opts))), str):
         missing.append(f"huggingface.co/{name} tokenizer")
     if not isinstance(try_to_load_from_cache(name, "config.json"), str):
