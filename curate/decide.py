@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
-from curate.dedupe import KMEANS_SAMPLE, MAX_BUCKET, components, concat, kmeans, nearest, normalised, partition_edges, partition_of, route, split
+import curate.dedupe
+from curate.dedupe import KMEANS_SAMPLE, components, concat, kmeans, nearest, normalised, partition_edges, partition_of, route, split
 from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_labels, style_limits
 from curate.rundir import RunDir, row_keys, shard_index
 from curate.runtime import Window, log
@@ -362,9 +363,11 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
             log.warning("decide: dedupe.semantic_threshold is set but no embeddings were kept "
                         "(models.keep_embeddings): semantic dedup skipped")
     cands = [_fan(group_candidates, P)(job, g, centroids, *[c[i] for c in common]) for i, g in enumerate(groups)]
+    max_bucket = curate.dedupe.MAX_BUCKET
     edges = [_fan(partition_edges, 2)(cfg.dedupe.phash_max_distance, cfg.dedupe.semantic_threshold,
-                                      *[c[p] for c in cands]) for p in range(P)]
-    skipped = sum(ray.get([e[1] for e in edges]))
+                                      *[c[p] for c in cands], max_bucket=max_bucket) for p in range(P)]
+    counts = ray.get([e[1] for e in edges])
+    skipped = sum(c["skipped"] for c in counts)
     dups = _fan(components, G)(cfg.dedupe.captions_per_image, G, bounds, *[e[0] for e in edges])
     states = [_fan(group_state, 2)(job, g, dups[i], *[c[i] for c in common]) for i, g in enumerate(groups)]
     del rules, cands, edges
@@ -381,10 +384,12 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     result = _funnel(per_shard)
     if skipped:
         log.warning("decide: %d hashes sat in pHash sub-band buckets larger than %d and were not compared",
-                    skipped, MAX_BUCKET)
+                    skipped, max_bucket)
     if not dry_run:
         storage.write_json(run.decided, {"fingerprint": fp, "attempt": attempt, "funnel": result, "styles": styles,
-                                              "dedupe": {"near_dup_skipped_hashes": skipped}})
+                                              "dedupe": {"near_dup_skipped_hashes": skipped,
+                                                    "candidates_bytes": sum(c["in_bytes"] for c in counts),
+                                                    "components_bytes": sum(c["out_bytes"] for c in counts)}})
     log.info("decide: %d rows, %d kept", result["rows_in"], result["kept"])
     return result
 

@@ -103,9 +103,21 @@ def _empty_piece() -> dict:
     return _piece(0, np.empty(0, np.uint64), np.empty(0, np.uint64), np.empty(0, np.uint8), np.empty(0, np.int64))
 
 
-def partition_edges(max_distance: int | None, threshold: float | None, *parts: dict) -> tuple[dict, int]:
-    """A partition's duplicate edges as a spanning forest, with the nodes' attributes; and the
-    number of hashes whose sub-band bucket was too large to compare (reported, never silent)."""
+def nbytes(obj) -> int:
+    """Bytes of the numpy arrays in nested dicts, lists and tuples (what a piece carries)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def partition_edges(max_distance: int | None, threshold: float | None, *parts: dict,
+                    max_bucket: int = MAX_BUCKET) -> tuple[dict, dict]:
+    """A partition's duplicate edges as a spanning forest, with the nodes' attributes; and its
+    counts: hashes whose sub-band bucket was too large to compare (reported, never silent), bytes in and out."""
     cols = concat(tuple(p["hash"] for p in parts))
     found = [np.empty((2, 0), np.int64)]
     skipped = 0
@@ -115,7 +127,7 @@ def partition_edges(max_distance: int | None, threshold: float | None, *parts: d
     near = cols["kind"] == 1
     if near.any() and max_distance is not None:
         edges, skipped = _near_edges(cols["key"][near], cols["value"][near], cols["anchor"][near].astype(bool),
-                                     cols["row"][near], max_distance)
+                                     cols["row"][near], max_distance, max_bucket)
         found.append(edges)
     attrs = concat(tuple(p["attrs"] for p in parts))
     sem = [p["semantic"] for p in parts if p["semantic"] is not None]
@@ -127,11 +139,12 @@ def partition_edges(max_distance: int | None, threshold: float | None, *parts: d
     nodes = np.unique(edges)
     by_row = np.argsort(attrs["row"], kind="stable")
     index = by_row[np.searchsorted(attrs["row"], nodes, sorter=by_row)] if len(nodes) else np.empty(0, np.int64)
-    return {"edges": edges, "row": nodes, "pref": attrs["pref"][index], "caption": attrs["caption"][index]}, skipped
+    out = {"edges": edges, "row": nodes, "pref": attrs["pref"][index], "caption": attrs["caption"][index]}
+    return out, {"skipped": skipped, "in_bytes": nbytes(parts), "out_bytes": nbytes(out)}
 
 
 def _near_edges(key: np.ndarray, value: np.ndarray, anchor: np.ndarray, row: np.ndarray,
-                max_distance: int) -> tuple[np.ndarray, int]:
+                max_distance: int, max_bucket: int) -> tuple[np.ndarray, int]:
     """Edges between rows with a view hash within max_distance of an anchor hash of the other.
 
     Rows sharing one exact (band, hash, anchor-or-not) are collapsed to one representative first,
@@ -152,7 +165,7 @@ def _near_edges(key: np.ndarray, value: np.ndarray, anchor: np.ndarray, row: np.
         mine = np.flatnonzero((rep_key % np.uint64(64)) == np.uint64(b))
         if mine.size < 2:
             continue
-        pairs, big = near_pairs_in_band(rep_value[mine], rep_anchor[mine], offset, width, max_distance, MAX_BUCKET)
+        pairs, big = near_pairs_in_band(rep_value[mine], rep_anchor[mine], offset, width, max_distance, max_bucket)
         skipped += big
         i, j = mine[pairs[0]], mine[pairs[1]]
         i, j = np.where(rep_anchor[i], i, j), np.where(rep_anchor[i], j, i)      # i is an anchor group

@@ -20,6 +20,8 @@ OWN_RATIOS = {
     "score_gpu": ["score_gpu.pipeline_over_model_alone"],
     "scale": ["scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
               "scale.write_samples_per_s_per_core"],
+    "scale1b": ["scale1b.driver_peak_mb", "scale1b.skipped_hashes", "scale1b.components_bytes_per_edge_row",
+                "scale1b.largest_group_over_planted", "scale1b.shuffle_bytes_per_survivor"],
     "models": [],
     "ocr": ["ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model"],
 }
