@@ -31,7 +31,8 @@ scaled down to this machine: what matters per piece and per task is kept, the ro
 Headline figures: `scale1b.driver_peak_mb` (≤ 2,048), `scale1b.skipped_hashes` (0),
 `scale1b.components_bytes_per_edge_row` (docs/scale.md's bound), `scale1b.largest_group_over_planted`
 (≤ 1.5: the largest group found against the viral group planted) and
-`scale1b.shuffle_bytes_per_survivor` (the candidates shuffle).
+`scale1b.shuffle_bytes_per_survivor` (the candidates shuffle: search records and each row's
+attributes, from `_decided.json`'s `dedupe.shuffle_bytes`).
 """
 from __future__ import annotations
 
@@ -240,8 +241,7 @@ def groups_found(root: str) -> dict:
     planted = int(sum(1 for k, ok in zip(keys.tolist(), survived.tolist()) if ok and k in viral))
     hist = np.bincount(np.minimum(sizes, 1 << 20).astype(np.int64)) if len(sizes) else np.empty(0)
     return {"groups": int(len(sizes)), "rows_in_groups": int(sizes.sum()), "largest": int(sizes.max(initial=1)),
-            "planted_largest": planted, "edge_rows": int(sizes.sum()),
-            "size_histogram": {str(i): int(n) for i, n in enumerate(hist.tolist()) if n}}
+            "planted_largest": planted, "size_histogram": {str(i): int(n) for i, n in enumerate(hist.tolist()) if n}}
 
 
 def run_1b(mode: str) -> dict:
@@ -265,7 +265,8 @@ def run_1b(mode: str) -> dict:
             stdout, stderr = proc.communicate()
         lines = [line for line in stdout.splitlines() if line.startswith("SCALE ")]
         if proc.returncode or not lines:
-            raise RuntimeError(f"decide+write at the 1B shape exited {proc.returncode}: {stderr.strip()[-1500:]}")
+            raise RuntimeError(f"decide+write at the 1B shape exited {proc.returncode}: "
+                               f"{stdout.strip()[-1000:]} {stderr.strip()[-1000:]}")
         result = json.loads(lines[-1].split(" ", 1)[1])
         storage = Storage()
         phases = storage.read_json(str(Path(root) / "timings.json"))
@@ -284,10 +285,11 @@ def run_1b(mode: str) -> dict:
         "ratios": {
             "scale1b.driver_peak_mb": peak["driver_mb"],
             "scale1b.object_store_peak_mb": round(peak.get("workers_shmem_mb", 0) + peak.get("driver_shmem_mb", 0), 1),
-            "scale1b.skipped_hashes": dedupe["near_dup_skipped_hashes"],
-            "scale1b.components_bytes_per_edge_row": round(dedupe["components_bytes"] / max(groups["edge_rows"], 1), 1),
+            "scale1b.skipped_hashes": dedupe.get("near_dup_skipped_hashes", 0),   # nothing skips since the split levels
+            "scale1b.components_bytes_per_edge_row": round(dedupe["components"]["bytes"]
+                                                           / max(dedupe["components"]["rows"], 1), 1),
             "scale1b.largest_group_over_planted": round(groups["largest"] / max(groups["planted_largest"], 1), 3),
-            "scale1b.shuffle_bytes_per_survivor": round(dedupe["candidates_bytes"] / max(survivors, 1), 1),
+            "scale1b.shuffle_bytes_per_survivor": round(dedupe["shuffle_bytes"]["candidates"] / max(survivors, 1), 1),
             "scale1b.plan_us_per_input_row": round(plan_s / rows * 1e6, 2),
             "scale1b.decide_us_per_row": round(phases["decide"] / rows * 1e6, 2),
             "scale1b.us_per_row": round(result["seconds"] / rows * 1e6, 2),

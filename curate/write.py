@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
-from curate.hosts import download_stats
+from curate.marker_stats import download_summary
 from curate.rundir import RunDir
 from curate.runtime import Progress, Window, log
 from curate.storage import Storage
@@ -493,7 +493,7 @@ def finish(p: Plan, per_shard: dict[str, dict], failures: list[dict]) -> dict:
     names = p.names
     _delete_stale(run, p.job, names)
     stats = aggregate(per_shard, p.job)
-    stats["download"] = download_stats(run.markers("download", sorted(p.job.downloaded)))
+    stats["download"] = download_summary(run, sorted(p.job.downloaded))
     stats.update(shards={"count": len(names), "samples": p.total, "names": names},
                  failures=failures, models=p.models, styles=p.decided.get("styles"))
     run.storage.write_json(run.stats, stats)

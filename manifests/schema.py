@@ -84,7 +84,9 @@ MODEL = _cols(
 DECISION = _cols(
     Column("keep", pa.bool_(), "true when the row goes into the shards"),
     Column("reason", pa.string(), "first rule that dropped the row (see REASONS), null when kept"),
-    Column("dup_of", pa.string(), "key of the kept row this one duplicates"),
+    Column("dup_of", pa.string(), "key of its duplicate group's representative: the row dedup kept, which this "
+           "row is within the distance of (never merely chained to); the representative itself can then be "
+           "dropped as `rebalanced`"),
     Column("style_label", pa.string(), "style the rebalance counted the row under (rebalance.style_source); "
                                        "null: unlabelled"),
 )
@@ -118,7 +120,7 @@ REASONS: dict[str, str] = {
     "text_heavy": "detected text covers more of the image than filters.text_area_max (posters, screenshots)",
     "low_clip": "image-caption CLIP similarity is below filters.clip_min",
     "low_aesthetic": "aesthetic score is below filters.aesthetic_min",
-    "duplicate": "an exact or near duplicate of a kept row (dup_of names it)",
+    "duplicate": "an exact, near or semantic duplicate of its group's representative (dup_of names it)",
     "rebalanced": "dropped to bring its style's share to the configured target",
 }
 
