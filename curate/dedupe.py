@@ -122,15 +122,15 @@ def route(nodes: list[dict], exact: bool, max_distance: int | None, n_pref: int,
             ok, label, emb = node["semantic"]
             semantic.append({"s_label": label, "s_emb": emb, "s_cls": cls[ok]})
     if views:
-        every = concat(views)
-        for v in range(every["hash"].shape[1]):      # one record per distinct (hash, class) and band
-            first = _first_of(every["hash"][:, v], every["cls"])
-            hashes, c = every["hash"][first, v], every["cls"][first]
+        viewed = concat(views)
+        for v in range(viewed["hash"].shape[1]):      # one record per distinct (hash, class) and band
+            first = _first_of(viewed["hash"][:, v], viewed["cls"])
+            hashes, c = viewed["hash"][first, v], viewed["cls"][first]
             anchor = np.full(len(c), anchor_of_view[v], np.uint8)
             for b, (offset, width) in enumerate(split_bits(64, max_distance + 1)):
                 key = band_values(hashes, offset, width) * np.uint64(64) + np.uint64(b)
                 pieces.append(_piece(1, key, hashes, anchor, c))
-    hashed = concat(pieces) if pieces else _piece(0, *_empty(4))
+    hashed = concat(pieces) if pieces else _no_records()
     exact_rows = hashed["h_kind"] == 0
     if exact_rows.any():
         keep = np.r_[np.flatnonzero(exact_rows)[_first_of(hashed["h_key"][exact_rows], hashed["h_cls"][exact_rows])],
@@ -154,8 +154,8 @@ def _piece(kind: int, key: np.ndarray, value: np.ndarray, anchor: np.ndarray, cl
             "h_cls": cls}
 
 
-def _empty(n: int) -> tuple:
-    return (np.empty(0, np.uint64), np.empty(0, np.uint64), np.empty(0, np.uint8), np.empty(0, np.uint64))[:n]
+def _no_records() -> dict:
+    return _piece(0, np.empty(0, np.uint64), np.empty(0, np.uint64), np.empty(0, np.uint8), np.empty(0, np.uint64))
 
 
 # -- one partition: verified pairs ----------------------------------------------------------
@@ -165,7 +165,7 @@ def partition_pairs(max_distance: int | None, threshold: float | None, max_bucke
     """A partition's class pairs ({"a", "b", "same"}: a < b, each once; same = equal sha256) and
     its counts (buckets split further, pairs, embeddings compared)."""
     cols = {k: np.concatenate([p[k] for p in parts]) for k in ("h_kind", "h_key", "h_value", "h_anchor", "h_cls")} \
-        if parts else _piece(0, *_empty(4))
+        if parts else _no_records()
     keep = _first_of(cols["h_kind"], cols["h_key"], cols["h_value"], cols["h_anchor"], cols["h_cls"])
     cols = {k: v[keep] for k, v in cols.items()}
     found, same, split_buckets = [np.empty((2, 0), np.uint64)], np.empty((2, 0), np.uint64), 0
