@@ -198,7 +198,9 @@ class DedupeConfig(_Section):
     semantic_threshold: float | None = Field(
         None, gt=0.0, le=1.0,
         description="group images whose embeddings have cosine >= this (needs models.keep_embeddings); null disables")
-    semantic_cluster_size: int = Field(10_000, ge=2, description="average rows per k-means cluster for semantic dedup")
+    semantic_cluster_size: int = Field(10_000, ge=2, description=(
+        "rows per k-means cluster for semantic dedup (coarse clusters are cut down to at most twice this, "
+        "and each cluster's images are compared pair by pair)"))
     captions_per_image: int = Field(
         1, ge=1, description="rows kept per duplicate group, each with a different caption (1: one row per image)")
     partitions: int = Field(16, ge=1, description="Ray partitions the pair search is split into")

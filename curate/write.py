@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from curate.card import write_card
 from curate.config import PREFIX, Config
 from curate.failures import failure, record
-from curate.hosts import download_stats
+from curate.marker_stats import download_summary
 from curate.rundir import RunDir
 from curate.runtime import Progress, log, windowed
 from curate.sample import sample_json
@@ -524,7 +524,7 @@ def finish(cfg: Config, p: Plan, per_shard: dict[str, dict], errors: list[dict])
     names = settle_outputs(run, p.names)
     samples = p.samples
     stats = aggregate(per_shard, p.job)
-    stats["download"] = download_stats(run.markers("download", sorted(p.job.downloaded & run.done("download"))))
+    stats["download"] = download_summary(run, sorted(p.job.downloaded & run.done("download")))
     stats.update(shards={"count": len(names), "samples": sum(samples[n] for n in names), "names": names},
                  failures=record(run, errors), models=p.models, styles=p.decided.get("styles"))
     if len(names) < len(samples):

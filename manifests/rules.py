@@ -140,7 +140,7 @@ RULES: tuple[Rule, ...] = (
          "filters.clip_min", "below"),
     Rule("low_aesthetic", "aesthetic score is below filters.aesthetic_min", "score", ("aesthetic",),
          "filters.aesthetic_min", "below"),
-    Rule("duplicate", "an exact or near duplicate of a kept row (dup_of names it)", "run",
+    Rule("duplicate", "an exact, near or semantic duplicate of its group's representative (dup_of names it)", "run",
          ("sha256", "phash", "phash_views"), keys=("dedupe",)),
     Rule("rebalanced", "dropped to bring its style's share to the configured target", "run", ("style", "graphic"),
          keys=("rebalance",)),

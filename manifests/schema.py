@@ -49,7 +49,9 @@ MODEL = _cols(*(c for s in MODEL_SCORERS for c in s.columns))
 DECISION = _cols(
     Column("keep", pa.bool_(), "true when the row goes into the shards"),
     Column("reason", pa.string(), "first rule that dropped the row (see REASONS), null when kept"),
-    Column("dup_of", pa.string(), "key of the kept row this one duplicates"),
+    Column("dup_of", pa.string(), "key of its duplicate group's representative: the row dedup kept, which this "
+           "row is within the distance of (never merely chained to); the representative itself can then be "
+           "dropped as `rebalanced`"),
     Column("style_label", pa.string(), "style the rebalance counted the row under (rebalance.style_source); "
                                        "null: unlabelled"),
 )

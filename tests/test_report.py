@@ -81,7 +81,7 @@ def test_report_shows_warnings_funnel_histograms_styles_and_grids(small_run):
     assert html.count("data:image/jpeg;base64,") >= 50
     assert "Dropped: nsfw" in html and 'class="nsfw' in html
     assert "Dropped: download_failed" in html and "no image was stored" in html
-    assert "Duplicate groups" in html and "kept member" in html
+    assert "Duplicate groups" in html and "representative" in html
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', ""), "the page must not load anything"
 
 
