@@ -30,7 +30,6 @@ from curate.config import DedupeConfig, DownloadConfig, ScoreConfig
 from curate.dedupe import MAX_BUCKET, class_keys, partition_pairs, route
 from filters.image import image_columns
 from filters.multihash import MATCHES, VIEWS, view_hashes
-from filters.phash import hamming
 
 SIZES = {"smoke": (24, 600), "quick": (200, 50_000), "full": (400, 100_000)}
 PARTITIONS = 8

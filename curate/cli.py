@@ -66,32 +66,32 @@ def _phases(config: str, overrides: list[str], phases: tuple[str, ...], dry_run:
 
 
 @app.command()
-def run(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def run(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Run all four phases; each skips the shards it has already done."""
     _phases(config, overrides, ("download", "score", "decide", "write"))
 
 
 @app.command()
-def download(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def download(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 1: fetch images into RUN/raw."""
     _phases(config, overrides, ("download",))
 
 
 @app.command()
-def score(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def score(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 2: compute every score column into RUN/scores."""
     _phases(config, overrides, ("score",))
 
 
 @app.command()
-def decide(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+def decide(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
            dry_run: bool = typer.Option(False, "--dry-run", help="Print the funnel; write nothing.")) -> None:
     """Phase 3: keep or drop every row from the scores; reads no image, loads no model."""
     _phases(config, overrides, ("decide",), dry_run=dry_run)
 
 
 @app.command()
-def write(config: str = CONFIG_ARG, overrides: List[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def write(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 4: write changed WebDataset shards, manifest.parquet and stats.json."""
     _phases(config, overrides, ("write",))
 
@@ -137,7 +137,7 @@ def inspect(target: str = typer.Argument(..., help="Run directory or manifest pa
         render(summary, console)
 
 
-def _options(config: Optional[str]):
+def _options(config: str | None):
     """The config's sections when one is given, else every default (no run directory needed)."""
     if config is not None:
         return _load(config, [])
@@ -151,9 +151,9 @@ CONFIG_OPT = typer.Option(None, "--config", help="Config whose settings to use (
 
 
 @app.command()
-def text(caption: Optional[str] = typer.Argument(None, help="One caption (omit with --file)."),
-         file: Optional[Path] = typer.Option(None, "--file", help="Captions, one per line; prints JSON lines."),
-         config: Optional[str] = CONFIG_OPT) -> None:
+def text(caption: str | None = typer.Argument(None, help="One caption (omit with --file)."),
+         file: Path | None = typer.Option(None, "--file", help="Captions, one per line; prints JSON lines."),
+         config: str | None = CONFIG_OPT) -> None:
     """Normalise captions and apply the text rules, exactly as the pipeline does; prints JSON."""
     from manifests.rules import explain
 
@@ -190,7 +190,7 @@ def _weights_table(rows: list[dict], title: str) -> None:
 
 
 @models_app.command("list")
-def models_list(config: Optional[str] = CONFIG_OPT,
+def models_list(config: str | None = CONFIG_OPT,
                 verify: bool = typer.Option(False, help="Also verify checksums (reads every file).")) -> None:
     """Show every scorer's declaration (filters/registry.py), then what the enabled scorers need and whether it
     is present."""
@@ -224,7 +224,7 @@ def models_list(config: Optional[str] = CONFIG_OPT,
 
 
 @models_app.command("pull")
-def models_pull(config: Optional[str] = CONFIG_OPT) -> None:
+def models_pull(config: str | None = CONFIG_OPT) -> None:
     """Download (and convert) the weights the enabled scorers lack. Needs internet."""
     from filters.models import weights
 
@@ -235,7 +235,7 @@ def models_pull(config: Optional[str] = CONFIG_OPT) -> None:
 
 
 @models_app.command("check")
-def models_check(config: Optional[str] = CONFIG_OPT) -> None:
+def models_check(config: str | None = CONFIG_OPT) -> None:
     """Verify the checksum of every weights file present; exit 1 on a mismatch."""
     from filters.models import weights
 

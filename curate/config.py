@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import codecs
 import ipaddress
-import json
 import os
 import re
 import urllib.parse

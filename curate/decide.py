@@ -490,10 +490,11 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     limits, styles = _rebalance_limits(cfg, [s[0] for s in states], [s[1] for s in states])
     write = ray.remote(num_cpus=1)(write_group)
     per_shard: dict[str, dict] = {}
-    tasks = windowed(range(len(states)), lambda i: write.remote(job, states[i][0], limits, attempt, not dry_run))
-    for _, result in tasks:
-        _collect(result, per_shard)
+    groups_decided = [s[0] for s in states]
     del states
+    for _, result in windowed(range(len(groups_decided)),
+                              lambda i: write.remote(job, groups_decided[i], limits, attempt, not dry_run)):
+        _collect(result, per_shard)
     storage.delete_dir(Exchange.folder(run, attempt))
     result = Funnel.total(per_shard).to_dict()
     report = dedupe_report(shuffled, comp, sum(c["survivors"] for c in candidates))
@@ -523,10 +524,7 @@ def _each(f, calls: list[tuple]) -> list:
     import ray
 
     task = ray.remote(num_cpus=1)(f)
-    window, out = Window(), {}
-    for i, args in enumerate(calls):
-        out.update(window.submit(task.remote(*args), i))
-    out.update(window.drain())
+    out = dict(windowed(range(len(calls)), lambda i: task.remote(*calls[i])))
     for i, result in out.items():
         if isinstance(result, str):
             raise RuntimeError(f"decide: {f.__name__} task {i} failed: {result}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from curate.hosts import STATS_TOP_HOSTS, TOP_HOSTS, download_stats
 from curate.rundir import RunDir
-from curate.runtime import Window
+from curate.runtime import windowed
 
 CHUNK = 1_000              # markers one task reads
 PARTIAL_TOP_HOSTS = TOP_HOSTS * 4   # hosts a chunk's summary names; the rest are summed under the other hosts
@@ -30,10 +30,7 @@ def download_summary(run: RunDir, shards: list[str], top: int = STATS_TOP_HOSTS)
     import ray
 
     task = ray.remote(num_cpus=1)(chunk_summary)
-    window, parts = Window(), {}
-    for i in range(0, len(shards), CHUNK):
-        parts.update(window.submit(task.remote(run, shards[i:i + CHUNK]), i))
-    parts.update(window.drain())
+    parts = dict(windowed(range(0, len(shards), CHUNK), lambda i: task.remote(run, shards[i:i + CHUNK])))
     failed = [p for p in parts.values() if isinstance(p, str)]
     if failed:
         raise RuntimeError(f"summing the download markers failed: {failed[0]}")

@@ -30,7 +30,7 @@ from curate.config import ConfigError, load
 from curate.demo_corpus import generate
 from curate.rundir import Lease, RunBusy, RunDir
 from tests import resume
-from tests.procs import Driver, cmdline, descendants
+from tests.procs import Driver, cmdline, descendants, run_cli
 from tests.resume import N, SHARDS
 from tests.servers import serve
 
