@@ -72,9 +72,9 @@ def sorted_many_hosts(bases: list[str], names: list[str]) -> list[str]:
 
 def _ours(urls: Path, work: Path, threads: int, allow: str = "127.0.0.1/32", expect: int | None = None) -> float:
     from curate import config as config_mod
-    from curate.download import download_shard
-    from curate.inputs import plan
-    from curate.rundir import RunDir
+    from curate.phases.download.phase import download_shard
+    from curate.phases.download.plan import plan
+    from curate.run.rundir import RunDir
 
     shutil.rmtree(work, ignore_errors=True)
     rows = pq.ParquetFile(urls).metadata.num_rows

@@ -11,7 +11,7 @@ Prints JSON. Two measurements, both seeded (bench/scenes.py draws every image):
   every view against every view (144 pairs instead of 44) what the wider rule would add.
 - false merges: m distinct images (scenes, overlapping views of one wide scene sharing at most
   half their width, flat images of similar colour) through the real candidate search
-  (curate/dedupe.py: classes, bands, sub-bands, verification) at the default distance and two
+  (curate/phases/decide/dedupe.py: classes, bands, sub-bands, verification) at the default distance and two
   bits above it; every row that would be merged is a false merge.
 
     python -m bench.bench_near_dup            # quick: 200 scenes, 50,000 distinct images
@@ -27,7 +27,7 @@ import numpy as np
 
 from bench.scenes import TRANSFORMS, flat, is_geometric, jpeg, scene, views_of_one_scene
 from curate.config import DedupeConfig, DownloadConfig, ScoreConfig
-from curate.dedupe import MAX_BUCKET, class_keys, partition_pairs, route
+from curate.phases.decide.dedupe import MAX_BUCKET, class_keys, partition_pairs, route
 from filters.image import image_columns
 from filters.multihash import MATCHES, VIEWS, view_hashes
 

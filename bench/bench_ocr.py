@@ -76,7 +76,7 @@ def stage(out: Path, names: tuple[str, ...], repeats: int) -> dict:
 
 
 def run(mode: str) -> dict:
-    from curate.demo import run_demo
+    from curate.demo.run import run_demo
 
     n, repeats = SIZES[mode], REPEATS[mode]
     with tempfile.TemporaryDirectory(prefix="curate-bench-ocr-") as tmp:

@@ -26,9 +26,9 @@ BASE, WANTED = ["models.enabled=[nsfw]"], ["models.enabled=[nsfw, ocr]"]
 
 
 def _score(out: Path, overrides: list[str]) -> float:
-    from curate.demo import demo_config
-    from curate.rundir import RunDir
-    from curate.score import run_score
+    from curate.demo.run import demo_config
+    from curate.phases.score.phase import run_score
+    from curate.run.rundir import RunDir
 
     cfg = demo_config(out, overrides)
     run = RunDir(cfg.run_dir)
@@ -46,7 +46,7 @@ def _restore(out: Path, saved: Path) -> None:
 
 
 def run(mode: str) -> dict:
-    from curate.demo import run_demo
+    from curate.demo.run import run_demo
 
     n, repeats = SIZES[mode], REPEATS[mode]
     runs: dict[str, list[float]] = {"add_ocr": [], "full": []}

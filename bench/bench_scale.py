@@ -23,7 +23,7 @@ per-shard score files, so the comparison is the pipeline against itself at 10x t
 scaled down to this machine: what matters per piece and per task is kept, the rows are not.
 - groups x partitions: 1,000 x 500 as at 1B (one shard per group, `dedupe.partitions` 500), so
   every task sends or receives as many pieces as at 1B, each under Ray's 100 KiB inline limit;
-- the sub-band bucket cap (`curate.dedupe.MAX_BUCKET`) scaled by rows / 1B, so buckets overflow it
+- the sub-band bucket cap (`curate.phases.decide.dedupe.MAX_BUCKET`) scaled by rows / 1B, so buckets overflow it
   as they would at 1B;
 - copies at web rates with one viral image (N/1000 copies: a million at 1B) and look-alike walks
   of N/100 distinct images (tens of millions at 1B) (bench/scale_run.py `BILLION`);
@@ -56,7 +56,7 @@ CHILD = """
 import json, sys, time
 from bench.bench_scale import config
 from curate.pipeline import run_phases
-from curate.runtime import init_ray
+from curate.run.runtime import init_ray
 cfg = config(sys.argv[1], int(sys.argv[2]))
 init_ray(cfg.ray)
 start = time.perf_counter()
@@ -87,8 +87,8 @@ def duplicate_kinds(root: str) -> dict[str, int]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from curate.rundir import RunDir
-    from curate.storage import Storage
+    from curate.run.rundir import RunDir
+    from curate.run.storage import Storage
 
     run = RunDir(root, Storage())
     shards = run.shard_names()
@@ -112,7 +112,7 @@ def duplicate_kinds(root: str) -> dict[str, int]:
 def one_size(rows: int, shard_rows: int, folder: Path) -> dict:
     """Build the synthetic run, then decide and write it in a fresh process; seconds and peaks."""
     from bench.scale_run import make_run
-    from curate.storage import Storage
+    from curate.run.storage import Storage
 
     root = str(folder / f"run-{rows}")
     shutil.rmtree(root, ignore_errors=True)
@@ -167,13 +167,13 @@ SHAPE_1B = {"smoke": (10_000, 200, 20), "quick": (200_000, 200, 500), "full": (2
 
 CHILD_1B = """
 import json, sys, time
-import curate.decide, curate.dedupe
+import curate.phases.decide.phase, curate.phases.decide.dedupe
 from bench.bench_scale import config
 from curate.pipeline import run_phases
-from curate.runtime import init_ray
+from curate.run.runtime import init_ray
 root, shard_rows, partitions, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-curate.decide.ROWS_PER_GROUP = shard_rows    # one shard per group: as many groups as a 1B run has
-curate.dedupe.MAX_BUCKET = cap               # the bucket cap scaled to the rows
+curate.phases.decide.phase.ROWS_PER_GROUP = shard_rows    # one shard per group: as many groups as a 1B run has
+curate.phases.decide.dedupe.MAX_BUCKET = cap               # the bucket cap scaled to the rows
 cfg = config(root, shard_rows, partitions)
 init_ray(cfg.ray)
 start = time.perf_counter()
@@ -186,21 +186,21 @@ print("SCALE", json.dumps({"seconds": seconds, "failures": outcome.failures, "fu
 def bucket_cap(rows: int) -> int:
     """MAX_BUCKET scaled by rows / 1B: a bucket holds survivors x 12 / 2^17 distinct hashes on even
     hashes, so at this cap the buckets overflow as often as at 1B (at least 2, so a cap still exists)."""
-    from curate.dedupe import MAX_BUCKET
+    from curate.phases.decide.dedupe import MAX_BUCKET
 
     return max(2, round(MAX_BUCKET * rows / ROWS_1B))
 
 
 def plan_seconds(rows: int, folder: Path) -> float:
-    """The download phase's input plan (curate.inputs.plan, with its URL-hash shuffle) on a URL list
+    """The download phase's input plan (curate.phases.download.plan.plan, with its URL-hash shuffle) on a URL list
     of `rows` rows in 1,000-row parquet row groups, as a crawl's export has them."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from curate.config import InputConfig
-    from curate.inputs import plan
-    from curate.rundir import RunDir
+    from curate.phases.download.plan import plan
+    from curate.run.rundir import RunDir
 
     src = folder / "urls.parquet"
     ids = np.arange(rows)
@@ -222,8 +222,8 @@ def groups_found(root: str) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from curate.rundir import RunDir
-    from curate.storage import Storage
+    from curate.run.rundir import RunDir
+    from curate.run.storage import Storage
 
     run = RunDir(root, Storage())
     shards = run.shard_names()
@@ -248,7 +248,7 @@ def run_1b(mode: str) -> dict:
     """Decide and write at a 1B run's per-piece and per-task shape (module docstring)."""
     from bench.bench_scaling import Breakdown
     from bench.scale_run import BILLION, make_run
-    from curate.storage import Storage
+    from curate.run.storage import Storage
 
     rows, shard_rows, partitions = SHAPE_1B[mode]
     cap = bucket_cap(rows)

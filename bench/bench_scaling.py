@@ -48,9 +48,9 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 from bench.bench_scaling import ray_memory
-from curate.demo import demo_config
+from curate.demo.run import demo_config
 from curate.pipeline import run_phases
-from curate.runtime import init_ray
+from curate.run.runtime import init_ray
 out = Path(sys.argv[1])
 cfg = demo_config(out, sys.argv[2:])
 init_ray(cfg.ray)
@@ -156,7 +156,7 @@ class Breakdown(PeakMemory):
 
 def corpus(n: int) -> Path:
     """The demo corpus of n rows, generated once per (n, seed) and kept in the user's cache."""
-    from curate.demo_corpus import generate
+    from curate.demo.corpus import generate
 
     folder = CACHE / f"corpus-{n}-{SEED}"
     table = folder / "rows.parquet"
@@ -195,7 +195,7 @@ def one_run(rows: pa.Table, base: str, out: Path, overrides: list[str]) -> dict:
 
 def in_process_run(rows: pa.Table, base: str, out: Path, overrides: list[str]) -> dict:
     """Smoke mode: the same phases in this process, on the Ray already started (no start-up to pay)."""
-    from curate.demo import demo_config
+    from curate.demo.run import demo_config
     from curate.pipeline import run_phases
 
     _input(rows, base, out)

@@ -1,7 +1,7 @@
 """CPU part of score: images/s per core of decode + every CPU metric, against the alternatives.
 
 Contenders, each in one process on one core, on the same JPEGs (512-1024 px) and captions:
-- ours: `curate.score.score_cpu` (one decode per image, JPEG draft) plus the image size read
+- ours: `curate.phases.score.phase.score_cpu` (one decode per image, JPEG draft) plus the image size read
   from the header (the download phase records it in the pipeline);
 - careful_loop: the loop a competent user would write with our metric functions: one full
   PIL decode per image, then every metric of ours on that one image (gray thumbnail, every
@@ -34,7 +34,7 @@ from PIL import Image
 
 from bench.common import ROOT, cpu_timer, photos, rate, side_by_side, summary
 from curate import config as config_mod
-from curate.score import score_cpu
+from curate.phases.score.phase import score_cpu
 from filters.graphic import graphic_score
 from filters.image import METRIC_SIDE, decode, edge_density, entropy, to_rgb
 from filters.multihash import VIEWS, view_hashes

@@ -4,10 +4,10 @@ The production towers (the zh_web preset's models: OpenAI ViT-L/14 for the aesth
 heads and, with clip_backend taiyi, for clip_score and style beside Taiyi-CLIP's RoBERTa-large
 text encoder; the watermark EfficientNet-B3) are built with random weights in the preset's dtype
 (auto: bf16 where the GPU has it). The same JPEGs (512-1024 px photos) go once, untimed, through
-the real CPU stage (`curate.score.score_cpu`), which gives the Arrow batches the model actors get.
+the real CPU stage (`curate.phases.score.phase.score_cpu`), which gives the Arrow batches the model actors get.
 Then, taking turns on those batches:
 
-- pipeline: `curate.score.ModelStage` itself (Arrow views -> numpy, CPU preprocessing, copy to
+- pipeline: `curate.phases.score.phase.ModelStage` itself (Arrow views -> numpy, CPU preprocessing, copy to
   the GPU, every tower and head, Arrow out), as the actor pool runs it;
 - pipeline_gpu_decode: the same stage with models.gpu_decode (JPEG bytes decoded by nvJPEG);
 - model_alone: `ModelScorer.forward` on inputs prepared and copied to the GPU beforehand: every
@@ -61,7 +61,7 @@ def cpu_batches(models, images: int, batch_size: int, folder: Path) -> tuple[lis
     """JPEGs through the real CPU stage, in the model stage's batch size: the model actors' input
     (with `_view` and, for gpu_decode, `_image`). Returns the batches and the stage's images/s per core."""
     from curate.config import validate
-    from curate.score import score_cpu
+    from curate.phases.score.phase import score_cpu
 
     cfg = validate({"run_dir": str(folder), "input": {"paths": ["x.parquet"]}, "models": models.model_dump()})
     paths = photos(folder, images, 512, 1024)
@@ -96,7 +96,7 @@ def measure(models, images: int, batch_size: int, repeats: int, device: str, fol
 
     from bench.common import side_by_side
     from curate.config import validate
-    from curate.score import ModelStage
+    from curate.phases.score.phase import ModelStage
     from filters.models.images import decode_views
     from filters.models.scorer import _autocast_dtype
 
@@ -173,8 +173,8 @@ def run(mode: str) -> dict:
 
     images, batch_size = SIZES[mode]
     notes = ("model_alone: every tower and head's forward pass on inputs already on the GPU; pipeline: "
-             "curate.score.ModelStage on the CPU stage's Arrow batches (the actor's work, Ray's scheduling "
-             "not included); both tokenise the captions; random weights (speed does not depend on them)")
+             "curate.phases.score.phase.ModelStage on the CPU stage's Arrow batches (the actor's work, Ray's "
+             "scheduling not included); both tokenise the captions; random weights (speed does not depend on them)")
     if not torch.cuda.is_available():
         result: dict = {"error": NOT_RUN, "notes": notes,
                         "ratios": {"score_gpu.pipeline_over_model_alone": None}}

@@ -1,4 +1,4 @@
-"""The score stage itself: `curate.score.run_score` through Ray Data on this machine, against loops.
+"""The score stage itself: `curate.phases.score.phase.run_score` through Ray Data on this machine, against loops.
 
 One demo run (photos, cartoons, text images, broken and hostile files) is downloaded once,
 untimed, from a server on 127.0.0.1. Then, taking turns every repeat, on that run:
@@ -39,7 +39,7 @@ def _rows(cfg, run) -> tuple[list[bytes], list[str]]:
     """The run's downloaded images and every row's caption, as the stage's reader yields them."""
     import numpy as np
 
-    from curate.score import read_raw
+    from curate.phases.score.phase import read_raw
 
     images, captions = [], []
     for batch in read_raw({"shard": np.array(sorted(run.done("download")), dtype=object)}, run, 256):
@@ -52,7 +52,7 @@ def _ours_loop(cfg, run) -> float:
     """The stage's own read and CPU scoring, batch by batch, in this process; CPU seconds."""
     import numpy as np
 
-    from curate.score import read_raw, score_cpu
+    from curate.phases.score.phase import read_raw, score_cpu
 
     elapsed = cpu_timer()
     shards = np.array(sorted(run.done("download")), dtype=object)
@@ -90,8 +90,8 @@ def startup(out: Path, root: Path) -> dict:
 def run(mode: str) -> dict:
     import ray
 
-    from curate.demo import demo_config, run_demo
-    from curate.rundir import RunDir
+    from curate.demo.run import demo_config, run_demo
+    from curate.run.rundir import RunDir
 
     n, repeats = SIZES[mode], REPEATS[mode]
     names = SMOKE_STAGE if mode == "smoke" else tuple(STAGE)

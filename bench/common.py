@@ -175,7 +175,7 @@ class PeakMemory:
 _SERVE = """
 import sys, threading
 from pathlib import Path
-from curate.demo_server import serve
+from curate.demo.server import serve
 with serve(Path(sys.argv[1])) as base:
     print(base, flush=True)
     threading.Event().wait()
@@ -204,7 +204,7 @@ def photos(folder: Path, n: int, lo: int, hi: int, seed: int = 0) -> list[Path]:
     """n photo-like JPEGs with sides drawn from [lo, hi]; the same seed gives the same bytes."""
     import numpy as np
 
-    from curate.demo_corpus import photo
+    from curate.demo.corpus import photo
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -231,9 +231,9 @@ def cpu_timer() -> Callable[[], float]:
 
 def rescore_seconds(out: Path, overrides: list[str]) -> float:
     """run_score from scratch on a downloaded demo run (its scores and markers dropped); wall seconds."""
-    from curate.demo import demo_config
-    from curate.rundir import RunDir
-    from curate.score import run_score
+    from curate.demo.run import demo_config
+    from curate.phases.score.phase import run_score
+    from curate.run.rundir import RunDir
 
     cfg = demo_config(out, overrides)
     run = RunDir(cfg.run_dir)

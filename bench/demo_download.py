@@ -15,12 +15,12 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.demo import demo_config, image_folder, make_corpus
-from curate.demo_server import serve
-from curate.download import download_shard
-from curate.inputs import plan
-from curate.rundir import RunDir
-from curate.storage import Storage
+from curate.demo.run import demo_config, image_folder, make_corpus
+from curate.demo.server import serve
+from curate.phases.download.phase import download_shard
+from curate.phases.download.plan import plan
+from curate.run.rundir import RunDir
+from curate.run.storage import Storage
 
 
 def main(out: str, n: int = 2000) -> dict:

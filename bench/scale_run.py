@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -27,14 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from dataclasses import dataclass
-
 from curate.config import InputConfig
-from curate.hosts import OTHER_HOSTS, TOP_HOSTS
-from curate.inputs import signature
-from curate.rundir import RunDir, row_keys
-from curate.storage import Storage
-from curate.tario import TarWriter
+from curate.phases.download.hosts import OTHER_HOSTS, TOP_HOSTS
+from curate.phases.download.plan import signature
+from curate.run.rundir import RunDir, row_keys
+from curate.run.storage import Storage
+from curate.run.tario import TarWriter
 from filters.multihash import VIEWS
 from manifests.schema import arrow_schema
 
@@ -195,7 +194,7 @@ NO_WALKS = Walks(np.empty((0, 0), np.uint64), 1)
 
 
 def host_table(rng: np.random.Generator, rows: int, ok: np.ndarray) -> dict[str, dict]:
-    """A download marker's per-host stats as curate.hosts.host_summary writes them: TOP_HOSTS named
+    """A download marker's per-host stats as curate.phases.download.hosts.host_summary writes them: TOP_HOSTS named
     hosts (a Zipf-like share each) and the rest under OTHER_HOSTS."""
     share = 1.0 / np.arange(1, TOP_HOSTS + 2)
     counts = rng.multinomial(rows, share / share.sum())

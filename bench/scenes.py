@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from curate.demo_corpus import cartoon, photo, text_image
+from curate.demo.corpus import cartoon, photo, text_image
 
 
 def pink_noise(rng: np.random.Generator, h: int, w: int, slope: float) -> np.ndarray:

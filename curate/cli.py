@@ -29,7 +29,7 @@ def _load(config: str, overrides: list[str]) -> config_mod.Config:
 
 
 def _finish(outcome, run_dir: str) -> None:
-    from manifests.inspect import funnel_table
+    from curate.inspect import funnel_table
 
     funnel = outcome.stats.get("funnel") or outcome.funnel
     if funnel:
@@ -37,12 +37,12 @@ def _finish(outcome, run_dir: str) -> None:
     if outcome.stats:
         console.print(f"shards written: {outcome.stats['shards']['count']} "
                       f"({outcome.stats['shards']['samples']:,} samples)")
-        from curate.storage import join
+        from curate.run.storage import join
 
         for label, name in (("shards", "shards/"), ("manifest", "manifest/"), ("stats", "stats.json"),
                             ("config", "config.yaml"), ("report", "report.html")):
             console.print(f"  {label:9s} {join(run_dir, name)}", highlight=False)
-    from curate.failures import describe
+    from curate.run.failures import describe
 
     for f in outcome.failures:
         console.print(f"[red]failed:[/red] {describe(f)}", highlight=False)
@@ -54,7 +54,7 @@ def _finish(outcome, run_dir: str) -> None:
 
 def _phases(config: str, overrides: list[str], phases: tuple[str, ...], dry_run: bool = False) -> None:
     from curate.pipeline import run_phases
-    from curate.rundir import RunBusy
+    from curate.run.rundir import RunBusy
 
     cfg = _load(config, overrides)
     try:
@@ -102,10 +102,10 @@ def demo(out: str = typer.Option("runs/demo", help="Run directory: a local path 
          seed: int = typer.Option(0, help="Seed of the corpus generator."),
          overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Generate a nasty synthetic corpus, serve it on 127.0.0.1 and curate it end to end."""
-    from curate.demo import run_demo
-    from curate.rundir import RunBusy
-    from curate.runtime import setup_logging
-    from curate.storage import absolute
+    from curate.demo.run import run_demo
+    from curate.run.rundir import RunBusy
+    from curate.run.runtime import setup_logging
+    from curate.run.storage import absolute
 
     setup_logging()
     try:
@@ -124,7 +124,7 @@ def inspect(target: str = typer.Argument(..., help="Run directory or manifest pa
             bucket: str | None = typer.Option(None, help="Only rows of this bucket, e.g. 1152x896."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Summarise a manifest: funnel by reason, quantiles of every score, styles, buckets, sample rows."""
-    from manifests.inspect import render, summarize
+    from curate.inspect import render, summarize
 
     try:
         summary = summarize(target, where=where, show=show, bucket=bucket)
@@ -267,7 +267,7 @@ def config_doc() -> None:
 
 
 def main() -> None:
-    from curate.runtime import setup_logging
+    from curate.run.runtime import setup_logging
 
     setup_logging()
     app()

@@ -43,7 +43,7 @@ its limits stops the command before Ray starts, naming the key, what it expected
 `[a, b]`). The resolved config, with every default spelled out, is saved as `RUN/config.yaml`.
 
 The defaults live in the config model (`curate/config.py` and the sections it embeds:
-`curate/storage.py` `StorageOptions`, `filters/text.py` `TextOptions`,
+`curate/run/storage.py` `StorageOptions`, `filters/text.py` `TextOptions`,
 `filters/models/options.py` `ModelOptions`), nowhere else; this page is generated from them.
 """
 
@@ -203,7 +203,10 @@ def rules_table(rules: tuple[Rule, ...] = RULES) -> str:
     return "\n".join([RULES_BEGIN, "", *lines, "", f"Needs: {legend}.", RULES_END])
 
 
-def write(docs: Path = Path(__file__).resolve().parents[1] / "docs") -> None:
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def write(docs: Path = DOCS) -> None:
     """Rewrite docs/config.md and the rules table in docs/phases.md."""
     (docs / "config.md").write_text(render(), encoding="utf-8")
     phases = docs / "phases.md"

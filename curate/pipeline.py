@@ -1,7 +1,7 @@
 """The four phases in order, each skipping the shards whose done marker exists.
 
 A shard that fails in any phase (after Ray's retries), whatever the exception, is recorded in
-failures.json (curate/failures.py) and, from score on, in the manifest (`shard_failed`); the
+failures.json (curate/run/failures.py) and, from score on, in the manifest (`shard_failed`); the
 other shards carry on, and the run ends non-zero while failures.json is not empty, naming each
 shard. A global step that fails (decide's) fails its phase, is recorded as such, and stops the
 phases after it. Running again retries what failed. The run holds a lease on its directory
@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass, field
 
 from curate import config as config_mod
-from curate import failures
 from curate.config import Config, ConfigError
-from curate.download import download_shard
-from curate.inputs import check_plan
-from curate.rundir import PHASES, Lease, RunBusy, RunDir
-from curate.runtime import Progress, check_paths_reach_every_node, error_text, init_ray, log, windowed
-from curate.storage import Storage
+from curate.phases.download.phase import download_shard
+from curate.phases.download.plan import check_plan
+from curate.run import failures
+from curate.run.rundir import PHASES, Lease, RunBusy, RunDir
+from curate.run.runtime import Progress, check_paths_reach_every_node, error_text, init_ray, log, windowed
+from curate.run.storage import Storage
 
 
 @dataclass
@@ -44,7 +44,7 @@ def run_download(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
     """Download every planned shard without a marker; (failures, rows downloaded)."""
     import ray
 
-    from curate.inputs import plan
+    from curate.phases.download.plan import plan
 
     if run.storage.exists(run.plan):   # run_phases has checked it against this config
         shards = run.shard_names()
@@ -74,7 +74,7 @@ def check_models(cfg: Config, skip_missing: bool) -> dict:
     """Before Ray starts: stop on missing weights, or (demo) drop the scorers that lack them.
 
     The scorers skipped here are recorded in models.json beside what the score markers say ran
-    (curate/provenance.py summarise), which stats.json and the report repeat.
+    (curate/phases/score/provenance.py summarise), which stats.json and the report repeat.
     """
     info: dict = {"skipped": {}}
     if cfg.models.enabled:
@@ -150,9 +150,8 @@ def _run_phase(phase: str, cfg: Config, run: RunDir, out: Outcome, models: dict 
     if phase == "download":
         return run_download(cfg, run)
     if phase == "score":
-        from curate.score import run_score
-
-        from curate.provenance import summarise
+        from curate.phases.score.phase import run_score
+        from curate.phases.score.provenance import summarise
 
         downloaded = run.done("download")
         failed, todo = run_score(cfg, run, [s for s in run.shard_names() if s in downloaded])
@@ -160,13 +159,13 @@ def _run_phase(phase: str, cfg: Config, run: RunDir, out: Outcome, models: dict 
             run.storage.write_json(run.file("models.json"), summarise(run, (models or {}).get("skipped")))
         return failed, planned_rows(run, set(todo), cfg.input.shard_rows)
     if phase == "decide":
-        from curate.decide import run_decide
+        from curate.phases.decide.phase import run_decide
 
         before = _read_json(run, run.decided, {}).get("attempt")
         out.funnel = run_decide(cfg, run, dry_run=dry_run)   # up to date: the same attempt, nothing done
         return [], out.funnel["rows_in"] if _read_json(run, run.decided, {}).get("attempt") != before else 0
     if phase == "write":
-        from curate.write import run_write
+        from curate.phases.write.phase import run_write
 
         out.stats = run_write(cfg, run.shard_names())
         return [], out.stats["funnel"]["rows_in"]

@@ -1,6 +1,6 @@
 """Near-duplicate search on 64-bit perceptual hashes: bands, candidate pairs, groups.
 
-Pure numpy functions over arrays of hashes, so a Ray task (curate/dedupe.py) can run them
+Pure numpy functions over arrays of hashes, so a Ray task (curate/phases/decide/dedupe.py) can run them
 on one partition and tests can run them in milliseconds.
 
 Two pigeonhole levels keep candidate buckets small without comparing all pairs:

@@ -7,14 +7,15 @@ cannot reach a manifest, and tests assert the declared types.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
 from filters import image, text
 from filters.declare import Column, Scorer
-from filters.registry import SCORERS
 from filters.models.catalog import MODEL_SCORERS
+from filters.registry import SCORERS
 from manifests.rules import REASONS  # noqa: F401  (the reasons live with their rules; re-exported here)
 
 
@@ -81,7 +82,7 @@ def declared(scorers: tuple[Scorer, ...] = SCORERS) -> dict[str, Column]:
 ALL: dict[str, Column] = declared()
 
 # Download error kinds: the coarse, named cause beside each failed row's free-text `error`.
-# curate/fetch.py and curate/download.py classify every failure into one of these.
+# curate/phases/download/fetch.py and curate/phases/download/phase.py classify every failure into one of these.
 ERROR_KINDS: dict[str, str] = {
     "bad_url": "empty URL, a scheme other than http(s), or no host",
     "refused_address": "the host resolves to an address not allowed (private, loopback, metadata, ...)",

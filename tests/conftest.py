@@ -69,7 +69,7 @@ def ray_session(request):
 @pytest.fixture(scope="session")
 def demo_run(ray_session, tmp_path_factory) -> Path:
     """A finished demo run of DEMO_N samples: the end-to-end tests read it, none may change it."""
-    from curate.demo import run_demo
+    from curate.demo.run import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "run"
     outcome = run_demo(out, n=DEMO_N, seed=7)

@@ -21,8 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
-from curate.rundir import RunDir
-from curate.storage import Storage
+from curate.run.rundir import RunDir
+from curate.run.storage import Storage
 from tests.procs import Driver
 
 N, SHARD_ROWS, SHARDS = 160, 16, 10

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curate.config import Config
-from curate.rundir import RunDir
-from curate.storage import Storage
+from curate.run.rundir import RunDir
+from curate.run.storage import Storage
 
 RAW = ["key", "shard", "url", "caption", "status", "error", "width", "height",
        "original_width", "original_height", "sha256"]
@@ -69,7 +69,7 @@ def decide_table(table: pa.Table, cfg: Config, failed_shards: set[str] = frozens
 def decide_report(table: pa.Table, cfg: Config, failed_shards: set[str] = frozenset(),
                   embeddings: dict[str, np.ndarray] | None = None) -> tuple[pa.Table, dict]:
     """The real decide phase on `table`: every shard's decisions (in key order) and _decided.json."""
-    from curate.decide import run_decide
+    from curate.phases.decide.phase import run_decide
 
     with tempfile.TemporaryDirectory(prefix="decide-") as root:
         run = write_scored_run(root, table, set(failed_shards), embeddings)

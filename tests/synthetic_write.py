@@ -15,9 +15,9 @@ import pyarrow as pa
 from PIL import Image
 
 from curate.config import Config, validate
-from curate.rundir import RunDir, row_keys
-from curate.storage import Storage
-from curate.tario import TarWriter
+from curate.run.rundir import RunDir, row_keys
+from curate.run.storage import Storage
+from curate.run.tario import TarWriter
 from manifests.schema import build, conform
 
 EXTRA = ["tags", "meta"]
@@ -91,7 +91,8 @@ def decided_run(root: str, rows: list[int], failed_download: set[int] = frozense
             for j in rng.permutation(np.flatnonzero(ok)):
                 tar.add(f"{keys[j]}.jpg", image(keys[j]))
             tar.close()
-        run.mark("download", shard, {"rows": n, "success": int(ok.sum()), "tar_bytes": run.storage.size(run.raw_tar(shard))})
+        run.mark("download", shard, {"rows": n, "success": int(ok.sum()),
+                                     "tar_bytes": run.storage.size(run.raw_tar(shard))})
         if i in failed_score:
             continue
         aesthetic = rng.uniform(3, 7, n).astype(np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from curate.config import Config, ConfigError, ScoreConfig, validate
-from curate.score import actor_pool, check_room
+from curate.phases.score.phase import actor_pool, check_room
 from filters.models import ModelOptions
 
 BASE = {"run_dir": "runs/x", "input": {"paths": ["in.parquet"]}}

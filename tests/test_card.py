@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curate import sample, write
-from curate.card import LICENSE_WARNING, size_category
-from curate.write import run_write
+from curate.phases.write import phase as write
+from curate.phases.write import sample
+from curate.phases.write.card import LICENSE_WARNING, size_category
+from curate.phases.write.phase import run_write
 from manifests.rules import REASONS, RULES
 from manifests.schema import ALL
 from synthetic_write import EXTRA, config, decided_run

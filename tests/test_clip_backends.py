@@ -22,8 +22,7 @@ try:  # transformers' pure-Python WordPiece: BertTokenizerLegacy in 5.x, BertTok
 except ImportError:
     from transformers import BertTokenizer as PyBertTokenizer
 
-from filters.models import weights
-from filters.models import ModelOptions, ModelScorer, missing_weights, published
+from filters.models import ModelOptions, ModelScorer, missing_weights, published, weights
 from filters.models import chinese_clip as cc
 from filters.models.taiyi import build_text_model
 from filters.models.tokenize import ChineseTokenizer
@@ -243,10 +242,10 @@ def test_models_json_manifest_metadata_inspect_and_report_name_the_clip_backend(
     import pyarrow.parquet as pq
 
     from curate.config import validate
-    from curate.provenance import producer
+    from curate.inspect import summarize
+    from curate.phases.score.provenance import producer
     from curate.report.data import METRICS, Histogram
     from curate.report.page import histogram_section
-    from manifests.inspect import summarize
 
     cfg = validate({"run_dir": str(tmp_path / "run"), "input": {"paths": ["x.parquet"]},
                     "models": {"enabled": ["clip_score"], "clip_backend": "taiyi", "weights": "random"}})

@@ -17,14 +17,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -180,7 +180,7 @@ def wait_for(cluster: Cluster, job: str, started: float, each: Callable[[], None
 
 def test_local_paths_are_refused_on_several_nodes_unless_declared_shared(tmp_path):
     from curate.config import validate
-    from curate.runtime import local_paths_refusal
+    from curate.run.runtime import local_paths_refusal
 
     run, urls = str(tmp_path / "run"), str(tmp_path / "urls.parquet")
     cfg = validate({"run_dir": run, "input": {"paths": [urls]}})
@@ -221,7 +221,7 @@ def test_relative_paths_inside_a_ray_job_working_dir_are_refused(tmp_path, monke
 
 @pytest.mark.slow
 def test_weights_are_checked_on_the_nodes_themselves(ray_session, tmp_path):
-    from curate.runtime import alive_nodes, missing_weights_by_node
+    from curate.run.runtime import alive_nodes, missing_weights_by_node
     from filters.models import ModelOptions
 
     nodes = [n["NodeManagerAddress"] for n in alive_nodes()]

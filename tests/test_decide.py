@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import validate
-from curate.decide import components, preference
+from curate.phases.decide.phase import components, preference
 from synthetic_run import decide_report, decide_table
 from synthetic_scores import scores_table
 

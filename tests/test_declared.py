@@ -58,10 +58,10 @@ BLURRY = Rule("blurry", "the image is out of focus", "score", ("sharpness",), "f
 
 
 def test_a_new_scorer_reaches_the_schema_inspect_and_the_report():
+    from curate.inspect import sample_columns
     from curate.report import card_columns
     from curate.report.data import metrics
     from curate.report.page import card_scores
-    from manifests.inspect import sample_columns
 
     columns = schema.declared(EXTENDED)
     assert columns["sharpness"].type == pa.float32() and list(columns).index("sharpness") < list(columns).index("keep")
@@ -75,7 +75,7 @@ def test_a_new_scorer_reaches_the_schema_inspect_and_the_report():
 
 
 def test_inspect_samples_show_a_new_scorers_column(tmp_path):
-    from manifests.inspect import summarize
+    from curate.inspect import summarize
 
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"key": ["a", "b", "c"], "reason": [None, "blurry", None],

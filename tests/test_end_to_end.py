@@ -59,7 +59,7 @@ def test_each_kind_of_trouble_ends_with_a_reason(demo_run):
 
 
 def test_inspect_filters_on_error_kind(demo_run):
-    from manifests.inspect import summarize
+    from curate.inspect import summarize
 
     m = _manifest(demo_run)
     assert summarize(str(demo_run), where="error_kind == 'http_404'")["rows"] == (m.error_kind == "http_404").sum() > 0

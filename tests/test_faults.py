@@ -27,11 +27,11 @@ import pytest
 import yaml
 
 from curate.config import ConfigError, load
-from curate.demo_corpus import generate
-from curate.rundir import Lease, RunBusy, RunDir
+from curate.demo.corpus import generate
+from curate.run.rundir import Lease, RunBusy, RunDir
 from tests import resume
 from tests.procs import Driver, cmdline, descendants, run_cli
-from tests.resume import N, SHARDS
+from tests.resume import SHARDS, N
 from tests.servers import serve
 
 # Every test here needs the module's reference run (a full run of N rows) or a driver subprocess.
@@ -138,7 +138,7 @@ def test_a_lease_of_a_dead_process_here_is_taken_over_and_one_from_elsewhere_wai
     import subprocess
     import sys
 
-    from curate.rundir import process_started
+    from curate.run.rundir import process_started
 
     run = RunDir(tmp_path / "run")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -210,8 +210,8 @@ def test_a_killed_ray_worker_during_score_loses_no_row(urls, reference, tmp_path
 def test_finishing_a_scored_shard_again_is_a_success(reference, tmp_path):
     """Ray re-runs a finished merge task whose result died with its node: the re-run finds the
     marker and reports done, where it once reported "0 of N rows" and failed the shard."""
-    from curate.provenance import Work
-    from curate.score import finish_shard
+    from curate.phases.score.phase import finish_shard
+    from curate.phases.score.provenance import Work
 
     run = tmp_path / "run"
     shutil.copytree(reference["run"], run)
@@ -388,7 +388,8 @@ def test_a_no_op_rerun_keeps_each_phases_timing_and_the_report_says_so(urls, ref
     assert {p: t["rows"] for p, t in before.items()} == {p: N for p in ("download", "score", "decide", "write")}
     assert run_here(config(run, urls)).ok
     after = json.loads((run / "timings.json").read_text())
-    assert {p: after[p] for p in ("download", "score", "decide")} == {p: before[p] for p in ("download", "score", "decide")}
+    assert {p: after[p] for p in ("download", "score", "decide")} == {p: before[p] for p in ("download", "score",
+                                                                                             "decide")}
     assert json.loads((run / "stats.json").read_text())["timings"] == after
     html = (run / "report.html").read_text(encoding="utf-8")
     shown = dict(re.findall(r"<tr><td>(\w+)</td><td class=\"num\">[\d,.]+</td><td class=\"num\">([\d,]+)</td>",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.fetch import Fetcher, Refused, address_blocked, check_url, scheme_error
+from curate.phases.download.fetch import Fetcher, Refused, address_blocked, check_url, scheme_error
 from tests.servers import serve
 
 BLOCKED = ["10.1.2.3", "172.16.0.1", "172.31.255.254", "192.168.1.1", "169.254.169.254", "100.64.0.1",
@@ -98,7 +98,8 @@ def test_redirect_to_a_loopback_address_not_allowed_is_refused(images):
     ("otherbot: noai", "curatebot", False), ("nofollow", None, False)])
 def test_x_robots_tag_opt_outs_are_honoured(images, tag, token, opted_out):
     with serve(images) as srv:
-        body, error = _fetch(Fetcher(["127.0.0.1/32"], 20 * MB), f"{srv.base}/noai/a.jpg?tag={urllib.parse.quote(tag)}", token)
+        body, error = _fetch(Fetcher(["127.0.0.1/32"], 20 * MB),
+                             f"{srv.base}/noai/a.jpg?tag={urllib.parse.quote(tag)}", token)
     assert (error == "opted out by X-Robots-Tag") == opted_out
     assert (body is None) == opted_out
 
@@ -405,7 +406,7 @@ def test_a_timed_out_lookup_is_not_cached_and_a_missing_name_is(monkeypatch):
 # -- memory ----------------------------------------------------------------------------------------
 
 def test_bodies_past_the_budget_spill_to_disk(images, tmp_path):
-    from curate.fetch import Budget
+    from curate.phases.download.fetch import Budget
 
     (images / "half.bin").write_bytes(bytes(range(256)) * 2048)   # 512 KiB
     budget = Budget(300 * 1024, str(tmp_path))

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from curate.demo_corpus import photo
+from curate.demo.corpus import photo
 from filters.image import image_columns
 from filters.models.images import decode_views
 
@@ -50,7 +50,7 @@ def test_images_over_the_pixel_limit_are_never_decoded():
 
 def test_model_stage_decodes_its_own_views_and_keeps_the_bytes_for_ocr(tiny_tower):
     from curate.config import validate
-    from curate.score import ModelStage, score_cpu
+    from curate.phases.score.phase import ModelStage, score_cpu
 
     models = {"enabled": ["clip_score", "aesthetic", "style"], "weights": "random", "clip_backend": "open_clip",
               "clip_model": tiny_tower, "l14_model": tiny_tower, "gpu_decode": True}   # one shared tower

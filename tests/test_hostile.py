@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from curate.config import ConfigError, load
-from curate.demo_corpus import bomb_png, photo
+from curate.demo.corpus import bomb_png, photo
 from manifests.schema import REASONS
 from tests.procs import ROOT, env
 from tests.servers import serve
@@ -35,9 +35,9 @@ DOWNLOAD = """
 import json, resource, sys
 from pathlib import Path
 from curate.config import load
-from curate.download import download_shard
-from curate.inputs import plan
-from curate.rundir import RunDir
+from curate.phases.download.phase import download_shard
+from curate.phases.download.plan import plan
+from curate.run.rundir import RunDir
 import img2dataset.resizer
 cfg = load(sys.argv[1])
 shards = plan(cfg.input, RunDir(Path(cfg.run_dir)))
@@ -124,9 +124,9 @@ def test_hostile_rows_end_with_reasons_in_bounded_memory(files, tmp_path, ray_se
 
 
 def test_loopback_is_refused_end_to_end_when_not_allowed(files, tmp_path):
-    from curate.download import download_shard
-    from curate.inputs import plan
-    from curate.rundir import RunDir
+    from curate.phases.download.phase import download_shard
+    from curate.phases.download.plan import plan
+    from curate.run.rundir import RunDir
 
     with serve(files) as srv:
         cfg = load(write_config(tmp_path, [f"{srv.base}/img/photo.jpg", f"{srv.base}/redirect?to=/img/photo.jpg"],
@@ -159,7 +159,7 @@ def test_write_prefix_cannot_leave_the_shards_folder(tmp_path, prefix):
 
 
 # OpenCV is loaded before the download, so its own pixel limit stays at its default (2^30): only the
-# identify-first check in curate/download.py stands between these bytes and a decoder. Then an RGBA
+# identify-first check in curate/phases/download/phase.py stands between these bytes and a decoder. Then an RGBA
 # image within max_pixels is decoded, and its peak is held to the decode reserve the config states.
 BOMBS = """
 import cv2, io, json, resource, sys
@@ -167,9 +167,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from curate.config import DECODE_BYTES_PER_PIXEL, load
-from curate.download import _Images, download_shard
-from curate.inputs import plan
-from curate.rundir import RunDir
+from curate.phases.download.phase import _Images, download_shard
+from curate.phases.download.plan import plan
+from curate.run.rundir import RunDir
 import img2dataset.resizer
 cfg = load(sys.argv[1])
 shards = plan(cfg.input, RunDir(Path(cfg.run_dir)))
@@ -216,7 +216,7 @@ def test_bombs_in_formats_pil_cannot_identify_are_refused_without_a_large_alloca
 
 
 def test_opencv_pixel_limit_is_set_to_max_pixels_before_it_loads():
-    script = ("import io, numpy as np\nfrom PIL import Image\nfrom curate.download import limit_opencv\n"
+    script = ("import io, numpy as np\nfrom PIL import Image\nfrom curate.phases.download.phase import limit_opencv\n"
               "assert limit_opencv(1000)\nimport cv2\nb = io.BytesIO(); Image.new('RGB', (100, 100)).save(b, 'PNG')\n"
               "try:\n    cv2.imdecode(np.frombuffer(b.getvalue(), np.uint8), cv2.IMREAD_UNCHANGED)\n"
               "    print('decoded')\nexcept cv2.error:\n    print('refused')\n")
@@ -228,9 +228,9 @@ def test_opencv_pixel_limit_is_set_to_max_pixels_before_it_loads():
 def test_no_fetch_of_the_pipeline_goes_through_proxy_variables(files, tmp_path, monkeypatch):
     """Image and robots.txt requests alike ignore http_proxy, https_proxy, HTTP_PROXY and ALL_PROXY
     (Ray's own processes read them: docs/politeness.md); a metadata URL is refused before connecting."""
-    from curate.download import download_shard
-    from curate.inputs import plan
-    from curate.rundir import RunDir
+    from curate.phases.download.phase import download_shard
+    from curate.phases.download.plan import plan
+    from curate.run.rundir import RunDir
     from tests.servers import serve_proxy
 
     with serve(files) as srv, serve_proxy("127.0.0.5") as proxy:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curate.demo_corpus import bomb_png, photo
+from curate.demo.corpus import bomb_png, photo
 from filters.image import aspect_ratio, edge_density, entropy, image_columns, shrink, to_rgb
 from filters.multihash import VIEWS, view_hashes
 

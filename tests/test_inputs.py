@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate import inputs
 from curate.config import ConfigError, InputConfig
-from curate.inputs import plan
-from curate.rundir import RunDir
+from curate.phases.download import plan as inputs
+from curate.phases.download.plan import plan
+from curate.run.rundir import RunDir
 
 ROWS = [{"url": f"http://h/{i}.jpg", "caption": f"第{i}张图片，风景", "src": f"s{i}"} for i in range(25)]
 

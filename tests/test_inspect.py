@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from manifests import inspect as insp
+from curate import inspect as insp
 from manifests.schema import REASONS, build
 from manifests.where import WhereError, columns, compile_where
 from synthetic import manifest_columns

@@ -16,8 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision import transforms as T
 
-from filters.models import weights
-from filters.models import ModelOptions, ModelScorer, missing_weights, skipped_when_offline, to_rgb_array
+from filters.models import ModelOptions, ModelScorer, missing_weights, skipped_when_offline, to_rgb_array, weights
 from filters.models.heads import AestheticHead, LaionNsfwHead, build_watermark_model, style_logits
 
 TINY_CLIP, TINY_L14 = "curate-tiny-clip", "curate-tiny-l14"
@@ -168,7 +167,8 @@ def test_pretrained_scorer_matches_independent_pipelines(tiny_configs, pretraine
 
     wm = build_watermark_model()
     wm.load_state_dict(torch.load(pretrained_dir / weights.REGISTRY["watermark"].filename, weights_only=True))
-    reference = T.Compose([T.Resize((256, 256)), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    reference = T.Compose([T.Resize((256, 256)), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224,
+                                                                                                   0.225])])
     with torch.no_grad():
         p_wm = wm.eval()(torch.stack([reference(p) for p in pils])).softmax(-1)[:, 0].numpy()
     np.testing.assert_allclose(out["watermark"], p_wm, atol=2e-3)

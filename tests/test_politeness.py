@@ -9,8 +9,8 @@ from __future__ import annotations
 import email.utils
 import io
 import random
-import urllib.parse
 import time
+import urllib.parse
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 
 from curate.config import DownloadConfig, resolve, validate
-from curate.download import download_shard, fetch_rows
-from curate.fetch import retry_after
-from curate.hosts import RETRYABLE, HostQueue, Job, download_stats
-from curate.inputs import plan
-from curate.rundir import RunDir
-from curate.tario import TarWriter, members
+from curate.phases.download.fetch import retry_after
+from curate.phases.download.hosts import RETRYABLE, HostQueue, Job, download_stats
+from curate.phases.download.phase import download_shard, fetch_rows
+from curate.phases.download.plan import plan
+from curate.run.rundir import RunDir
+from curate.run.tario import TarWriter, members
 from manifests.schema import ERROR_KINDS
 from tests.servers import serve_hosts
 
@@ -236,7 +236,8 @@ def test_download_stats_keep_the_top_hosts_and_sum_the_rest():
                {"error_kinds": {"http_429": 2}, "wait_s": 0.5, "hosts": {"h4.cn": host(20, 18, {"http_429": 2})}}]
     stats = download_stats(markers, top=2)
     assert list(stats["top_hosts"]) == ["h4.cn", "h3.cn", "(other hosts)"]
-    assert stats["top_hosts"]["h4.cn"]["rows"] == 34 and stats["top_hosts"]["h4.cn"]["kinds"] == {"timeout": 4, "http_429": 2}
+    assert stats["top_hosts"]["h4.cn"]["rows"] == 34 and stats["top_hosts"]["h4.cn"]["kinds"] == {"timeout": 4,
+                                                                                                  "http_429": 2}
     assert stats["top_hosts"]["(other hosts)"]["rows"] == 10 + 11 + 12
     assert stats["wait_s"] == {"total": 2.0, "max_shard": 1.5}
     assert stats["error_kinds"] == {"timeout": 3, "http_429": 2}

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curate import provenance
 from curate.config import load, validate
-from curate.provenance import Work
-from curate.rundir import RunDir
+from curate.phases.score import provenance
+from curate.phases.score.provenance import Work
+from curate.run.rundir import RunDir
 from synthetic_run import write_scored_run
 from synthetic_scores import scores_table
 

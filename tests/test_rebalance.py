@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from curate.config import ConfigError, RebalanceConfig, validate
-from curate.rebalance import keep_counts, key_hashes, style_labels
+from curate.phases.decide.rebalance import keep_counts, key_hashes, style_labels
 from synthetic_run import decide_table
 from synthetic_scores import scores_table
 

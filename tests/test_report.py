@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.report import build_report
-from curate.tario import members
 from curate.report.data import _attributes as attributes
+from curate.run.tario import members
 from manifests.rules import COMPARE, ROW_RULES, RULES
 from manifests.schema import REASONS
 from synthetic import CONFIG, RULES_OFF, WARNING, make_run
@@ -140,7 +140,7 @@ def test_report_on_100k_rows_takes_seconds_and_stays_small(tmp_path):
 def test_tar_reader_matches_tarfile_and_stops_at_missing(small_run):
     import tarfile
 
-    from curate.tario import TruncatedTar
+    from curate.run.tario import TruncatedTar
 
     tar_path = next((small_run / "raw").glob("*.tar"))
     with tarfile.open(tar_path) as tar:
@@ -208,7 +208,7 @@ def test_pipeline_writes_the_report(demo_run):
 def test_report_shows_error_kinds_wait_and_top_hosts(tmp_path):
     import json
 
-    from curate.hosts import download_stats
+    from curate.phases.download.hosts import download_stats
 
     root = make_dataset_run(tmp_path / "run", 200, shards=1)
     marker = {"error_kinds": {"http_429": 7, "timeout": 2}, "wait_s": 12.5,

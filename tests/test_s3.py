@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.dataset as pads
 import pytest
 
-from curate.demo_corpus import generate
+from curate.demo.corpus import generate
 from tests import resume
 from tests.procs import run_cli
 from tests.resume import N

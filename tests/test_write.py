@@ -15,10 +15,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
-from curate import write
-from curate.storage import Storage
-from curate.sample import SAMPLE_EXCLUDE
-from curate.write import DecisionsNotReady, finish, plan, run_write, write_group
+from curate.phases.write import phase as write
+from curate.phases.write.phase import DecisionsNotReady, finish, plan, run_write, write_group
+from curate.phases.write.sample import SAMPLE_EXCLUDE
+from curate.run.storage import Storage
 from manifests.schema import REASONS
 from synthetic_write import MODELS, config, decide, decided_run, image, reasons_of
 
@@ -145,12 +145,14 @@ def test_each_raw_tar_is_read_about_once(any_root, small_tasks, monkeypatch):
     check_shards(run, stats)
     fs, folder = run.storage.resolve(run.uri("manifest"))
     table = ds.dataset(folder, filesystem=fs, format="parquet").to_table()
-    assert table.num_rows == sum(ROWS) and table.column("out_shard").null_count == sum(ROWS) - stats["shards"]["samples"]
+    dropped = sum(ROWS) - stats["shards"]["samples"]
+    assert table.num_rows == sum(ROWS) and table.column("out_shard").null_count == dropped
 
 
 def _outputs(run) -> list[Path]:
     """Every output tar and its marker."""
-    return [Path(run.uri("shards", n)) for n in shard_files(run)] + list(Path(run.uri("_done", "shards")).glob("*.json"))
+    return [Path(run.uri("shards", n)) for n in shard_files(run)] + list(Path(run.uri("_done",
+                                                                                      "shards")).glob("*.json"))
 
 
 def _age(run) -> None:
@@ -321,7 +323,7 @@ def test_grouping_by_bucket_changes_only_the_shard_names(ray_session, run):
         {k: v for s in flat_samples.values() for k, v in s.items()}, "the same samples, byte for byte"
     order = [k for _, k in kept_in_order(run)]
     for bucket in {n.rsplit("-", 1)[0].split("-", 1)[1] for n in names}:
-        mine = sorted((n for n in names if n.startswith(f"train-{bucket}-")))
+        mine = sorted(n for n in names if n.startswith(f"train-{bucket}-"))
         assert mine == [f"train-{bucket}-{i:06d}.tar" for i in range(len(mine))]
         rows = [k for k in order if (by_key[k]["bucket"] or "unbucketed") == bucket]
         for i, name in enumerate(mine):

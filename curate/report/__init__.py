@@ -8,15 +8,15 @@ from __future__ import annotations
 import logging
 import time
 
+from curate.inspect import Position, filtered, open_manifest
 from curate.report import data, page
 from curate.report.samples import PASS1, PASS2, Picker, thumbnails
-from curate.rundir import RunDir
-from curate.storage import Storage
+from curate.run.rundir import RunDir
+from curate.run.storage import Storage
 from filters.declare import Scorer
 from filters.registry import SCORERS
-from manifests.inspect import Position, filtered, open_manifest
 
-log = logging.getLogger("curate")  # curate.runtime's logger, without importing torch through it
+log = logging.getLogger("curate")  # curate.run.runtime's logger, without importing torch through it
 
 
 def card_columns(scorers: tuple[Scorer, ...] = SCORERS) -> list[str]:

@@ -17,13 +17,12 @@ import pyarrow.compute as pc
 import yaml
 
 from curate.config import redact
-from curate.storage import Storage, join
+from curate.inspect import Sampler, value_counts
+from curate.run.storage import Storage, join
 from filters.declare import Column
 from manifests.funnel import Funnel
-from manifests.inspect import Sampler, value_counts
 from manifests.rules import COMPARE, ROW_RULES, Rule, rules_on
 from manifests.schema import ALL
-
 
 MIN_SIDE = "min_side"  # derived: the shorter original side, what the min-combined size rule (too_small) compares
 # Presentation only: each histogram's title, in the order the report shows them. The columns, the rules whose

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from curate.rebalance import key_hashes
-from curate.rundir import RunDir
-from curate.storage import is_local
-from curate.tario import TruncatedTar, members
-from manifests.inspect import Position, Reservoir
+from curate.inspect import Position, Reservoir
+from curate.phases.decide.rebalance import key_hashes
+from curate.run.rundir import RunDir
+from curate.run.storage import is_local
+from curate.run.tario import TruncatedTar, members
 from manifests.schema import REASONS
 
 THUMB = 128

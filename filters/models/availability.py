@@ -49,7 +49,8 @@ def _missing_by_scorer(opts: ModelOptions) -> dict[str, list[str]]:
             lacks = weights.tower_status(model, pretrained, opts)["missing"]
         if not lacks:
             continue
-        served = _TOWER_SCORERS[role] + (_TOWER_SCORERS["clip"] if role == "l14" and opts.clip_backend == "taiyi" else ())
+        taiyi = role == "l14" and opts.clip_backend == "taiyi"
+        served = _TOWER_SCORERS[role] + (_TOWER_SCORERS["clip"] if taiyi else ())
         scorers = [s for s in served if s in opts.enabled and not (s == "nsfw" and opts.nsfw_backend != "laion")]
         line = (f"{', '.join(scorers) or 'image_embedding'}: open_clip tower {model} / {pretrained} lacks "
                 f"{', '.join(lacks)} (cache {weights.open_clip_cache(opts)}); fetch it with `{weights.PULL_COMMAND}`")

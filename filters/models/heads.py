@@ -6,8 +6,8 @@ proves a weights file matches the architecture.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 EMBED_DIM_L14 = 768
 

@@ -10,7 +10,7 @@ from .catalog import MODEL_SCORERS
 from .published import CHINESE_CLIP, CLIP_BACKENDS
 
 SCORERS: tuple[str, ...] = tuple(s.name for s in MODEL_SCORERS)
-# Scorers that read the model view in the model actors; ocr has its own actor pool (curate/score.py).
+# Scorers that read the model view in the model actors; ocr has its own actor pool (curate/phases/score/phase.py).
 VIEW_SCORERS: tuple[str, ...] = tuple(s.name for s in MODEL_SCORERS if s.stage == "model")
 
 # Zero-shot style prompts, Chinese and English for each label. The labels are what the
@@ -45,7 +45,8 @@ class ModelOptions(BaseModel):
         "tower); chinese_clip (Chinese-CLIP of size chinese_clip_model). Scores of different backends "
         "are not comparable"))
     chinese_clip_model: Literal[tuple(CHINESE_CLIP)] = Field(
-        "ViT-H-14", description="Chinese-CLIP size when clip_backend is chinese_clip (ViT-L-14-336 wants image_size 336)")
+        "ViT-H-14",
+        description="Chinese-CLIP size when clip_backend is chinese_clip (ViT-L-14-336 wants image_size 336)")
     l14_model: str = Field("ViT-L-14-quickgelu", description="tower the LAION aesthetic and NSFW heads read")
     l14_pretrained: str = Field("openai", description="pretrained tag of the ViT-L/14 tower (OpenAI weights)")
     nsfw_backend: Literal["laion", "open_nsfw"] = Field(
@@ -92,7 +93,8 @@ class ModelOptions(BaseModel):
     @field_validator("num_actors", mode="before")
     @classmethod
     def _actor_count(cls, v: object) -> int | str:
-        """N >= 1, "auto" or "MIN-MAX" (1 <= MIN <= MAX); resolved against the cluster in curate/score.py."""
+        """N >= 1, "auto" or "MIN-MAX" (1 <= MIN <= MAX); resolved against the cluster in
+        curate/phases/score/phase.py."""
         if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
             return v
         if isinstance(v, str):

@@ -8,11 +8,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from filters.models.weights import (chinese_text_needed, clip_image_needed, clip_needed, load_state_dict, open_clip_cache, path_of, shipped_path,
-                            towers_needed)
+from filters.models.weights import (
+    chinese_text_needed,
+    clip_image_needed,
+    clip_needed,
+    load_state_dict,
+    open_clip_cache,
+    path_of,
+    shipped_path,
+    towers_needed,
+)
 
-from .heads import AestheticHead, LaionNsfwHead, build_watermark_model, style_logits
 from .catalog import MODEL_SCORERS
+from .heads import AestheticHead, LaionNsfwHead, build_watermark_model, style_logits
 from .images import IMAGENET_MEAN, IMAGENET_STD, batch_tensor
 from .options import ModelOptions
 from .towers import Tower
@@ -61,7 +69,8 @@ class ModelScorer:
         self._embedding_tower = self._clip_image or self._roles.get("l14")
         self._keep_embeddings = opts.keep_embeddings and self._embedding_tower is not None
 
-        self._aesthetic = self._head(AestheticHead(self._roles["l14"].dim), "aesthetic") if "aesthetic" in enabled else None
+        self._aesthetic = self._head(AestheticHead(self._roles["l14"].dim),
+                                     "aesthetic") if "aesthetic" in enabled else None
         self._laion_nsfw = self._open_nsfw = None
         if "nsfw" in enabled and opts.nsfw_backend == "laion":
             self._laion_nsfw = self._head(LaionNsfwHead(self._roles["l14"].dim), "laion_nsfw")

@@ -17,7 +17,8 @@ class Tower:
     names); with `random=True` the architecture is built with random init and no file is read.
     """
 
-    def __init__(self, model_name: str, pretrained: str | None, cache_dir: str, device: str, random: bool = False) -> None:
+    def __init__(self, model_name: str, pretrained: str | None, cache_dir: str, device: str,
+                 random: bool = False) -> None:
         import open_clip
 
         self.name = f"{model_name}/{'random' if random else pretrained}"

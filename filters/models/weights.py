@@ -417,7 +417,8 @@ def pull(opts: ModelOptions, log: Callable[[str], None] = print) -> list[str]:
             try:
                 convert(src_path, target)
             except ImportError as exc:
-                undone.append(f"{w.filename}: {exc}; then run `python -m filters.models.convert_laion_nsfw {src_path} {target}`")
+                undone.append(f"{w.filename}: {exc}; then run "
+                              f"`python -m filters.models.convert_laion_nsfw {src_path} {target}`")
                 continue
             _record(opts, w.filename, sha256_file(target))
         else:

@@ -15,7 +15,7 @@ on paused hosts that answered none of their requests (dead hosts, tarpits).
 
 With `robots_txt`, the first URL of each origin is held back and a robots.txt request goes out
 instead; the origin's URLs wait until it is settled (retried like any transient failure), and
-then each is either handed out or ended here, never requested (`ended`, curate/robots.py).
+then each is either handed out or ended here, never requested (`ended`, curate/phases/download/robots.py).
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ import random
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from curate.config import DownloadConfig
-from curate.fetch import Fetched
-from curate.robots import Rules, origin, robots_url
+from curate.phases.download.fetch import Fetched
+from curate.phases.download.robots import Rules, origin, robots_url
 
 # Failures worth another attempt later; every other kind (404, 410, refused address, opt-out,
 # too large, not an image, ...) is final on the first answer.

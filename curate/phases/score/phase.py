@@ -19,19 +19,19 @@ import io
 import tarfile
 import time
 from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.extensions import ArrowTensorArray
 
-from curate import provenance
 from curate.config import Config, ConfigError
-from curate.provenance import Producer, Work
-from curate.rundir import RunDir
-from curate.runtime import Progress, Window, check_weights_where_actors_run, log, windowed
-from curate.storage import join
+from curate.phases.score import provenance
+from curate.phases.score.provenance import Producer, Work
+from curate.run.rundir import RunDir
+from curate.run.runtime import Progress, Window, check_weights_where_actors_run, log, windowed
+from curate.run.storage import join
 from filters.image import aspect_ratio, decode, image_columns, model_views
 from filters.models.options import ModelOptions
 from filters.registry import BY_NAME, SCORERS
@@ -373,7 +373,8 @@ def actor_pool(opts: ModelOptions, resources: dict[str, float]) -> tuple[int, in
         return 1, 1
     gpus = resources.get("GPU", 0.0)
     if gpus < opts.num_gpus:
-        raise ConfigError(f"models.num_actors=auto: models.num_gpus={opts.num_gpus:g} per actor but the cluster reports "
+        raise ConfigError(f"models.num_actors=auto: models.num_gpus={opts.num_gpus:g} per actor but the cluster "
+                          f"reports "
                           f"{gpus:g} GPUs: set models.num_gpus=0 to run the models on CPU, or a number of actors")
     count = int(gpus / opts.num_gpus + 1e-9)
     return count, count
@@ -443,7 +444,8 @@ def _log_work(kind: Work, shards: list[str], wanted: dict[str, Producer]) -> Non
     kept = ", ".join(n for n in wanted if n not in kind.run) or "nothing"
     gone = f"; removing the columns of {', '.join(sorted(kind.drop))} (no longer enabled)" if kind.drop else ""
     if kind.run:
-        log.info("score: %d shards: running only %s; keeping %s%s", len(shards), ", ".join(sorted(kind.run)), kept, gone)
+        log.info("score: %d shards: running only %s; keeping %s%s", len(shards), ", ".join(sorted(kind.run)), kept,
+                 gone)
     else:
         log.info("score: %d shards: nothing to run; keeping %s%s", len(shards), kept, gone)
 

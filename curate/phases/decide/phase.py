@@ -5,7 +5,7 @@ re-deciding with new thresholds is cheap. Rules fire in the order of manifests.s
 
 Built for a billion rows: the driver holds shard names, URIs and small counts, never rows. Work
 runs in Ray tasks over groups of consecutive input shards ("groups") and hash partitions; every
-shuffle between them goes through storage (curate/exchange.py: one object per writer, a slice
+shuffle between them goes through storage (curate/run/exchange.py: one object per writer, a slice
 per reader), because a 1B run's 1,000 groups x 500 partitions make pieces under Ray's inline
 limit, which would otherwise be returned into the driver's own memory. Tasks are submitted
 through a bounded window.
@@ -13,14 +13,14 @@ through a bounded window.
 1. rules      per group: per-row rules (vectorised, reason codes), and the (caption, image)
               pairs of rows still in, hash-partitioned -> caption reduce: which rows carry a
               caption shared by more than text.max_caption_images images (caption_common).
-2. candidates per group: the rows that passed every per-row rule, as image classes (curate/dedupe.py):
+2. candidates per group: the rows that passed every per-row rule, as image classes (curate/phases/decide/dedupe.py):
               each row's attributes to its class's home partition, each class's hash records by
               band and its embedding by cluster -> pair search per partition -> each home keeps
               its classes' rows and the pairs it owns, so each pair and each row counts once.
 3. components one task: bounded duplicate groups over the rows that have a pair or a copy, the
               best member(s) of each group by dedupe.keep_order, routed back per group as
               (row, dup_of) pairs.
-4. finish     per group: duplicates applied, the two rebalance passes (curate/rebalance.py),
+4. finish     per group: duplicates applied, the two rebalance passes (curate/phases/decide/rebalance.py),
               then decisions/{shard}.parquet and its marker. _decided.json is written last.
 
 Memory bound of step 3 (the only global one): the bytes per row with a pair or a copy that
@@ -40,14 +40,35 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+import curate.phases.decide.dedupe
 from curate.config import Config, ConfigError
-import curate.dedupe
-from curate.dedupe import (KMEANS_COARSE, KMEANS_SAMPLE, components, concat, home_nodes, kmeans, nearest, normalised,
-                           partition_of, partition_pairs, route, split)
-from curate.exchange import Exchange
-from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_labels, style_limits
-from curate.rundir import RunDir, row_keys, shard_index
-from curate.runtime import log, windowed
+from curate.phases.decide.dedupe import (
+    KMEANS_COARSE,
+    KMEANS_SAMPLE,
+    components,
+    concat,
+    home_nodes,
+    kmeans,
+    nearest,
+    normalised,
+    partition_of,
+    partition_pairs,
+    route,
+    split,
+)
+from curate.phases.decide.rebalance import (
+    bucket_counts,
+    hashes_in_cut,
+    key_hashes,
+    merge_counts,
+    over_limit,
+    plan_cuts,
+    style_labels,
+    style_limits,
+)
+from curate.run.exchange import Exchange
+from curate.run.rundir import RunDir, row_keys, shard_index
+from curate.run.runtime import log, windowed
 from filters.registry import COLUMNS, PRODUCER
 from manifests.funnel import Funnel
 from manifests.rules import AFTER_COMMON, BEFORE_COMMON, REASONS, ROW_RULES, RULES, Rule
@@ -468,7 +489,7 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     partitions = max(cfg.dedupe.partitions, math.ceil(plan["rows"] / ROWS_PER_PARTITION))
     attempt = uuid.uuid4().hex[:12]
     storage.delete_dir(Exchange.folder(run))   # what a killed attempt left (the lease keeps out live ones)
-    job = ray.put(Job(cfg, run, frozenset(failed), partitions, attempt, curate.dedupe.MAX_BUCKET, on))
+    job = ray.put(Job(cfg, run, frozenset(failed), partitions, attempt, curate.phases.decide.dedupe.MAX_BUCKET, on))
     groups = groups_of(shards, cfg.input.shard_rows)
     bounds = np.array([shard_index(g[0]) for g in groups] + [shard_index(shards[-1]) + 1], np.int64)
     G, P = len(groups), partitions

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from curate.rundir import RunDir
+from curate.run.rundir import RunDir
 from manifests.schema import ALL, DECISION, DOWNLOAD, OUTPUT
 
 

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import yaml
 
 from curate import config as config_mod
-from curate.demo_corpus import generate
-from curate.demo_server import serve
+from curate.demo.corpus import generate
+from curate.demo.server import serve
 from curate.pipeline import Outcome, run_phases
-from curate.runtime import log
-from curate.storage import Storage, absolute, is_local, join
+from curate.run.runtime import log
+from curate.run.storage import Storage, absolute, is_local, join
 
 
 def demo_config(out: str | Path, overrides: list[str]) -> config_mod.Config:

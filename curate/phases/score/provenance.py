@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.config import Config
-from curate.rundir import RunDir
+from curate.run.rundir import RunDir
 from filters.declare import Scorer, digest
 from filters.registry import BY_NAME, active
 
@@ -137,7 +137,7 @@ def summarise(run: RunDir, skipped: dict[str, str] | None = None) -> dict:
             if len(where[name, fp]) < MIXED_SHARDS_LISTED:
                 where[name, fp].append(shard)
     described = {}
-    for name, fps in per.items():
+    for fps in per.values():
         for fp in fps:
             uri = run.uri("scores", "_producers", f"{fp}.json")
             described[fp] = run.storage.read_json(uri) if run.storage.exists(uri) else {}

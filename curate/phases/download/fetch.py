@@ -33,8 +33,9 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import IO, Iterable
+from typing import IO
 
 from curate.config import proxy_address
 
@@ -646,7 +647,8 @@ class Fetcher:
                 resp.close()   # closes its file only; the tunnel is the socket
                 if resp.status == 200:
                     return sock
-                error = ConnectionRefusedError(f"the proxy refused CONNECT {authority}: HTTP {resp.status} {resp.reason}")
+                why = f"the proxy refused CONNECT {authority}: HTTP {resp.status} {resp.reason}"
+                error = ConnectionRefusedError(why)
             except BaseException:
                 sock.close()
                 raise

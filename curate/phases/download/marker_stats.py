@@ -8,9 +8,9 @@ each shard already cuts its own), and the driver merges those few summaries the 
 """
 from __future__ import annotations
 
-from curate.hosts import STATS_TOP_HOSTS, TOP_HOSTS, download_stats
-from curate.rundir import RunDir
-from curate.runtime import windowed
+from curate.phases.download.hosts import STATS_TOP_HOSTS, TOP_HOSTS, download_stats
+from curate.run.rundir import RunDir
+from curate.run.runtime import windowed
 
 CHUNK = 1_000              # markers one task reads
 PARTIAL_TOP_HOSTS = TOP_HOSTS * 4   # hosts a chunk's summary names; the rest are summed under the other hosts

@@ -15,7 +15,7 @@ position) and cut. Equal input gives equal shards on every run.
 from __future__ import annotations
 
 import codecs
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -25,9 +25,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from curate.config import ConfigError, InputConfig
-from curate.rebalance import key_hashes
-from curate.rundir import RunDir, row_keys
-from curate.storage import Storage
+from curate.phases.decide.rebalance import key_hashes
+from curate.run.rundir import RunDir, row_keys
+from curate.run.storage import Storage
 from manifests.schema import ALL
 
 MAX_SHARD_ROWS = 1_000_000  # keys carry the row index in six digits

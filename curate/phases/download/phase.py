@@ -2,9 +2,9 @@
 
 Why not img2dataset's Downloader any more: its thread pool takes URLs in input order, so a
 per-host cap would stall every thread behind one busy host and a Retry-After would hold a
-thread asleep. `HostQueue` (curate/hosts.py) decides which URL a fetch thread takes next;
-`Fetcher` (curate/fetch.py) fetches it behind the address guard, and robots.txt requests
-(curate/robots.py) go through the same fetcher. img2dataset's Resizer still resizes and
+thread asleep. `HostQueue` (curate/phases/download/hosts.py) decides which URL a fetch thread takes next;
+`Fetcher` (curate/phases/download/fetch.py) fetches it behind the address guard, and robots.txt requests
+(curate/phases/download/robots.py) go through the same fetcher. img2dataset's Resizer still resizes and
 re-encodes every image, on this task's main thread (it swaps stdout with os.dup2, which
 threads cannot share), but only bytes whose format and size PIL identified first ever reach a
 decoder (`_Images`). The result keeps img2dataset's shape: fetched images under our keys in
@@ -34,13 +34,13 @@ import pyarrow as pa
 from PIL import Image
 
 from curate.config import Config, DownloadConfig
-from curate.fetch import Budget, Fetched, Fetcher, host_of, scheme_error
-from curate.hosts import HostQueue, Job, host_summary
-from curate.robots import ROBOTS_MAX_BYTES
-from curate.runtime import log
-from curate.rundir import RunDir
-from curate.storage import Storage
-from curate.tario import TarWriter
+from curate.phases.download.fetch import Budget, Fetched, Fetcher, host_of, scheme_error
+from curate.phases.download.hosts import HostQueue, Job, host_summary
+from curate.phases.download.robots import ROBOTS_MAX_BYTES
+from curate.run.rundir import RunDir
+from curate.run.runtime import log
+from curate.run.storage import Storage
+from curate.run.tario import TarWriter
 from filters.image import to_rgb
 from manifests.schema import conform
 

@@ -9,7 +9,7 @@ as decide's duplicate search; `shard` is null) stands until that phase next comp
 """
 from __future__ import annotations
 
-from curate.rundir import PHASES, RunDir
+from curate.run.rundir import PHASES, RunDir
 
 FILE = "failures.json"
 

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.storage import Storage, absolute, join
+from curate.run.storage import Storage, absolute, join
 
 PHASES = ("download", "score", "decide", "write")
 LEASE_SECONDS = 120.0   # a lease not renewed for this long belongs to a dead run

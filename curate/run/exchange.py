@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from curate.rundir import RunDir
+from curate.run.rundir import RunDir
 
 READERS = 16   # ranged reads in flight per reading task
 

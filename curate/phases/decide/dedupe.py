@@ -1,6 +1,6 @@
 """Duplicate groups at scale: what one group routes, what one partition finds, what one home
 holds, and the bounded groups. Pure functions of numpy arrays; decide.py runs them as Ray tasks
-and moves their slices through storage (curate/exchange.py).
+and moves their slices through storage (curate/run/exchange.py).
 
 Images, not rows, are the nodes. Rows whose whole-image hash is equal (so are exact copies:
 the same bytes give the same hash) are one *class*; without near dedup a class is the rows of
@@ -229,7 +229,8 @@ def near_class_pairs(key: np.ndarray, value: np.ndarray, anchor: np.ndarray, cls
         count = sizes[i] * sizes[j]
         pair = np.repeat(np.arange(len(i)), count)
         at = np.arange(len(pair)) - np.repeat(np.cumsum(count) - count, count)
-        found.append(np.stack([cls[starts[i][pair] + at // sizes[j][pair]], cls[starts[j][pair] + at % sizes[j][pair]]]))
+        found.append(np.stack([cls[starts[i][pair] + at // sizes[j][pair]],
+                               cls[starts[j][pair] + at % sizes[j][pair]]]))
     return np.concatenate(found, axis=1), split_buckets
 
 

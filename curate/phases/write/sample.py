@@ -1,6 +1,7 @@
 """The sample record: which manifest columns a shard's `{key}.json` carries, and how they are encoded.
 
-Both the writer (curate/write.py) and the dataset card (curate/card.py) read these rules, so the
+Both the writer (curate/phases/write/phase.py) and the dataset card (curate/phases/write/card.py) read these rules,
+so the
 card's column table is the JSON the shards hold.
 """
 from __future__ import annotations

@@ -16,32 +16,33 @@ order, into the output tars those images belong to (so an output shard's members
 order, grouped by input shard). An output shard whose content digest matches its marker
 (`_done/shards/{stem}.json`) is not rewritten, so a re-decide rewrites only the shards that
 differ. Each input shard's `_done/write/{shard}.json` carries its counts; stats.json sums them,
-and the dataset card (curate/card.py) is made from stats.json and the config.
+and the dataset card (curate/phases/write/card.py) is made from stats.json and the config.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Callable
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.card import write_card
 from curate.config import PREFIX, Config
-from curate.failures import failure, record
-from curate.marker_stats import download_summary
-from curate.rundir import RunDir
-from curate.runtime import Progress, log, windowed
-from curate.sample import sample_json
-from curate.storage import Storage
-from curate.tario import TarWriter, members
+from curate.phases.download.marker_stats import download_summary
+from curate.phases.write.card import write_card
+from curate.phases.write.record import manifest_schema, shard_table
+from curate.phases.write.sample import sample_json
+from curate.run.failures import failure, record
+from curate.run.rundir import RunDir
+from curate.run.runtime import Progress, log, windowed
+from curate.run.storage import Storage
+from curate.run.tario import TarWriter, members
 from filters.buckets import bucket_name, nearest_buckets
 from manifests.funnel import Funnel
-from manifests.io import manifest_schema, shard_table
 from manifests.schema import ALL
 
 ROWS_PER_TASK = 50_000   # kept rows a task plans for (at least one output shard): few tasks, bounded memory
@@ -191,7 +192,8 @@ def plan_tasks(shards: list[str], kept, size: int, rows_per_task: int) -> list[T
         later = np.arange(i + 1, min(last, len(shards)))
         needed = later[((starts[later] < end) & (kept[later] > 0)).any(axis=1)] if len(later) else later
         group = list(range(begin, i + 1)) + needed.tolist()
-        tasks.append(Task(shards[begin:i + 1], [shards[j] for j in needed], {shards[j]: starts[j].tolist() for j in group},
+        tasks.append(Task(shards[begin:i + 1], [shards[j] for j in needed],
+                          {shards[j]: starts[j].tolist() for j in group},
                           list(zip(first.tolist(), stop.tolist())),
                           kept=int(np.where(owned, end - first * size, 0).sum())))
         begin = i + 1

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 
 from curate.config import Config
-from curate.rundir import RunDir
-from curate.sample import SAMPLE_EXCLUDE, hex_in_json
-from curate.storage import join
+from curate.phases.write.sample import SAMPLE_EXCLUDE, hex_in_json
+from curate.run.rundir import RunDir
+from curate.run.storage import join
 from manifests.funnel import Funnel
 from manifests.rules import REASONS, RULES
 from manifests.schema import ALL

@@ -1,0 +1,1 @@
+"""The phases, one subpackage each, on the run plumbing of curate/run."""
