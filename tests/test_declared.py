@@ -122,7 +122,7 @@ def test_models_list_shows_each_declaration():
     assert list(rows) == [s.name for s in registry.SCORERS] + ["embedding"]
     assert rows["ocr"]["columns"] == {"text_area": "float", "text_boxes": "int32", "ocr_text": "string"}
     assert rows["ocr"]["enabled"] and not rows["clip_score"]["enabled"] and rows["image"]["enabled"]
-    assert rows["nsfw"]["weights"] == [] and "models.nsfw_backend" in rows["nsfw"]["keys"]
+    assert rows["nsfw"]["weights"] == ["open_nsfw"] and "models.nsfw_backend" in rows["nsfw"]["keys"]
     assert rows["aesthetic"]["tower"] == "l14" and rows["aesthetic"]["weights"] == ["aesthetic"]
     out = CliRunner().invoke(app, ["models", "list"])
     assert out.exit_code == 0, out.output
