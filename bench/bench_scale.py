@@ -58,7 +58,7 @@ from bench.bench_scale import config
 from curate.pipeline import run_phases
 from curate.run.runtime import init_ray
 cfg = config(sys.argv[1], int(sys.argv[2]))
-init_ray(cfg.ray)
+init_ray(cfg.ray.address, cfg.ray.num_cpus)
 start = time.perf_counter()
 outcome = run_phases(cfg, ("decide", "write"))
 seconds = time.perf_counter() - start
@@ -175,7 +175,7 @@ root, shard_rows, partitions, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[
 curate.phases.decide.phase.ROWS_PER_GROUP = shard_rows    # one shard per group: as many groups as a 1B run has
 curate.phases.decide.dedupe.MAX_BUCKET = cap               # the bucket cap scaled to the rows
 cfg = config(root, shard_rows, partitions)
-init_ray(cfg.ray)
+init_ray(cfg.ray.address, cfg.ray.num_cpus)
 start = time.perf_counter()
 outcome = run_phases(cfg, ("decide", "write"))
 seconds = time.perf_counter() - start

@@ -53,7 +53,7 @@ from curate.pipeline import run_phases
 from curate.run.runtime import init_ray
 out = Path(sys.argv[1])
 cfg = demo_config(out, sys.argv[2:])
-init_ray(cfg.ray)
+init_ray(cfg.ray.address, cfg.ray.num_cpus)
 start = time.perf_counter()
 failures = run_phases(cfg, ("download",)).failures
 failures += run_phases(cfg, ("score",), skip_missing_models=True).failures

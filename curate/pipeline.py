@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 from curate import config as config_mod
 from curate.config import Config, ConfigError
+from curate.guards import check_paths_reach_every_node
 from curate.phases.download.phase import download_shard
 from curate.phases.download.plan import check_plan
 from curate.run import failures
 from curate.run.rundir import PHASES, Lease, RunBusy, RunDir
-from curate.run.runtime import Progress, check_paths_reach_every_node, error_text, init_ray, log, windowed
+from curate.run.runtime import Progress, error_text, init_ray, log, windowed
 from curate.run.storage import Storage
 
 
@@ -98,7 +99,7 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
     """Run the given phases in order on one config, holding the run directory's lease."""
     models = check_models(cfg, skip_missing_models) if "score" in phases else None
     run = open_run(cfg)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_paths_reach_every_node(cfg)
     if dry_run:
         return _phases(cfg, run, phases, models, dry_run)

@@ -180,7 +180,7 @@ def wait_for(cluster: Cluster, job: str, started: float, each: Callable[[], None
 
 def test_local_paths_are_refused_on_several_nodes_unless_declared_shared(tmp_path):
     from curate.config import validate
-    from curate.run.runtime import local_paths_refusal
+    from curate.guards import local_paths_refusal
 
     run, urls = str(tmp_path / "run"), str(tmp_path / "urls.parquet")
     cfg = validate({"run_dir": run, "input": {"paths": [urls]}})

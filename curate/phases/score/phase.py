@@ -27,10 +27,11 @@ import pyarrow.compute as pc
 from ray.data.extensions import ArrowTensorArray
 
 from curate.config import Config, ConfigError
+from curate.guards import check_weights_where_actors_run
 from curate.phases.score import provenance
 from curate.phases.score.provenance import Producer, Work
 from curate.run.rundir import RunDir
-from curate.run.runtime import Progress, Window, check_weights_where_actors_run, log, windowed
+from curate.run.runtime import Progress, Window, log, windowed
 from curate.run.storage import join
 from filters.image import aspect_ratio, decode, image_columns, model_views
 from filters.models.options import ModelOptions
