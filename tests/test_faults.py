@@ -354,6 +354,7 @@ def decided_not_written(reference: dict, run: Path) -> None:
         (run / name).unlink()
 
 
+@pytest.mark.slow
 def test_a_raw_tar_cut_after_decide_fails_write_naming_it_and_the_next_run_repairs_it(urls, reference, tmp_path):
     from typer.testing import CliRunner
 

@@ -214,16 +214,19 @@ def test_missing_or_stale_decisions_are_refused(run):
         plan(cfg, run.shard_names())
 
 
-@pytest.mark.parametrize("damage", ["cut", "garbled"])
-def test_a_broken_raw_tar_fails_its_task_names_its_shard_and_loses_its_download(ray_session, run, damage):
+@pytest.mark.parametrize(("any_root", "damage"), [("local", "cut"), ("local", "garbled"), ("s3", "cut")],
+                         indirect=["any_root"])
+def test_a_broken_raw_tar_fails_its_task_names_its_shard_and_loses_its_download(ray_session, any_root, small_tasks,
+                                                                                 damage):
     """Cut in half, or the same size with its headers garbled: the task reading it fails, failures.json
     names the shard, the shard's markers from download on go (so the next run fetches it again), and
-    shards/, stats.json and the card hold only what was written."""
-    tar = Path(run.raw_tar("00006"))
-    data = tar.read_bytes()
-    tar.write_bytes(data[:len(data) // 2] if damage == "cut" else bytes(b ^ 0x5A for b in data))
+    shards/, stats.json and the card hold only what was written (no half-written tar, on S3 either)."""
+    run = decided_run(any_root, ROWS, failed_download={3}, failed_score={4})
+    data = run.storage.read_bytes(run.raw_tar("00006"))
+    run.storage.write_bytes(run.raw_tar("00006"), data[:len(data) // 2] if damage == "cut" else
+                            bytes(b ^ 0x5A for b in data))
     stats = run_write(config(run, SIZE), run.shard_names())
-    assert stats["failures"] == json.loads(Path(run.file("failures.json")).read_text())
+    assert stats["failures"] == run.storage.read_json(run.file("failures.json"))
     broken = [f for f in stats["failures"] if f["error"].startswith("raw shard 00006 is broken")]
     assert [(f["phase"], f["shard"]) for f in broken] == [("write", "00006")]
     assert "downloaded again by the next `curate run`" in broken[0]["error"]
@@ -232,11 +235,11 @@ def test_a_broken_raw_tar_fails_its_task_names_its_shard_and_loses_its_download(
     for phase in ("download", "score", "decide", "write"):
         assert "00006" not in run.done(phase), phase
     assert not {f["shard"] for f in others} & run.done("write")
-    assert "00000" in run.done("write") and Path(run.out_shard("train-000000.tar")).exists()
+    assert "00000" in run.done("write") and run.storage.exists(run.out_shard("train-000000.tar"))
     on_disk = shard_files(run)
     assert on_disk == stats["shards"]["names"] and set(stats["shards"]["not_written"]).isdisjoint(on_disk)
     assert sorted(n[:-4] for n in on_disk) == sorted(run.done("shards")), "no tar without its marker"
-    card = Path(run.out_shard("README.md")).read_text(encoding="utf-8")
+    card = run.storage.read_text(run.out_shard("README.md"))
     assert "**Incomplete:" in card and "`00006`" in card
     assert f"in {len(on_disk)} WebDataset shards" in card
 

@@ -358,6 +358,15 @@ def stream_images(run: RunDir, shards: list[str], todo: list[_Out]) -> None:
             raise BrokenRawTar(shard, f"{run.raw_tar(shard)} lacks {len(left)} kept image(s): {sorted(left)[:3]}")
 
 
+def discard_unfinished(run: RunDir, outs: list[_Out]) -> None:
+    """Close and delete the output tars a failed task left open: an object store's upload completes when
+    its stream is closed, even by the garbage collector, so it is closed here, then deleted."""
+    for out in outs:
+        if out.stream is not None and out.left:
+            out.stream.close()
+            run.storage.delete(run.out_shard(f"{out.stem}.tar"))
+
+
 @dataclass
 class Written:
     """A write task's outcome: the write markers of its input shards, or the raw shard that broke it."""
@@ -390,6 +399,8 @@ def write_group(job: Job, task: Task) -> Written:
     except BrokenRawTar as exc:
         run.invalidate(exc.shard, "download")
         return Written(broken={exc.shard: str(exc)})
+    finally:
+        discard_unfinished(run, todo)
     for shard, info in markers.items():
         run.mark("write", shard, info)
     return Written(markers)
