@@ -11,7 +11,7 @@ Prints JSON. Two measurements, both seeded (bench/scenes.py draws every image):
   every view against every view (144 pairs instead of 44) what the wider rule would add.
 - false merges: m distinct images (scenes, overlapping views of one wide scene sharing at most
   half their width, flat images of similar colour) through the real candidate search
-  (curate/dedupe.py: bands, sub-bands, verification, forests) at the default distance and two
+  (curate/dedupe.py: classes, bands, sub-bands, verification) at the default distance and two
   bits above it; every row that would be merged is a false merge.
 
     python -m bench.bench_near_dup            # quick: 200 scenes, 50,000 distinct images
@@ -27,10 +27,9 @@ import numpy as np
 
 from bench.scenes import TRANSFORMS, flat, is_geometric, jpeg, scene, views_of_one_scene
 from curate.config import DedupeConfig, DownloadConfig, ScoreConfig
-from curate.dedupe import partition_edges, route
+from curate.dedupe import MAX_BUCKET, class_keys, partition_pairs, route
 from filters.image import image_columns
 from filters.multihash import MATCHES, VIEWS, view_hashes
-from filters.phash import roots
 
 SIZES = {"smoke": (24, 600), "quick": (200, 50_000), "full": (400, 100_000)}
 PARTITIONS = 8
@@ -112,13 +111,17 @@ def distinct_hashes(m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def merged_rows(hashes: np.ndarray, distance: int) -> np.ndarray:
-    """Rows the real search (route + partition_edges over PARTITIONS) puts in a group with another."""
+    """Rows the real search (route + partition_pairs over PARTITIONS) pairs with another image,
+    or puts in one class with another (an equal whole-image hash)."""
     n = len(hashes)
     node = {"row": np.arange(n, dtype=np.int64), "pref": np.zeros((n, 1)), "caption": np.zeros(n, np.uint64),
             "sha": np.zeros(n, np.uint64), "phash": hashes, "phash_valid": np.ones(n, bool)}
-    parts = route([node], False, distance, 1, PARTITIONS)
-    edges = np.concatenate([partition_edges(distance, None, p)[0]["edges"] for p in parts], axis=1)
-    return roots(edges)[0]
+    search, _ = route([node], False, distance, 1, PARTITIONS)
+    pairs = [partition_pairs(distance, None, MAX_BUCKET, 1, [p])[0] for p in search]
+    cls = class_keys(node, False, True)
+    paired = np.concatenate([np.concatenate([p["a"], p["b"]]) for p in pairs])
+    uniq, count = np.unique(cls, return_counts=True)
+    return np.flatnonzero(np.isin(cls, paired) | np.isin(cls, uniq[count > 1]))
 
 
 def false_merges(m: int, seed: int = 0) -> dict:

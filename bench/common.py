@@ -240,7 +240,7 @@ def rescore_seconds(out: Path, overrides: list[str]) -> float:
     run.storage.delete_dir(run.uri("scores"))
     run.storage.delete_dir(run.uri("_done", "score"))
     start = time.perf_counter()
-    failures = run_score(cfg, run, sorted(run.done("download")))
+    failures, _ = run_score(cfg, run, sorted(run.done("download")))
     if failures:
         raise RuntimeError(f"score failed: {failures[:3]}")
     return time.perf_counter() - start

@@ -1,7 +1,8 @@
 """A folder served on several loopback addresses, each a separate host counting its peak connections.
 
-`python -m bench.hosts_server FOLDER N` serves FOLDER on 127.0.1.1 ... 127.0.1.N (a thread per
-connection) and prints one base URL per line. GET /_peak on a host answers its most
+`python -m bench.hosts_server FOLDER N [TARPITS [DRIP_BYTES]]` serves FOLDER on 127.0.1.1 ... 127.0.1.N
+(a thread per connection) and prints one base URL per line. The last TARPITS hosts are slow-drip
+tarpits: every request gets its headers at once, then DRIP_BYTES bytes one every DRIP_SECONDS. GET /_peak on a host answers its most
 concurrent connections since the last /_peak (JSON) and resets the count: the download benchmark
 reads it after each contender. Runs in its own process, like bench.common.served.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,9 +22,15 @@ class _Counter:
         self.open = self.peak = 0
 
 
+DRIP_BYTES = 40
+DRIP_SECONDS = 0.5      # 20 s a request, however short the client's per-read timeout
+
+
 class _Handler(BaseHTTPRequestHandler):
     folder: Path
     counter: _Counter
+    tarpit: bool = False
+    drip_bytes: int = DRIP_BYTES
 
     def log_message(self, *args) -> None:
         pass
@@ -50,16 +58,33 @@ class _Handler(BaseHTTPRequestHandler):
                 # every contender opened at least one connection, so this lone one never set the peak
                 peak, self.counter.peak = self.counter.peak, 0
             return self._send(200, json.dumps({"peak": peak}).encode())
+        if self.tarpit:
+            return self._drip()
         path = self.folder / name
         if "/" in name or not path.is_file():
             return self._send(404, b"not found")
         self._send(200, path.read_bytes())
 
 
-def main(folder: Path, count: int) -> None:
+    def _drip(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(self.drip_bytes))
+        self.end_headers()
+        try:
+            for _ in range(self.drip_bytes):
+                self.wfile.write(b"\xff")
+                self.wfile.flush()
+                time.sleep(DRIP_SECONDS)
+        except (BrokenPipeError, ConnectionResetError):   # the client's deadline passed
+            pass
+
+
+def main(folder: Path, count: int, tarpits: int = 0, drip_bytes: int = DRIP_BYTES) -> None:
     servers = []
     for i in range(count):
-        handler = type("Handler", (_Handler,), {"folder": folder, "counter": _Counter()})
+        handler = type("Handler", (_Handler,), {"folder": folder, "counter": _Counter(),
+                                                 "tarpit": i >= count - tarpits, "drip_bytes": drip_bytes})
         server = ThreadingHTTPServer((f"127.0.1.{1 + i}", 0), handler)
         server.daemon_threads = True
         servers.append(server)
@@ -70,4 +95,4 @@ def main(folder: Path, count: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), *(int(a) for a in sys.argv[3:5]))

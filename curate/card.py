@@ -1,9 +1,10 @@
 """RUN/shards/README.md: a Hugging Face dataset card, generated from stats.json and the config.
 
 Nothing in it is typed by hand: the funnel, buckets and shard counts are stats.json's, the
-thresholds and sources the config's, the models and weight checksums models.json's (as stats.json
-repeats it), and the sample-JSON columns come from the manifest schema. Written by every write,
-beside the shards, so the data never travels without its description.
+thresholds are the config's values of the keys the rules table names (manifests/rules.py), the
+models and weight checksums models.json's (as stats.json repeats it), and the sample-JSON columns
+come from the manifest schema. Written by every write, beside the shards, so the data never travels
+without its description.
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import json
 
 from curate.config import Config
 from curate.rundir import RunDir
+from curate.sample import SAMPLE_EXCLUDE, hex_in_json
 from curate.storage import join
-from manifests.schema import ALL, REASONS
+from manifests.funnel import Funnel
+from manifests.rules import REASONS, RULES
+from manifests.schema import ALL
 
 CARD = "README.md"
-THRESHOLD_SECTIONS = ("filters", "dedupe", "rebalance")
-TEXT_RULE_PREFIXES = ("min_", "max_", "keep_")
 # Hugging Face's size_categories, by upper bound of the sample count.
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
@@ -53,6 +55,7 @@ def render(cfg: Config, stats: dict, sources: list[str], shards_uri: str) -> str
              f"from {stats['funnel']['rows_in']:,} input rows (download, score, decide, write). Every input row's "
              f"fate is in the run's parquet manifest (`manifest/`), with the reason of each drop.", "",
              f"> {LICENSE_WARNING}", "",
+             *_failures_warning(stats),
              *_models_warning(stats.get("models") or {}),
              "## Funnel", "", *_funnel(stats["funnel"]), "",
              "## Shards and buckets", "", *_shards(cfg, stats), "",
@@ -81,10 +84,12 @@ def _share(n: int, total: int) -> str:
 
 
 def _funnel(funnel: dict) -> list[str]:
-    total = funnel["rows_in"]
+    """stats.json's funnel, its reasons in the rules table's order, each with the rule's meaning."""
+    f = Funnel.from_dict(funnel)
+    total = f.rows_in
     rows = [["rows in", total, _share(total, total), ""]]
-    rows += [[f"dropped: `{r}`", n, _share(n, total), REASONS.get(r, "")] for r, n in funnel["dropped"].items()]
-    rows.append(["**kept**", funnel["kept"], _share(funnel["kept"], total), ""])
+    rows += [[f"dropped: `{r}`", f.dropped[r], _share(f.dropped[r], total), REASONS.get(r, "")] for r in f.reasons()]
+    rows.append(["**kept**", f.kept, _share(f.kept, total), ""])
     return _table(["step", "rows", "share", "rule"], rows)
 
 
@@ -113,11 +118,35 @@ def _flat(prefix: str, value) -> list[tuple[str, object]]:
 
 
 def _thresholds(cfg: Config) -> list[str]:
+    """Every config key a rule of the table reads (its threshold and other keys, sections flattened), in
+    rule order, with the reasons of the rules that read it."""
     data = cfg.model_dump(mode="json")
-    rows = [kv for section in THRESHOLD_SECTIONS for kv in _flat(section, data[section])]
-    rows += [(f"text.{k}", v) for k, v in data["text"].items() if k.startswith(TEXT_RULE_PREFIXES)]
-    return _table(["key", "value"], [[f"`{k}`", "null (off)" if v is None else f"`{json.dumps(v, ensure_ascii=False)}`"]
-                                     for k, v in rows])
+    rows: dict[str, tuple[object, list[str]]] = {}
+    for rule in RULES:
+        for dotted in rule.config_keys:
+            node = data
+            for part in dotted.split("."):
+                node = node[part]
+            for key, value in _flat(dotted, node):
+                reasons = rows.setdefault(key, (value, []))[1]
+                reasons += [] if rule.reason in reasons else [rule.reason]
+    return _table(["key", "value", "rule"],
+                  [[f"`{k}`", "null (off)" if v is None else f"`{json.dumps(v, ensure_ascii=False)}`",
+                    ", ".join(f"`{r}`" for r in reasons)] for k, (v, reasons) in rows.items()])
+
+
+def _failures_warning(stats: dict) -> list[str]:
+    """An unfinished run says so first: what failed, and that the counts below cover only what was written."""
+    failures = stats.get("failures") or []
+    if not failures:
+        return []
+    shards = sorted({f["shard"] for f in failures if f["shard"] is not None})
+    phases = sorted({f["phase"] for f in failures})
+    listed = ", ".join(f"`{s}`" for s in shards[:10]) + (", ..." if len(shards) > 10 else "")
+    return [f"> **Incomplete: {len(failures)} failure(s) in {', '.join(phases)}"
+            + (f" (input shards {listed})" if shards else "") + ".** The funnel and the shards below count only "
+            "what was written. `failures.json` in the run directory has the errors; `curate run` again "
+            "retries them.", ""]
 
 
 def _models_warning(models: dict) -> list[str]:
@@ -142,8 +171,6 @@ def _models(models: dict) -> list[str]:
 
 
 def _columns(cfg: Config, stats: dict) -> list[str]:
-    from curate.write import SAMPLE_EXCLUDE, hex_in_json
-
     docs = {**{c: "input column (input.extra_cols), carried as given" for c in cfg.input.extra_cols},
             **stats["columns"]}
     for c in docs:

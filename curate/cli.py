@@ -16,9 +16,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(soft_wrap=True)
 
 SET_HELP = "Override a config key, e.g. --set filters.min_side=256 (repeatable)."
+# URIs are strings: typer's Path would turn s3://bucket/run into s3:/bucket/run.
+CONFIG_ARG = typer.Argument(..., help="Config YAML: a path or a URI (s3://bucket/run/config.yaml).")
 
 
-def _load(config: Path, overrides: list[str]) -> config_mod.Config:
+def _load(config: str, overrides: list[str]) -> config_mod.Config:
     try:
         return config_mod.load(config, overrides)
     except ConfigError as exc:
@@ -40,14 +42,17 @@ def _finish(outcome, run_dir: str) -> None:
         for label, name in (("shards", "shards/"), ("manifest", "manifest/"), ("stats", "stats.json"),
                             ("config", "config.yaml"), ("report", "report.html")):
             console.print(f"  {label:9s} {join(run_dir, name)}", highlight=False)
+    from curate.failures import describe
+
     for f in outcome.failures:
-        console.print(f"[red]failed:[/red] {f['phase']} shard {f['shard']}: {f['error']}", highlight=False)
+        console.print(f"[red]failed:[/red] {describe(f)}", highlight=False)
     if outcome.failures:
-        console.print("[red]some shards failed; run the same command again to retry only those[/red]")
+        console.print("[red]the run is not complete (failures.json lists what failed); `curate run` again retries "
+                      "it[/red]", highlight=False)
         raise typer.Exit(1)
 
 
-def _phases(config: Path, overrides: list[str], phases: tuple[str, ...], dry_run: bool = False) -> None:
+def _phases(config: str, overrides: list[str], phases: tuple[str, ...], dry_run: bool = False) -> None:
     from curate.pipeline import run_phases
     from curate.rundir import RunBusy
 
@@ -61,32 +66,32 @@ def _phases(config: Path, overrides: list[str], phases: tuple[str, ...], dry_run
 
 
 @app.command()
-def run(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def run(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Run all four phases; each skips the shards it has already done."""
     _phases(config, overrides, ("download", "score", "decide", "write"))
 
 
 @app.command()
-def download(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def download(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 1: fetch images into RUN/raw."""
     _phases(config, overrides, ("download",))
 
 
 @app.command()
-def score(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def score(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 2: compute every score column into RUN/scores."""
     _phases(config, overrides, ("score",))
 
 
 @app.command()
-def decide(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+def decide(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
            dry_run: bool = typer.Option(False, "--dry-run", help="Print the funnel; write nothing.")) -> None:
     """Phase 3: keep or drop every row from the scores; reads no image, loads no model."""
     _phases(config, overrides, ("decide",), dry_run=dry_run)
 
 
 @app.command()
-def write(config: Path, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+def write(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
     """Phase 4: write changed WebDataset shards, manifest.parquet and stats.json."""
     _phases(config, overrides, ("write",))
 
@@ -104,6 +109,7 @@ def demo(out: str = typer.Option("runs/demo", help="Run directory: a local path 
 
     setup_logging()
     try:
+        config_mod.refuse_relative_in_job(out, "--out")
         outcome = run_demo(out, n=n, seed=seed, overrides=overrides)
     except (ConfigError, FileExistsError, RunBusy) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
@@ -131,7 +137,7 @@ def inspect(target: str = typer.Argument(..., help="Run directory or manifest pa
         render(summary, console)
 
 
-def _options(config: Path | None):
+def _options(config: str | None):
     """The config's sections when one is given, else every default (no run directory needed)."""
     if config is not None:
         return _load(config, [])
@@ -147,9 +153,9 @@ CONFIG_OPT = typer.Option(None, "--config", help="Config whose settings to use (
 @app.command()
 def text(caption: str | None = typer.Argument(None, help="One caption (omit with --file)."),
          file: Path | None = typer.Option(None, "--file", help="Captions, one per line; prints JSON lines."),
-         config: Path | None = CONFIG_OPT) -> None:
+         config: str | None = CONFIG_OPT) -> None:
     """Normalise captions and apply the text rules, exactly as the pipeline does; prints JSON."""
-    from filters.text import explain
+    from manifests.rules import explain
 
     opts = _options(config).text
     if (caption is None) == (file is None):
@@ -184,28 +190,43 @@ def _weights_table(rows: list[dict], title: str) -> None:
 
 
 @models_app.command("list")
-def models_list(config: Path | None = CONFIG_OPT,
+def models_list(config: str | None = CONFIG_OPT,
                 verify: bool = typer.Option(False, help="Also verify checksums (reads every file).")) -> None:
-    """Show every scorer and what it runs on, then what each enabled scorer needs and whether it is present."""
+    """Show every scorer's declaration (filters/registry.py), then what the enabled scorers need and whether it
+    is present."""
     from rich.table import Table
 
-    from curate import weights
+    from filters.models import weights
+    from filters.registry import declarations
 
     cfg = _options(config)
     opts = cfg.models
-    scorers = Table(title="scorers (style: one source, chosen by rebalance.style_source)")
-    for col in ("scorer", "runs on / needs", "enabled"):
-        scorers.add_column(col, overflow="fold")
-    for row in weights.scorer_needs(opts, cfg.rebalance.style_source):
-        scorers.add_row(row["scorer"], row["needs"], "yes" if row["enabled"] else "no")
+    towers = weights.towers_needed(opts)
+    files = {n: w.filename for n, w in (*weights.REGISTRY.items(), *weights.SHIPPED.items())}
+    scorers = Table(title="scorers, as declared (filters/registry.py)", show_header=False)
+    scorers.add_column("field", no_wrap=True, style="dim")
+    scorers.add_column("value", overflow="fold")
+    for d in declarations(cfg):
+        state = "always runs" if not d["optional"] else ("enabled" if d["enabled"] else "not enabled")
+        tower = d["tower"] and (f"{d['tower']} ({' / '.join(towers[d['tower']])})" if d["tower"] in towers
+                                else d["tower"])
+        scorers.add_row(f"[bold]{d['scorer']}[/bold]", f"[bold]{state}[/bold]: {d['doc']}", end_section=False)
+        scorers.add_row("writes", ", ".join(f"{c} ({t})" for c, t in d["columns"].items()) or "embeddings/{shard}.npy")
+        scorers.add_row("reads", f"{', '.join(d['reads'])}; runs in the {d['stage']} stage"
+                        + (f"; tower {tower}" if tower else "") + (f"; {d['resources']}" if d["resources"] else ""))
+        scorers.add_row("config keys", ", ".join(d["keys"]) or "-")
+        loads = [*(f"{w} ({files.get(w, '?')})" for w in d["weights"]), *d["files"]]
+        scorers.add_row("weights, files", ", ".join(loads) or "-", end_section=True)
     console.print(scorers)
+    console.print(f"style labels for rebalance: rebalance.style_source = {cfg.rebalance.style_source} "
+                  f"({type(cfg.rebalance).model_fields['style_source'].description})", highlight=False)
     _weights_table(weights.list_weights(opts, verify=verify), f"weights in {weights.models_dir(opts)}")
 
 
 @models_app.command("pull")
-def models_pull(config: Path | None = CONFIG_OPT) -> None:
+def models_pull(config: str | None = CONFIG_OPT) -> None:
     """Download (and convert) the weights the enabled scorers lack. Needs internet."""
-    from curate import weights
+    from filters.models import weights
 
     undone = weights.pull(_options(config).models, log=lambda line: console.print(line, highlight=False))
     for line in undone:
@@ -214,9 +235,9 @@ def models_pull(config: Path | None = CONFIG_OPT) -> None:
 
 
 @models_app.command("check")
-def models_check(config: Path | None = CONFIG_OPT) -> None:
+def models_check(config: str | None = CONFIG_OPT) -> None:
     """Verify the checksum of every weights file present; exit 1 on a mismatch."""
-    from curate import weights
+    from filters.models import weights
 
     rows = weights.check(_options(config).models)
     _weights_table(rows, "checksums")
@@ -225,7 +246,7 @@ def models_check(config: Path | None = CONFIG_OPT) -> None:
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="Run directory with a manifest.parquet.")) -> None:
+def report(run_dir: str = typer.Argument(..., help="Run directory: a path or a URI (s3://bucket/run).")) -> None:
     """Write RUN_DIR/report.html: funnel, score histograms with thresholds, styles, image grids."""
     from curate.report import build_report
 
@@ -235,6 +256,14 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory with a manife
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     console.print(f"report: {path}", highlight=False)
+
+
+@app.command("config-doc")
+def config_doc() -> None:
+    """Print the config reference (docs/config.md), generated from the config model."""
+    from curate.config_doc import render
+
+    sys.stdout.write(render())
 
 
 def main() -> None:

@@ -5,17 +5,33 @@ that names the key, what was expected and what was given.
 """
 from __future__ import annotations
 
-import json
+import codecs
+import ipaddress
+import os
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from curate.storage import StorageOptions, absolute
+from curate.storage import Storage, StorageOptions, absolute, is_local
 from filters.buckets import SDXL_BUCKETS
 from filters.models import ModelOptions
 from filters.text import TextOptions
+
+
+def proxy_address(proxy: str) -> tuple[str, int]:
+    """host and port of a `download.proxy` URL (http://HOST:PORT), or ValueError saying what is wrong."""
+    parts = urllib.parse.urlsplit(proxy)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"expected http://HOST:PORT, got {proxy!r}")
+    if parts.username or parts.password:
+        raise ValueError("proxy credentials are not supported (they would be written into the run's config)")
+    if parts.path not in ("", "/") or parts.query or parts.port is None:
+        raise ValueError(f"expected http://HOST:PORT with nothing after the port, got {proxy!r}")
+    return parts.hostname, parts.port
 
 
 class ConfigError(ValueError):
@@ -30,6 +46,9 @@ class InputConfig(_Section):
     paths: list[str] = Field(description="URL manifests (files or globs): parquet, csv, tsv or jsonl")
     format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
         "auto", description="input format; auto picks it from each file's extension")
+    encoding: str = Field("utf-8", description=(
+        "text encoding of csv, tsv and jsonl inputs (any Python codec name: gb18030 reads GBK and GB2312 "
+        "exports too); parquet text is UTF-8 by definition"))
     url_col: str = Field("url", description="column holding the image URL")
     caption_col: str = Field("caption", description="column holding the caption")
     extra_cols: list[str] = Field(default_factory=list, description="input columns carried into every manifest")
@@ -38,40 +57,107 @@ class InputConfig(_Section):
         "order rows by a stable hash of the URL when cutting shards, so one host's URLs spread over "
         "every shard and over the whole run instead of a few tasks (keys follow the shuffled order)"))
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        try:
+            return codecs.lookup(v).name
+        except LookupError:
+            raise ValueError(f"unknown text encoding {v!r} (e.g. utf-8, gb18030, big5)") from None
+
+
+# Bytes per pixel the decode of one image may take at its peak (measured in tests/test_hostile.py:
+# an RGBA or 16-bit image decoded by PIL, composited on white, re-encoded for the resizer).
+DECODE_BYTES_PER_PIXEL = 20
+MIN_BODY_BUFFER_MB = 32
+
 
 class DownloadConfig(_Section):
     thread_count: int = Field(32, ge=1, description="concurrent fetches per download task")
     per_host_connections: int = Field(
         4, ge=1, description="most requests in flight to one host within a download task")
-    timeout: float = Field(10.0, gt=0, description="seconds before a fetch is abandoned")
+    timeout: float = Field(10.0, gt=0, description=(
+        "seconds one fetch may take in all: connect, TLS, headers and body, redirects included (a server "
+        "that drips bytes fails as timeout at this deadline); each DNS lookup gets the time left"))
     retries: int = Field(2, ge=0, description=(
-        "extra attempts per URL after a transient failure (timeout, reset, 429, 5xx); "
-        "404, 410, refused addresses and opt-outs are never retried"))
+        "extra attempts per URL after a transient failure (timeout, reset, 429, 5xx, DNS timeout); "
+        "404, 410, refused addresses, unknown names and opt-outs are never retried"))
     backoff: float = Field(1.0, ge=0, description=(
         "seconds before the first retry; doubled for each further one, with jitter (0.5-1.5x)"))
     max_retry_after: float = Field(60.0, ge=0, description=(
         "longest Retry-After (of a 429 or 503) waited for; longer ones are cut to this"))
     host_window: int = Field(20, ge=2, description=(
-        "recent requests per host watched: when most of them failed transiently, the host is paused"))
+        "a host's last first attempts watched (retries of a URL are not a new sample): when most of "
+        "them failed transiently, and at least 2 x per_host_connections of them, the host is paused"))
     host_pause: float = Field(30.0, ge=0, description=(
         "seconds a failing host is paused before one probe request; doubles while probes fail"))
     max_wait: float = Field(120.0, ge=0, description=(
         "seconds a shard may sit with nothing in flight waiting on paused hosts and retry delays; "
-        "then the rest is given up (error_kind host_unavailable or the last error)"))
+        "then the rest is given up (error_kind host_unavailable or the last error); at once when all that "
+        "waits is on paused hosts that answered none of their requests"))
     dns_ttl: float = Field(300.0, ge=0, description=(
-        "seconds a host's checked addresses (or its refusal) are reused within a task"))
+        "seconds a host's checked addresses (or a refusal: address not allowed, name does not exist) are "
+        "reused within a task; timed-out lookups are never kept"))
     image_size: int = Field(1024, ge=64, description="images whose shorter side is larger are resized to this")
     encode_quality: int = Field(95, ge=50, le=100, description="JPEG quality of the stored image")
-    max_pixels: int = Field(100_000_000, ge=1, description="images claiming more pixels are refused undecoded")
-    user_agent_token: str | None = Field(None, description="token added to the User-Agent, for opt-out lists")
+    max_pixels: int = Field(100_000_000, ge=1, description=(
+        "images claiming more pixels are refused undecoded; also OpenCV's own limit in the download worker"))
+    user_agent_token: str | None = Field(None, description=(
+        "your crawler's name: added to the User-Agent, matched by robots.txt groups and X-Robots-Tag agents"))
+    robots_txt: bool = Field(True, description=(
+        "honour each host's robots.txt (RFC 9309): fetched once per host per task, its rules for "
+        "user_agent_token and for * applied, Crawl-delay a floor on the host's request interval"))
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
         description="X-Robots-Tag directives that make a row count as opted out")
     max_bytes: int = Field(20_000_000, ge=1, description="responses larger than this are refused")
+    memory_mb: int = Field(2560, ge=64, description=(
+        "memory a download task's images may take, MB: the one image being decoded (max_bytes + "
+        f"{DECODE_BYTES_PER_PIXEL} bytes x max_pixels) and the response bodies held in memory (the rest); "
+        "bodies past it spill to the task's scratch disk"))
     allow_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs fetched even though private or loopback (e.g. 127.0.0.1/32 for a local server)")
+    proxy: str | None = Field(None, description=(
+        "http://HOST:PORT of a forward proxy every fetch goes through (HTTPS by CONNECT); null: direct. "
+        "Proxy environment variables are never used for fetches. Targets are still checked against the "
+        "address guard; the proxy's own address needs no allow_networks entry"))
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per download task")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            proxy_address(v)   # ValueError says what is wrong
+        return v
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for n in v:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{n!r} is not a CIDR: {exc}") from None
+        return v
+
+    def decode_reserve(self) -> int:
+        """Bytes set aside in memory_mb for the one image being decoded."""
+        return self.max_bytes + DECODE_BYTES_PER_PIXEL * self.max_pixels
+
+    def body_buffer(self) -> int:
+        """Bytes of response bodies a task holds in memory; the rest spill to its scratch disk."""
+        return self.memory_mb * 2**20 - self.decode_reserve()
+
+    @model_validator(mode="after")
+    def _memory_covers_decode(self) -> "DownloadConfig":
+        need = -(-self.decode_reserve() // 2**20) + MIN_BODY_BUFFER_MB
+        if self.memory_mb < need:
+            raise ValueError(
+                f"memory_mb {self.memory_mb} is too small for max_pixels {self.max_pixels} and max_bytes "
+                f"{self.max_bytes}: decoding one image may take {self.decode_reserve() // 2**20} MB, and "
+                f"{MIN_BODY_BUFFER_MB} MB more hold response bodies; raise memory_mb to {need} or lower max_pixels")
+        return self
 
 
 class ScoreConfig(_Section):
@@ -111,7 +197,9 @@ class DedupeConfig(_Section):
     semantic_threshold: float | None = Field(
         None, gt=0.0, le=1.0,
         description="group images whose embeddings have cosine >= this (needs models.keep_embeddings); null disables")
-    semantic_cluster_size: int = Field(10_000, ge=2, description="average rows per k-means cluster for semantic dedup")
+    semantic_cluster_size: int = Field(10_000, ge=2, description=(
+        "rows per k-means cluster for semantic dedup (coarse clusters are cut down to at most twice this, "
+        "and each cluster's images are compared pair by pair)"))
     captions_per_image: int = Field(
         1, ge=1, description="rows kept per duplicate group, each with a different caption (1: one row per image)")
     partitions: int = Field(16, ge=1, description="Ray partitions the pair search is split into")
@@ -156,9 +244,12 @@ class RebalanceConfig(_Section):
         return self
 
 
+PREFIX = r"[A-Za-z0-9_.-]+"   # write.prefix: what an output shard's name may start with
+
+
 class WriteConfig(_Section):
     samples_per_shard: int = Field(1000, ge=1, description="samples per WebDataset shard; only the last is short")
-    prefix: str = Field("train", pattern=r"^[A-Za-z0-9_.-]+$", description="shard file name prefix")
+    prefix: str = Field("train", pattern=rf"^{PREFIX}$", description="shard file name prefix")
     ocr_caption: str | None = Field(None, description=(
         "template of the .txt caption where OCR read text, e.g. '{caption} 图中文字：{ocr_text}'; null keeps "
         "the caption as it is (ocr_text is in the sample's JSON either way)"))
@@ -270,44 +361,113 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML config with the safe loader, apply --set overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """Read a YAML config (a local path or a URI such as s3://bucket/run/config.yaml) with the safe
+    loader, apply --set overrides, take redacted secrets from the environment, validate."""
+    path = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return resolve(validate(apply_overrides(data, list(overrides)), str(path)))
+    data = apply_overrides(data, list(overrides))
+    if isinstance(data, dict) and isinstance(data.get("storage"), dict):
+        data["storage"] = {**data["storage"], "options": fill_secrets(data["storage"].get("options") or {}, path)}
+    return resolve(validate(data, path))
+
+
+def read_text(path: str) -> str:
+    """A config file's text; a URI is read through the storage module (credentials from the environment)."""
+    try:
+        if is_local(path):
+            return Path(path).read_text(encoding="utf-8")
+        return Storage().read_text(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"config file not found: {path}") from None
 
 
 def resolve(cfg: Config) -> Config:
     """Make run_dir and input paths absolute URIs, once, on the driver: inside a Ray job the
     working directory is not the user's, and a saved config must re-run from anywhere."""
+    refuse_relative_in_job(cfg.run_dir, "run_dir")
+    for p in cfg.input.paths:
+        refuse_relative_in_job(p, "input.paths")
     cfg.run_dir = absolute(cfg.run_dir)
     cfg.input.paths = [absolute(p) for p in cfg.input.paths]
     return cfg
 
 
+def job_working_dir(cwd: Path | None = None) -> Path | None:
+    """The copy of a `ray job submit --working-dir` upload that this process runs in, if it does:
+    Ray unpacks it under its session folder, `.../runtime_resources/working_dir_files/_ray_pkg_<hash>`."""
+    cwd = cwd or Path.cwd()
+    for folder in (cwd, *cwd.parents):
+        if folder.parent.name == "working_dir_files" and folder.parent.parent.name == "runtime_resources":
+            return folder
+    return None
+
+
+def refuse_relative_in_job(uri: str, key: str) -> None:
+    """A relative local path inside a Ray job would resolve into Ray's package cache on the head node
+    (the job "succeeds" and its run sits in a temporary folder): refuse it, saying what to give instead."""
+    if not is_local(uri) or Path(uri.removeprefix("file://")).expanduser().is_absolute():
+        return
+    folder = job_working_dir()
+    if folder is not None:
+        raise ConfigError(f"{key} {uri!r} is a relative path, and this runs inside a Ray job's copy of its "
+                          f"--working-dir ({folder}): it would land in Ray's package cache on the head node, not in "
+                          f"your folder. Give object storage (s3://BUCKET/runs/NAME), or an absolute path on a "
+                          f"filesystem every node mounts (with storage.shared_mount: true)")
+
+
+# -- secrets in storage.options -------------------------------------------------------------------
+
+REDACTED = "<redacted>"
+SECRET_ENV = "CURATE_STORAGE_"   # CURATE_STORAGE_<KEY> gives storage.options.<key> where config.yaml has REDACTED
+SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|signature|sas", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^/@\s]+@")
+
+
+def _secret_env(path: list[str]) -> str:
+    return SECRET_ENV + "_".join(re.sub(r"\W", "_", p).upper() for p in path)
+
+
+def redact_options(options: Any) -> Any:
+    """storage.options with every secret-named value (at any depth) and every password in a URL replaced."""
+    if isinstance(options, dict):
+        return {k: REDACTED if SECRET_NAME.search(str(k)) and v is not None and not isinstance(v, bool)
+                else redact_options(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact_options(v) for v in options]
+    if isinstance(options, str):
+        return URL_PASSWORD.sub(rf"\1{REDACTED}@", options)
+    return options
+
+
+def redact(data: dict) -> dict:
+    """A dumped config (a dict) safe to write or show: storage.options and storage.endpoint_url redacted."""
+    storage = data.get("storage")
+    if not isinstance(storage, dict):
+        return data
+    storage = {**storage, "options": redact_options(storage.get("options") or {})}
+    if isinstance(storage.get("endpoint_url"), str):
+        storage["endpoint_url"] = redact_options(storage["endpoint_url"])
+    return {**data, "storage": storage}
+
+
+def fill_secrets(options: Any, source: str, path: tuple[str, ...] = ()) -> Any:
+    """Each REDACTED value of storage.options from its environment variable, or a ConfigError naming both."""
+    if isinstance(options, dict):
+        return {k: fill_secrets(v, source, (*path, str(k))) for k, v in options.items()}
+    if options != REDACTED:
+        return options
+    env = _secret_env(list(path))
+    if env not in os.environ:
+        raise ConfigError(f"{source}: storage.options.{'.'.join(path)} is {REDACTED} (a run's config.yaml never holds "
+                          f"secrets): set the environment variable {env}, or give it with --set "
+                          f"storage.options.{'.'.join(path)}=...")
+    return os.environ[env]
+
+
 def dump(cfg: Config) -> str:
-    """The resolved config as YAML, every default spelled out."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML, every default spelled out, secrets redacted."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 
-
-def reference(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every config key: the README's table is made from it."""
-    rows = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
-            else None
-        if sub is not None:
-            rows += reference(sub, key + ".")
-            continue
-        if field.is_required():
-            default = "required"
-        else:
-            value = field.get_default(call_default_factory=True)
-            default = json.dumps(value, ensure_ascii=False) if not isinstance(value, dict) else "(see below)"
-        rows.append((key, default, field.description or ""))
-    return rows

@@ -3,25 +3,29 @@
 A pure function of the scores and the config: it never reads an image or loads a model, so
 re-deciding with new thresholds is cheap. Rules fire in the order of manifests.schema.REASONS.
 
-Built for a billion rows: the driver holds shard names, object references and small counts,
-never rows. Work runs in Ray tasks over groups of consecutive input shards ("groups"):
+Built for a billion rows: the driver holds shard names, URIs and small counts, never rows. Work
+runs in Ray tasks over groups of consecutive input shards ("groups") and hash partitions; every
+shuffle between them goes through storage (curate/exchange.py: one object per writer, a slice
+per reader), because a 1B run's 1,000 groups x 500 partitions make pieces under Ray's inline
+limit, which would otherwise be returned into the driver's own memory. Tasks are submitted
+through a bounded window.
 
 1. rules      per group: per-row rules (vectorised, reason codes), and the (caption, image)
               pairs of rows still in, hash-partitioned -> caption reduce: which rows carry a
               caption shared by more than text.max_caption_images images (caption_common).
-2. candidates per group: the rows that passed every per-row rule, hash-partitioned by sha256,
-              by pHash band and by embedding cluster -> edge reduce per partition: chains of
-              equal sha256, verified near pairs, semantic pairs, each reduced to a spanning
-              forest, so a partition returns at most one edge per row it holds.
-3. components one task: connected components over the nodes that have an edge, the best
-              member(s) of each group by dedupe.keep_order, routed back per group as
+2. candidates per group: the rows that passed every per-row rule, as image classes (curate/dedupe.py):
+              each row's attributes to its class's home partition, each class's hash records by
+              band and its embedding by cluster -> pair search per partition -> each home keeps
+              its classes' rows and the pairs it owns, so each pair and each row counts once.
+3. components one task: bounded duplicate groups over the rows that have a pair or a copy, the
+              best member(s) of each group by dedupe.keep_order, routed back per group as
               (row, dup_of) pairs.
 4. finish     per group: duplicates applied, the two rebalance passes (curate/rebalance.py),
               then decisions/{shard}.parquet and its marker. _decided.json is written last.
 
-Memory bound of step 3 (the only global one): about 64 bytes per row that has a duplicate
-edge (edges after forests, preference values, caption hash); 100 M such rows fit a 16 GB
-task. Beyond that the components step needs large-star/small-star rounds (not built).
+Memory bound of step 3 (the only global one): the bytes per row with a pair or a copy that
+bench_scale's scale1b regime measures (docs/scale.md); beyond one task's memory the groups need
+a distributed scheme (not built).
 """
 from __future__ import annotations
 
@@ -36,18 +40,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import Config
-from curate.dedupe import KMEANS_SAMPLE, MAX_BUCKET, components, concat, kmeans, nearest, normalised, partition_edges, partition_of, route, split
+from curate.config import Config, ConfigError
+import curate.dedupe
+from curate.dedupe import (KMEANS_COARSE, KMEANS_SAMPLE, components, concat, home_nodes, kmeans, nearest, normalised,
+                           partition_of, partition_pairs, route, split)
+from curate.exchange import Exchange
 from curate.rebalance import bucket_counts, hashes_in_cut, key_hashes, merge_counts, over_limit, plan_cuts, style_labels, style_limits
 from curate.rundir import RunDir, row_keys, shard_index
-from curate.runtime import Window, log
-from filters.multihash import VIEWS
-from filters.text import text_reasons
-from manifests.schema import REASONS, TEXT, conform
+from curate.runtime import log, windowed
+from filters.registry import COLUMNS, PRODUCER
+from manifests.funnel import Funnel
+from manifests.rules import AFTER_COMMON, BEFORE_COMMON, REASONS, ROW_RULES, RULES, Rule
+from manifests.schema import conform
 
 RAW_INPUTS = ["key", "status", "original_width", "original_height", "sha256"]
-SCORE_INPUTS = ["score_error", "aspect_ratio", "entropy", "edge_density", *TEXT,
-                "phash", "phash_views", "clip_score", "aesthetic", "nsfw", "watermark", "text_area", "style", "graphic"]
 REASONS_LIST = list(REASONS)
 CODES = {name: i for i, name in enumerate(REASONS)}
 NONE = -1
@@ -57,11 +63,79 @@ ROWS_PER_PARTITION = 2_000_000   # rows per shuffle partition; partitions grow w
 
 @dataclass(frozen=True)
 class Job:
-    """What every decide task needs; put in the object store once."""
+    """What every decide task needs; put in the object store once. `on`: the reasons of the row rules
+    that apply (check_rules)."""
     cfg: Config
     run: RunDir
     failed: frozenset[str]
     partitions: int
+    attempt: str
+    max_bucket: int
+    on: frozenset[str]
+
+    def exchange(self, name: str) -> Exchange:
+        return Exchange(self.run, self.attempt, name)
+
+
+class RuleError(ConfigError):
+    """A rule cannot be applied to the scores on disk: the message names the scorer or key to change."""
+
+
+def score_inputs(cfg: Config) -> list[str]:
+    """The score columns decide reads: every rule's, and the dedupe preference's (dedupe.keep_order)."""
+    wanted = [c for r in RULES for c in r.columns] + list(cfg.dedupe.keep_order)
+    return [c for c in dict.fromkeys(wanted) if c in COLUMNS]
+
+
+def _scorer_on(cfg: Config, column: str) -> bool:
+    from filters.registry import BY_NAME
+
+    scorer = BY_NAME[PRODUCER[column]]
+    return not scorer.optional or scorer.name in cfg.models.enabled
+
+
+def _set_by_user(cfg: Config, key: str) -> bool:
+    """A threshold whose default is null was given a value: its rule is asked for, not merely on by default."""
+    section, name = key.rsplit(".", 1)
+    parent = cfg
+    for part in section.split("."):
+        parent = getattr(parent, part)
+    return type(parent).model_fields[name].default is None
+
+
+def check_rules(cfg: Config, columns: set[str]) -> tuple[frozenset[str], dict[str, str]]:
+    """Which row rules apply to scores with these columns: (reasons on, {reason: why off}).
+
+    A rule is off when its threshold is null, or when the scorer writing its column is not enabled
+    and the rule is on only by its default (filters.nsfw_max without the nsfw scorer). A threshold
+    the user set for a scorer that is not enabled, or an enabled scorer's column missing from the
+    scores, stops decide with the scorer to enable or re-run: never a rule that silently never fires.
+    """
+    on: set[str] = set()
+    off: dict[str, str] = {}
+    for rule in ROW_RULES:
+        if not rule.active(cfg):
+            off.setdefault(rule.reason, f"{rule.threshold} is null")
+            continue
+        scored = [c for c in rule.columns if c in COLUMNS]
+        disabled = [c for c in scored if not _scorer_on(cfg, c)]
+        if disabled:
+            scorer = PRODUCER[disabled[0]]
+            if rule.threshold and _set_by_user(cfg, rule.threshold):
+                raise RuleError(f"{rule.threshold} is set but the {scorer} scorer, which writes {disabled[0]}, is not "
+                                f"enabled: add {scorer} to models.enabled, or set {rule.threshold}: null")
+            off.setdefault(rule.reason, f"the {scorer} scorer is not enabled (models.enabled)")
+            continue
+        missing = [c for c in scored if c not in columns]
+        if missing:
+            raise RuleError(f"rule {rule.reason} reads {missing[0]}, which the scores on disk lack: the "
+                            f"{PRODUCER[missing[0]]} scorer has not run on them; run `curate score` (or `curate run`)")
+        on.add(rule.reason)
+    for name in cfg.dedupe.keep_order:
+        if name != "pixels" and name not in COLUMNS:
+            raise RuleError(f"dedupe.keep_order names {name!r}, which no scorer writes; choose from pixels or "
+                            f"{sorted(c for c, col in COLUMNS.items() if pa.types.is_floating(col.type))}")
+    return frozenset(on - set(off)), off
 
 
 # -- reading and per-row rules ---------------------------------------------------------------
@@ -74,7 +148,7 @@ def read_shard(job: Job, shard: str) -> pa.Table:
     table = storage.read_parquet(run.raw_table(shard) if downloaded else run.input_shard(shard),
                                  columns=RAW_INPUTS + style_column)
     if shard not in job.failed:
-        scores = storage.read_parquet(run.scores(shard), columns=["key", *SCORE_INPUTS])
+        scores = storage.read_parquet(run.scores(shard), columns=["key", *score_inputs(job.cfg)])
         if not scores.column("key").equals(table.column("key")):
             raise ValueError(f"scores/{shard}.parquet does not hold the rows of raw/{shard}.parquet")
         for name in scores.column_names[1:]:
@@ -94,41 +168,36 @@ def _apply(code: np.ndarray, name: str, fails: np.ndarray) -> None:
     code[(code == NONE) & fails] = CODES[name]
 
 
-def early_codes(t: pa.Table, cfg: Config, failed: bool) -> np.ndarray:
+def rule_codes(t: pa.Table, cfg: Config, rules: tuple[Rule, ...], on: frozenset[str]) -> np.ndarray:
+    """Reason codes of `rules` (the first that fires), each evaluated on the rows still in."""
+    code = np.full(t.num_rows, NONE, np.int8)
+    values: dict[str, np.ndarray] = {}
+    for rule in rules:
+        if rule.reason not in on:
+            continue
+        alive = np.flatnonzero(code == NONE)
+        if not len(alive):
+            break
+        for c in rule.columns:
+            if c not in values:
+                if c not in t.column_names:
+                    raise RuleError(f"rule {rule.reason} reads {c}, which this shard's files lack")
+                values[c] = t.column(c).to_numpy(zero_copy_only=False)
+        fails = rule.fails({c: values[c][alive] for c in rule.columns}, cfg)
+        code[alive[fails]] = CODES[rule.reason]
+    return code
+
+
+def early_codes(t: pa.Table, job: Job, failed: bool) -> np.ndarray:
     """Reason codes of the rules before caption_common (the ones it counts survivors of)."""
-    f = cfg.filters
-    code = np.full(t.num_rows, NONE, np.int8)
     if failed:
-        code[:] = CODES["shard_failed"]
-        return code
-    _apply(code, "download_failed", pc.not_equal(t.column("status"), "success").fill_null(True).to_numpy(False))
-    _apply(code, "decode_error", pc.is_valid(t.column("score_error")).to_numpy(False))
-    min_side = np.minimum(_num(t, "original_width"), _num(t, "original_height"))
-    _apply(code, "too_small", ~(min_side >= f.min_side))
-    _apply(code, "bad_aspect", ~(_num(t, "aspect_ratio") <= f.max_aspect_ratio))
-    _apply(code, "low_texture", ~((_num(t, "entropy") >= f.min_entropy) & (_num(t, "edge_density") >= f.min_edge_density)))
-    alive = np.flatnonzero(code == NONE)
-    sub = t.take(pa.array(alive))
-    text = {c: sub.column(c).to_numpy(zero_copy_only=False) for c in TEXT}
-    names = text_reasons(text, cfg.text)
-    code[alive] = np.array([CODES[n] if n else NONE for n in names], np.int8)
-    return code
+        return np.full(t.num_rows, CODES["shard_failed"], np.int8)
+    return rule_codes(t, job.cfg, BEFORE_COMMON, job.on)
 
 
-def late_codes(t: pa.Table, cfg: Config) -> np.ndarray:
+def late_codes(t: pa.Table, job: Job) -> np.ndarray:
     """Reason codes of the score rules after caption_common."""
-    f = cfg.filters
-    code = np.full(t.num_rows, NONE, np.int8)
-    for name, col, bad in (("nsfw", "nsfw", lambda x: x >= f.nsfw_max),
-                           ("watermark", "watermark", lambda x: x >= f.watermark_max),
-                           ("text_heavy", "text_area", lambda x: x > f.text_area_max),
-                           ("low_clip", "clip_score", lambda x: x < f.clip_min if f.clip_min is not None else False),
-                           ("low_aesthetic", "aesthetic",
-                            lambda x: x < f.aesthetic_min if f.aesthetic_min is not None else False)):
-        values = _num(t, col)
-        with np.errstate(invalid="ignore"):
-            _apply(code, name, np.isfinite(values) & bad(values))
-    return code
+    return rule_codes(t, job.cfg, AFTER_COMMON, job.on)
 
 
 def hash64(column: pa.ChunkedArray) -> np.ndarray:
@@ -138,33 +207,40 @@ def hash64(column: pa.ChunkedArray) -> np.ndarray:
 
 # -- step 1: rules and caption counts --------------------------------------------------------
 
-def group_rules(job: Job, shards: list[str]) -> list[dict]:
+def group_rules(job: Job, index: int, shards: list[str]) -> dict:
     """(caption hash, image hash, row) of rows still in after the early rules, by caption partition."""
     out = []
     for shard in shards:
         t = read_shard(job, shard)
-        alive = early_codes(t, job.cfg, shard in job.failed) == NONE
+        alive = early_codes(t, job, shard in job.failed) == NONE
         if alive.any():
             sub = t.filter(pa.array(alive))
             out.append({"caption": hash64(sub.column("caption_norm")), "image": hash64(sub.column("sha256")),
                         "row": sub.column("row_id").to_numpy()})
     cols = concat(tuple(out)) if out else {"caption": np.empty(0, np.uint64), "image": np.empty(0, np.uint64),
                                             "row": np.empty(0, np.int64)}
-    return split(partition_of(cols["caption"], job.partitions), job.partitions, **cols)
+    return {"bytes": job.exchange("rules").write(index, split(partition_of(cols["caption"], job.partitions),
+                                                                job.partitions, **cols))}
 
 
-def common_rows(limit: int, groups: int, bounds: np.ndarray, *parts: dict) -> list[np.ndarray]:
-    """Rows whose caption is shared by more than `limit` distinct images, routed back per group."""
-    cols = concat(parts)
+def common_rows(job: Job, p: int, groups: int, bounds: np.ndarray) -> dict:
+    """Rows whose caption is shared by more than text.max_caption_images distinct images, routed
+    back per group."""
+    cols = concat(job.exchange("rules").read(groups, p))
     order = np.lexsort((cols["image"], cols["caption"]))
     cap, img = cols["caption"][order], cols["image"][order]
     new_pair = np.r_[True, (cap[1:] != cap[:-1]) | (img[1:] != img[:-1])]
     new_cap = np.r_[True, cap[1:] != cap[:-1]]
     starts = np.flatnonzero(new_cap)
     distinct = np.add.reduceat(new_pair.astype(np.int64), starts) if len(cap) else np.empty(0, np.int64)
-    common = np.repeat(distinct > limit, np.diff(np.r_[starts, len(cap)]))
+    common = np.repeat(distinct > job.cfg.text.max_caption_images, np.diff(np.r_[starts, len(cap)]))
     rows = np.sort(cols["row"][order][common])
-    return _route(rows, groups, bounds)
+    return {"bytes": job.exchange("common").write(p, [{"row": r} for r in _route(rows, groups, bounds)])}
+
+
+def common_of(job: Job, index: int) -> np.ndarray:
+    """The caption_common rows of group `index`, from every partition."""
+    return np.concatenate([part["row"] for part in job.exchange("common").read(job.partitions, index)])
 
 
 def _route(rows: np.ndarray, groups: int, bounds: np.ndarray) -> list[np.ndarray]:
@@ -178,10 +254,12 @@ def _route(rows: np.ndarray, groups: int, bounds: np.ndarray) -> list[np.ndarray
 def survivors(job: Job, shard: str, common: np.ndarray) -> tuple[pa.Table, np.ndarray]:
     """A shard's table and reason codes after every per-row rule, caption_common included."""
     t = read_shard(job, shard)
-    code = early_codes(t, job.cfg, shard in job.failed)
+    code = early_codes(t, job, shard in job.failed)
+    if shard in job.failed:
+        return t, code
     is_common = np.isin(t.column("row_id").to_numpy(), common)
     _apply(code, "caption_common", is_common)
-    late = late_codes(t, job.cfg)
+    late = late_codes(t, job)
     code = np.where(code == NONE, late, code).astype(np.int8)
     return t, code
 
@@ -212,13 +290,15 @@ def _load_npy(run: RunDir, shard: str) -> np.ndarray:
     return np.load(io.BytesIO(run.storage.read_bytes(run.embeddings(shard))))
 
 
-def group_candidates(job: Job, shards: list[str], centroids: np.ndarray | None, *common: np.ndarray) -> list[dict]:
-    """Every surviving row of a group, routed to the partitions of its sha256, pHash bands and cluster."""
+def group_candidates(job: Job, index: int, shards: list[str], clusters: int) -> dict:
+    """Every surviving row of a group, routed as image classes: search records to the partitions
+    of their sha256, pHash bands and cluster; each row's attributes to its class's home."""
     d = job.cfg.dedupe
-    common_rows = np.concatenate(common) if common else np.empty(0, np.int64)
+    common = common_of(job, index)
+    centroids = job.exchange("centroids").read(1, 0)[0]["centroids"] if clusters else None
     nodes = []
     for shard in shards:
-        t, code = survivors(job, shard, common_rows)
+        t, code = survivors(job, shard, common)
         alive = code == NONE
         if not alive.any():
             continue
@@ -232,15 +312,18 @@ def group_candidates(job: Job, shards: list[str], centroids: np.ndarray | None, 
             emb, ok = normalised(_load_npy(job.run, shard)[alive])
             node["semantic"] = (ok, nearest(emb, centroids), emb.astype(np.float16))
         nodes.append(node)
-    return route(nodes, d.exact, d.phash_max_distance, len(d.keep_order), job.partitions)
+    search, classes = route(nodes, d.exact, d.phash_max_distance, len(d.keep_order), job.partitions)
+    return {"bytes": job.exchange("search").write(index, search) + job.exchange("classes").write(index, classes),
+            "survivors": int(sum(len(n["row"]) for n in nodes))}
 
 
-def fit_centroids(run: RunDir, shards: list[str], rows: int, cluster_size: int) -> np.ndarray | None:
-    """k-means centroids from a fixed-seed sample of at most KMEANS_SAMPLE embeddings, read from
-    evenly spaced shards, so the clusters are the same on every run."""
+def fit_centroids(job: Job, shards: list[str], rows: int) -> dict:
+    """Coarse k-means centroids (at most KMEANS_COARSE; the partitions split their clusters down to
+    dedupe.semantic_cluster_size) from a fixed-seed sample of at most KMEANS_SAMPLE embeddings, read
+    from evenly spaced shards, so the clusters are the same on every run. They go to storage, and
+    the driver learns only how many there are (0: no embeddings)."""
+    run = job.run
     have = [s for s in shards if run.storage.exists(run.embeddings(s))]
-    if not have:
-        return None
     rng = np.random.default_rng(0)
     sample, taken = [], 0
     for shard in have[::max(1, len(have) * 10_000 // KMEANS_SAMPLE)]:
@@ -250,20 +333,53 @@ def fit_centroids(run: RunDir, shards: list[str], rows: int, cluster_size: int) 
         taken += len(pick)
         if taken >= KMEANS_SAMPLE:
             break
+    if taken < 2:
+        return {"clusters": 0}
     sample = np.concatenate(sample)
-    if len(sample) < 2:
-        return None
-    return kmeans(sample, max(1, min(len(sample), round(rows / cluster_size))))
+    k = max(1, min(len(sample), KMEANS_COARSE, round(rows / job.cfg.dedupe.semantic_cluster_size)))
+    job.exchange("centroids").write(0, [{"centroids": kmeans(sample, k)}])
+    return {"clusters": k}
 
 
-# -- step 3 runs dedupe.components; step 4: rebalance counts and decisions ---------------------------------------------------
+def partition_search(job: Job, p: int, groups: int) -> dict:
+    """Partition p's verified class pairs, each sent to the homes of both its classes."""
+    d = job.cfg.dedupe
+    pairs, counts = partition_pairs(d.phash_max_distance, d.semantic_threshold, job.max_bucket,
+                                    d.semantic_cluster_size, job.exchange("search").read(groups, p))
+    home_a, home_b = partition_of(pairs["a"], job.partitions), partition_of(pairs["b"], job.partitions)
+    both = home_a != home_b
+    routed = {k: np.concatenate([v, v[both]]) for k, v in pairs.items()}
+    counts["bytes"] = job.exchange("pairs").write(p, split(np.concatenate([home_a, home_b[both]]), job.partitions,
+                                                           **routed))
+    return counts
 
-def group_state(job: Job, shards: list[str], dups: dict, *common: np.ndarray) -> tuple[list, dict]:
+
+def home(job: Job, q: int, groups: int) -> dict:
+    """Home partition q: its classes' rows that have a pair or a copy, and the pairs it owns."""
+    nodes = home_nodes(q, job.partitions, job.exchange("classes").read(groups, q),
+                       job.exchange("pairs").read(job.partitions, q))
+    return {"bytes": job.exchange("homes").write(q, [nodes]), "rows": int(len(nodes["row"]))}
+
+
+def group_components(job: Job, groups: int, bounds: np.ndarray) -> dict:
+    """The bounded duplicate groups over every home, written per decide group."""
+    parts = job.exchange("homes").read(job.partitions, 0)
+    dups, counts = components(job.cfg.dedupe.captions_per_image, groups, bounds, parts)
+    counts["bytes_in"] = int(sum(v.nbytes for part in parts for v in part.values()))
+    counts["rows"] = int(sum(len(part["row"]) for part in parts))
+    counts["bytes"] = job.exchange("dups").write(0, dups)
+    return counts
+
+
+# -- step 4: rebalance counts and decisions ----------------------------------------------------
+
+def group_state(job: Job, index: int, shards: list[str]) -> tuple[list, dict]:
     """Reason codes and dup_of per shard after duplicates, and the style counts per hash bucket."""
-    common_rows = np.concatenate(common) if common else np.empty(0, np.int64)
+    common = common_of(job, index)
+    dups = job.exchange("dups").read_one(0, index)
     states, counts = [], []
     for shard in shards:
-        t, code = survivors(job, shard, common_rows)
+        t, code = survivors(job, shard, common)
         row = t.column("row_id").to_numpy()
         hit = np.isin(row, dups["row"])
         where = np.searchsorted(dups["row"], row[hit])
@@ -345,63 +461,81 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
             return previous["funnel"]
     if not dry_run:
         storage.delete(run.decided)   # from here on, write refuses the decisions until they are whole
+    on, off = check_rules(cfg, set(storage.parquet(run.scores(min(scored))).schema_arrow.names))
+    for reason, why in off.items():
+        log.info("decide: rule %s is off: %s", reason, why)
     plan = storage.read_json(run.plan)
     partitions = max(cfg.dedupe.partitions, math.ceil(plan["rows"] / ROWS_PER_PARTITION))
-    job = ray.put(Job(cfg, run, frozenset(failed), partitions))
+    attempt = uuid.uuid4().hex[:12]
+    storage.delete_dir(Exchange.folder(run))   # what a killed attempt left (the lease keeps out live ones)
+    job = ray.put(Job(cfg, run, frozenset(failed), partitions, attempt, curate.dedupe.MAX_BUCKET, on))
     groups = groups_of(shards, cfg.input.shard_rows)
     bounds = np.array([shard_index(g[0]) for g in groups] + [shard_index(shards[-1]) + 1], np.int64)
     G, P = len(groups), partitions
-    rules = [_fan(group_rules, P)(job, g) for g in groups]
-    common = [_fan(common_rows, G)(cfg.text.max_caption_images, G, bounds, *[r[p] for r in rules])
-              for p in range(P)]
-    centroids = None
+    shuffled = {"rules": _each(group_rules, [(job, i, g) for i, g in enumerate(groups)]),
+                "common": _each(common_rows, [(job, p, G, bounds) for p in range(P)])}
+    clusters = 0
     if cfg.dedupe.semantic_threshold is not None:
-        centroids = ray.remote(num_cpus=1)(fit_centroids).remote(run, sorted(scored), plan["rows"],
-                                                                 cfg.dedupe.semantic_cluster_size)
-        if ray.get(centroids) is None:
+        (fitted,) = _each(fit_centroids, [(job, sorted(scored), plan["rows"])])
+        clusters = fitted["clusters"]
+        if not clusters:
             log.warning("decide: dedupe.semantic_threshold is set but no embeddings were kept "
                         "(models.keep_embeddings): semantic dedup skipped")
-    cands = [_fan(group_candidates, P)(job, g, centroids, *[c[i] for c in common]) for i, g in enumerate(groups)]
-    edges = [_fan(partition_edges, 2)(cfg.dedupe.phash_max_distance, cfg.dedupe.semantic_threshold,
-                                      *[c[p] for c in cands]) for p in range(P)]
-    skipped = sum(ray.get([e[1] for e in edges]))
-    dups = _fan(components, G)(cfg.dedupe.captions_per_image, G, bounds, *[e[0] for e in edges])
-    states = [_fan(group_state, 2)(job, g, dups[i], *[c[i] for c in common]) for i, g in enumerate(groups)]
-    del rules, cands, edges
+    candidates = _each(group_candidates, [(job, i, g, clusters) for i, g in enumerate(groups)])
+    searched = _each(partition_search, [(job, p, G) for p in range(P)])
+    homes = _each(home, [(job, q, G) for q in range(P)])
+    (comp,) = _each(group_components, [(job, G, bounds)])
+    shuffled.update(candidates=candidates, pairs=searched, homes=homes, dups=[comp])
+    states = [_fan(group_state, 2)(job, i, g) for i, g in enumerate(groups)]
     limits, styles = _rebalance_limits(cfg, [s[0] for s in states], [s[1] for s in states])
-    attempt = uuid.uuid4().hex[:12]
     write = ray.remote(num_cpus=1)(write_group)
     per_shard: dict[str, dict] = {}
-    window = Window()
-    for i, s in enumerate(states):
-        for result in window.submit(write.remote(job, s[0], limits, attempt, not dry_run), i).values():
-            _collect(result, per_shard)
-    for result in window.drain().values():
+    groups_decided = [s[0] for s in states]
+    del states
+    for _, result in windowed(range(len(groups_decided)),
+                              lambda i: write.remote(job, groups_decided[i], limits, attempt, not dry_run)):
         _collect(result, per_shard)
-    result = _funnel(per_shard)
-    if skipped:
-        log.warning("decide: %d hashes sat in pHash sub-band buckets larger than %d and were not compared",
-                    skipped, MAX_BUCKET)
+    storage.delete_dir(Exchange.folder(run, attempt))
+    result = Funnel.total(per_shard).to_dict()
+    report = dedupe_report(shuffled, comp, sum(c["survivors"] for c in candidates))
     if not dry_run:
         storage.write_json(run.decided, {"fingerprint": fp, "attempt": attempt, "funnel": result, "styles": styles,
-                                              "dedupe": {"near_dup_skipped_hashes": skipped}})
-    log.info("decide: %d rows, %d kept", result["rows_in"], result["kept"])
+                                         "rules_off": off, "dedupe": report})
+    log.info("decide: %d rows, %d kept; %d duplicate groups, the largest of %d rows", result["rows_in"],
+             result["kept"], report["groups"]["count"], report["groups"]["largest"])
     return result
+
+
+def dedupe_report(shuffled: dict[str, list[dict]], comp: dict, survivors: int) -> dict:
+    """_decided.json's `dedupe` section: the groups (sizes histogram: rows per group, the
+    representative included), what the components task held, and the bytes each shuffle moved."""
+    return {"groups": {"count": comp["groups"], "rows": comp["rows_in_groups"], "largest": comp["largest"],
+                       "size_histogram": comp["size_histogram"]},
+            "components": {"rows": comp["rows"], "pairs": comp["pairs"], "same_edges": comp["same_edges"],
+                           "bytes": comp["bytes_in"]},
+            "survivors": survivors,
+            "split_buckets": sum(s["split_buckets"] for s in shuffled["pairs"]),
+            "shuffle_bytes": {name: sum(s["bytes"] for s in stats) for name, stats in shuffled.items()}}
+
+
+def _each(f, calls: list[tuple]) -> list:
+    """f(*args) for each args tuple as Ray tasks through a bounded window; results in call order.
+    A failed task fails decide (its error is the message)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(f)
+    out = dict(windowed(range(len(calls)), lambda i: task.remote(*calls[i])))
+    for i, result in out.items():
+        if isinstance(result, str):
+            raise RuntimeError(f"decide: {f.__name__} task {i} failed: {result}")
+    return [out[i] for i in range(len(calls))]
 
 
 def _fan(f, n: int):
     """`f` as a Ray task whose list result comes back as n separate object references."""
     import ray
 
-    if n == 1:
-        single = ray.remote(num_cpus=1)(_only)
-        return lambda *args: [single.remote(f, *args)]
     return ray.remote(num_cpus=1, num_returns=n)(f).remote
-
-
-def _only(f, *args):
-    (result,) = f(*args)
-    return result
 
 
 def _collect(result, per_shard: dict) -> None:
@@ -421,13 +555,3 @@ def _rebalance_limits(cfg: Config, state_refs: list, count_refs: list) -> tuple[
     found = [f for part in ray.get([gather.remote(s, cuts) for s in state_refs]) for f in part]
     return style_limits(cuts, found), report
 
-
-def _funnel(per_shard: dict[str, dict]) -> dict:
-    """Rows in, dropped per reason in rule order, kept: summed from per-shard counts."""
-    dropped: dict[str, int] = {}
-    for info in per_shard.values():
-        for r, n in info["reasons"].items():
-            dropped[r] = dropped.get(r, 0) + n
-    return {"rows_in": sum(i["rows"] for i in per_shard.values()),
-            "dropped": {r: dropped[r] for r in REASONS if r in dropped},
-            "kept": sum(i["kept"] for i in per_shard.values())}

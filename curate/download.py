@@ -3,11 +3,15 @@
 Why not img2dataset's Downloader any more: its thread pool takes URLs in input order, so a
 per-host cap would stall every thread behind one busy host and a Retry-After would hold a
 thread asleep. `HostQueue` (curate/hosts.py) decides which URL a fetch thread takes next;
-`Fetcher` (curate/fetch.py) fetches it behind the address guard. img2dataset's Resizer still
-decodes, resizes and re-encodes every image, on this task's main thread (it swaps stdout with
-os.dup2, which threads cannot share). The result keeps img2dataset's shape: fetched images
-under our keys in raw/{shard}.tar, and every input row in raw/{shard}.parquet with its
-status, error and error_kind.
+`Fetcher` (curate/fetch.py) fetches it behind the address guard, and robots.txt requests
+(curate/robots.py) go through the same fetcher. img2dataset's Resizer still resizes and
+re-encodes every image, on this task's main thread (it swaps stdout with os.dup2, which
+threads cannot share), but only bytes whose format and size PIL identified first ever reach a
+decoder (`_Images`). The result keeps img2dataset's shape: fetched images under our keys in
+raw/{shard}.tar, and every input row in raw/{shard}.parquet with its status, error and error_kind.
+
+Memory: the task's response bodies share one `Budget` (download.memory_mb less the decode
+reserve) and spill to the task's scratch folder past it; one image is decoded at a time.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import io
 import os
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -29,8 +34,10 @@ import pyarrow as pa
 from PIL import Image
 
 from curate.config import Config, DownloadConfig
-from curate.fetch import Fetched, Fetcher, host_of, scheme_error
+from curate.fetch import Budget, Fetched, Fetcher, host_of, scheme_error
 from curate.hosts import HostQueue, Job, host_summary
+from curate.robots import ROBOTS_MAX_BYTES
+from curate.runtime import log
 from curate.rundir import RunDir
 from curate.storage import Storage
 from curate.tario import TarWriter
@@ -53,15 +60,43 @@ class Row:
     sha256: str | None = None
 
 
-class _Images:
-    """img2dataset's Resizer behind two checks its OpenCV decode lacks.
+# Formats handed to OpenCV as served, by the magic at offset 0 that OpenCV's own sniffing reads too
+# (it tries its decoders in turn, HDR, PAM, PFM, ... included), so the decoder is the one PIL named.
+_OPENCV_MAGIC = {"JPEG": (b"\xff\xd8\xff",), "MPO": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",),
+                 "WEBP": (b"RIFF",)}
+# Modes OpenCV decodes to at most three 8-bit channels. Others (alpha, 16-bit) are decoded by PIL:
+# img2dataset mattes a 4-channel array in float64, about 70 bytes per pixel.
+_OPENCV_MODES = {"1", "L", "P", "RGB", "CMYK", "YCbCr"}
 
-    The header is read first (PIL, no pixel decode): an image claiming more than max_pixels
-    is refused before any allocation, and 16-bit images, which OpenCV would store as
-    black JPEGs, are brought to 8 bits.
+
+def _opencv_reads(img: Image.Image, head: bytes) -> bool:
+    magics = _OPENCV_MAGIC.get(img.format or "")
+    if not magics or img.mode not in _OPENCV_MODES or "transparency" in img.info:
+        return False
+    return head.startswith(magics) and (img.format != "WEBP" or head[8:12] == b"WEBP")
+
+
+def limit_opencv(max_pixels: int) -> bool:
+    """Set OpenCV's pixel limit (OPENCV_IO_MAX_IMAGE_PIXELS, read once when cv2 loads) to max_pixels;
+    False when cv2 was loaded before, which keeps its own limit (2^30): the identify-first check in
+    `_Images` is what holds the line either way."""
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+    return "cv2" not in sys.modules
+
+
+class _Images:
+    """img2dataset's Resizer behind an identify-first check.
+
+    PIL reads the header (no pixel decode): bytes it cannot identify are refused, an image claiming
+    more than max_pixels is refused before any allocation, and only then does a decoder run. JPEG,
+    PNG and WebP of up to three 8-bit channels go to OpenCV as served; every other format or mode
+    is decoded by PIL itself, the parser that identified it (alpha composited on white, 16 bits
+    brought to 8), and handed on as a fast PNG.
     """
 
     def __init__(self, cfg: DownloadConfig):
+        if not limit_opencv(cfg.max_pixels):
+            log.info("download: OpenCV was loaded before this task; its pixel limit stays its own")
         from img2dataset.resizer import Resizer
 
         self.resizer = Resizer(image_size=cfg.image_size, resize_mode="keep_ratio", resize_only_if_bigger=True,
@@ -69,20 +104,27 @@ class _Images:
         self.max_pixels = cfg.max_pixels
 
     def __call__(self, body: bytes) -> tuple[bytes | None, Row]:
-        stream = io.BytesIO(body)
         try:
-            img = Image.open(stream)
+            img = Image.open(io.BytesIO(body))
             width, height = img.size
         except Image.DecompressionBombError as exc:
             return None, Row("failed_to_resize", f"image too large: {exc}", "too_large")
-        except Exception:  # not for PIL: let OpenCV try, and say why it fails
-            img = None
-        if img is not None and width * height > self.max_pixels:
+        except Exception:  # noqa: BLE001 - whatever it is, no decoder may see it
+            return None, Row("failed_to_resize", "not an image format identified before decoding", "not_an_image")
+        if width * height > self.max_pixels:
             return None, Row("failed_to_resize", f"image too large: {width}x{height} pixels", "too_large")
-        if img is not None and img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            stream = io.BytesIO()
-            to_rgb(img).save(stream, format="PNG")
-        stream.seek(0)
+        if _opencv_reads(img, body[:16]):
+            stream = io.BytesIO(body)
+        else:
+            try:
+                rgb = to_rgb(img)
+                stream = io.BytesIO()
+                rgb.save(stream, format="PNG", compress_level=1)
+            except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file of a known format
+                return None, Row("failed_to_resize", f"cannot decode {img.format}: {exc}", "not_an_image")
+            del rgb
+            stream.seek(0)
+        del img
         image, width, height, original_width, original_height, error = self.resizer(stream)
         if error is not None:
             return None, Row("failed_to_resize", error, "not_an_image")
@@ -105,17 +147,28 @@ def _jobs(urls: list[str | None], rows: list[Row | None]) -> list[Job]:
     return jobs
 
 
-def fetch_rows(cfg: DownloadConfig, urls: list[str | None], keys: list[str], tar: TarWriter) -> tuple[list[Row], HostQueue]:
-    """Fetch every URL under the politeness rules; images go into `tar`, one Row per URL comes back."""
+def fetch_rows(cfg: DownloadConfig, urls: list[str | None], keys: list[str], tar: TarWriter,
+               scratch: str | None = None, tls=None) -> tuple[list[Row], HostQueue, Budget]:
+    """Fetch every URL under the politeness rules; images go into `tar`, one Row per URL comes back.
+
+    Bodies past the memory budget spill to `scratch`; `tls` replaces the system's trust store (tests)."""
     rows: list[Row | None] = [None] * len(urls)
     hosts = HostQueue(_jobs(urls, rows), cfg)
-    fetcher = Fetcher(cfg.allow_networks, cfg.max_bytes, cfg.dns_ttl)
-    done: queue.Queue = queue.Queue(maxsize=2 * cfg.thread_count)   # bounds the bodies held in memory
+    budget = Budget(cfg.body_buffer(), scratch)
+    fetcher = Fetcher(cfg.allow_networks, cfg.max_bytes, cfg.dns_ttl, proxy=cfg.proxy,
+                      lookup_threads=2 * cfg.thread_count + 4, tls=tls, budget=budget)
+    done: queue.Queue = queue.Queue(maxsize=2 * cfg.thread_count)   # bodies waiting for the decoder
     last: dict[int, Fetched] = {}   # each retried row's latest failure, for rows given up on later
 
     def fetch_loop() -> None:
         try:
             while (job := hosts.take()) is not None:
+                if job.robots is not None:
+                    got = fetcher(job.url, cfg.timeout, cfg.user_agent_token, limit=ROBOTS_MAX_BYTES, truncate=True)
+                    hosts.settle_robots(job, got)
+                    if got.body is not None:
+                        got.body.close()
+                    continue
                 got = fetcher(job.url, cfg.timeout, cfg.user_agent_token, cfg.disallowed_header_directives)
                 if hosts.settle(job, got.kind, got.retry_after):
                     done.put((job, got))
@@ -132,35 +185,42 @@ def fetch_rows(cfg: DownloadConfig, urls: list[str | None], keys: list[str], tar
     for t in threads:
         t.start()
     images, running, crashed = _Images(cfg), len(threads), None
-    while running:
-        item = done.get()
-        if item is None:
-            running -= 1
-            continue
-        if isinstance(item, BaseException):
-            crashed = item
-            continue
-        job, got = item
-        row = Row("failed_to_download", got.error, got.kind)
-        if got.body is not None:
-            image, row = images(got.body)
-            if image is not None:
-                tar.add(f"{keys[job.index]}.jpg", image)
-        rows[job.index] = row
-        hosts.record(job, row.error_kind)
+    try:
+        while running:
+            item = done.get()
+            if item is None:
+                running -= 1
+                continue
+            if isinstance(item, BaseException):
+                crashed = item
+                continue
+            job, got = item
+            row = Row("failed_to_download", got.error, got.kind)
+            if got.body is not None:
+                image, row = images(got.body.read())
+                got.body.close()
+                if image is not None:
+                    tar.add(f"{keys[job.index]}.jpg", image)
+            rows[job.index] = row
+            hosts.record(job, row.error_kind)
+    finally:
+        fetcher.close()
     if crashed is not None:
         raise crashed
+    for job, kind, error in hosts.ended:
+        rows[job.index] = Row("rejected", error, kind)
+        hosts.record(job, kind)
     for job in hosts.given_up:
         got = last.get(job.index)
-        rows[job.index] = Row("failed_to_download", f"{got.error}; not retried: the shard's wait budget "
-                                                    f"(download.max_wait) was spent", got.kind) if got else \
-            Row("failed_to_download", f"not fetched: {job.host} stayed paused past the shard's wait budget "
-                                      f"(download.max_wait)", "host_unavailable")
+        rows[job.index] = Row("failed_to_download", f"{got.error}; not retried: {hosts.give_up_reason}",
+                              got.kind) if got else \
+            Row("failed_to_download", f"not fetched: {job.host} was paused and {hosts.give_up_reason}",
+                "host_unavailable")
         hosts.record(job, rows[job.index].error_kind)
     missing = [keys[i] for i, r in enumerate(rows) if r is None]
     if missing:
         raise RuntimeError(f"the fetch loop lost {len(missing)} row(s), e.g. {missing[:3]}")
-    return rows, hosts
+    return rows, hosts, budget
 
 
 def _table(rows: pa.Table, results: list[Row], extra: list[str]) -> pa.Table:
@@ -184,8 +244,8 @@ def download_shard(cfg: Config, shard: str) -> dict:
         images = Path(scratch) / "images.tar"
         with open(images, "wb") as f:
             tar = TarWriter(f)
-            results, hosts = fetch_rows(cfg.download, rows.column("url").to_pylist(),
-                                        rows.column("key").to_pylist(), tar)
+            results, hosts, budget = fetch_rows(cfg.download, rows.column("url").to_pylist(),
+                                                rows.column("key").to_pylist(), tar, scratch)
             tar.close()
         with open(images, "rb") as src, run.storage.open_output(run.raw_tar(shard)) as dest:
             shutil.copyfileobj(src, dest, 1 << 20)
@@ -196,5 +256,6 @@ def download_shard(cfg: Config, shard: str) -> dict:
     kinds = Counter(r.error_kind for r in results if r.error_kind)
     run.mark("download", shard, {"rows": table.num_rows, "success": ok, "tar_bytes": tar_bytes,
                                  "error_kinds": dict(kinds.most_common()), "wait_s": round(hosts.waited, 3),
+                                 "bodies": {"peak_mb": round(budget.peak / 2**20, 1), "spilled": budget.spilled},
                                  "hosts": host_summary(hosts)})
     return {"shard": shard, "rows": table.num_rows, "success": ok, "seconds": time.time() - started}

@@ -14,7 +14,8 @@ position) and cut. Equal input gives equal shards on every run.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +60,44 @@ def _format(path: str, fmt: str) -> str:
         raise ConfigError(f"{path}: cannot tell the format from the extension; set input.format") from None
 
 
-def _batches(path: str, fmt: str, columns: list[str], storage: Storage) -> Iterator[pa.RecordBatch]:
+def _first_bad_line(path: str, encoding: str, storage: Storage) -> int | None:
+    """The first line (1-based) of a text file that is not valid `encoding`, None when every line is."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    number, rest = 1, b""
+    with storage.open_input(path) as f:
+        while chunk := f.read(1 << 20):
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                try:
+                    decoder.decode(line + b"\n")
+                except UnicodeDecodeError:
+                    return number
+                number += 1
+    try:
+        decoder.decode(rest, final=True)
+    except UnicodeDecodeError:
+        return number
+    return None
+
+
+def _text_batches(path: str, fmt: str, columns: list[str], encoding: str,
+                  storage: Storage) -> Iterator[pa.RecordBatch]:
+    """_batches, with a text that is not valid `encoding` named by file, line and the setting to change."""
+    try:
+        yield from _batches(path, fmt, columns, encoding, storage)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        if fmt == "parquet" or (isinstance(exc, pa.ArrowInvalid) and not any(
+                w in str(exc) for w in ("UTF8", "UTF-8", "utf8", "encoding"))):
+            raise
+        line = _first_bad_line(path, encoding, storage)
+        if line is None:
+            raise
+        raise ConfigError(f"{path}: line {line} is not valid {encoding} text; set input.encoding to the file's "
+                          f"encoding (gb18030 reads GBK, GB2312 and GB18030 exports; big5 for traditional "
+                          f"Chinese)") from None
+
+
+def _batches(path: str, fmt: str, columns: list[str], encoding: str, storage: Storage) -> Iterator[pa.RecordBatch]:
     """Stream a file's batches with every wanted column read as text where the format allows."""
     if fmt == "parquet":
         pf = storage.parquet(path)
@@ -69,7 +107,7 @@ def _batches(path: str, fmt: str, columns: list[str], storage: Storage) -> Itera
     if fmt in ("csv", "tsv"):
         reader = pacsv.open_csv(
             storage.open_input(path),
-            read_options=pacsv.ReadOptions(block_size=16 << 20),
+            read_options=pacsv.ReadOptions(block_size=16 << 20, encoding=encoding),
             parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(
                 column_types={c: pa.string() for c in columns}, strings_can_be_null=True),
@@ -78,7 +116,11 @@ def _batches(path: str, fmt: str, columns: list[str], storage: Storage) -> Itera
         for batch in reader:
             yield batch.select(columns)
         return
-    table = pajson.read_json(storage.open_input(path))
+    stream = storage.open_input(path)
+    if encoding != "utf-8":
+        stream = pa.transcoding_input_stream(stream, encoding, "utf-8")
+    table = pajson.read_json(stream)
+    table.validate(full=True)   # the JSON reader does not check UTF-8 itself
     _check_columns(path, table.column_names, columns)
     yield from table.select(columns).to_batches(max_chunksize=65_536)
 
@@ -104,7 +146,7 @@ def _tables(files: list[str], cfg: InputConfig, storage: Storage) -> Iterator[pa
     """The input's rows in input order, as tables of url, caption and the extra columns."""
     wanted = [cfg.url_col, cfg.caption_col, *cfg.extra_cols]
     for path in files:
-        for batch in _batches(path, _format(path, cfg.format), wanted, storage):
+        for batch in _text_batches(path, _format(path, cfg.format), wanted, cfg.encoding, storage):
             yield pa.table(_as_strings(batch, cfg))
 
 
@@ -169,13 +211,14 @@ def _shuffled(files: list[str], cfg: InputConfig, run: RunDir) -> Iterator[pa.Ta
 def signature(cfg: InputConfig) -> dict:
     """What an existing plan was cut from: changing any of it needs a new run directory."""
     return {"paths": list(cfg.paths), "shard_rows": cfg.shard_rows, "url_col": cfg.url_col,
-            "caption_col": cfg.caption_col, "extra_cols": list(cfg.extra_cols), "shuffle": cfg.shuffle}
+            "caption_col": cfg.caption_col, "extra_cols": list(cfg.extra_cols), "shuffle": cfg.shuffle,
+            "encoding": cfg.encoding}
 
 
 def check_plan(cfg: InputConfig, run: RunDir) -> None:
     """Refuse a config whose input differs from the one the run's shards were cut from
-    (a plan recorded before `shuffle` existed was cut in input order)."""
-    recorded = {"shuffle": False, **run.storage.read_json(run.plan).get("input", {})}
+    (a plan recorded before `shuffle` existed was cut in input order; one before `encoding`, from UTF-8)."""
+    recorded = {"shuffle": False, "encoding": "utf-8", **run.storage.read_json(run.plan).get("input", {})}
     changed = {k: (recorded.get(k), v) for k, v in signature(cfg).items() if recorded.get(k) != v}
     if changed:
         lines = "\n".join(f"  - input.{k}: planned with {old!r}, now {new!r}" for k, (old, new) in changed.items())

@@ -1,9 +1,14 @@
 """The four phases in order, each skipping the shards whose done marker exists.
 
-A shard that fails (after Ray's retries), whatever the exception, is recorded in
-failures.json and in the manifest (`shard_failed`), the other shards carry on, and the run
-ends non-zero; running again retries only the shards without markers. The run holds a
-lease on its directory while it works, so a second run on it is refused.
+A shard that fails in any phase (after Ray's retries), whatever the exception, is recorded in
+failures.json (curate/failures.py) and, from score on, in the manifest (`shard_failed`); the
+other shards carry on, and the run ends non-zero while failures.json is not empty, naming each
+shard. A global step that fails (decide's) fails its phase, is recorded as such, and stops the
+phases after it. Running again retries what failed. The run holds a lease on its directory
+while it works, so a second run on it is refused.
+
+timings.json keeps, per phase, the seconds and rows of its last run that did work: a phase with
+nothing to do leaves its entry as it was.
 """
 from __future__ import annotations
 
@@ -11,14 +16,13 @@ import time
 from dataclasses import dataclass, field
 
 from curate import config as config_mod
+from curate import failures
 from curate.config import Config, ConfigError
 from curate.download import download_shard
 from curate.inputs import check_plan
-from curate.rundir import Lease, RunDir
-from curate.runtime import Progress, Window, init_ray, log
+from curate.rundir import PHASES, Lease, RunBusy, RunDir
+from curate.runtime import Progress, check_paths_reach_every_node, error_text, init_ray, log, windowed
 from curate.storage import Storage
-
-PHASES = ("download", "score", "decide", "write")
 
 
 @dataclass
@@ -36,7 +40,8 @@ def open_run(cfg: Config) -> RunDir:
     return RunDir(cfg.run_dir, Storage(cfg.storage))
 
 
-def run_download(cfg: Config, run: RunDir) -> list[dict]:
+def run_download(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
+    """Download every planned shard without a marker; (failures, rows downloaded)."""
     import ray
 
     from curate.inputs import plan
@@ -49,36 +54,29 @@ def run_download(cfg: Config, run: RunDir) -> list[dict]:
     todo = [s for s in shards if s not in done]
     if not todo:
         log.info("download: all %d shards already downloaded, nothing to do", len(shards))
-        return []
+        return [], 0
     remote = ray.remote(num_cpus=cfg.download.num_cpus, max_retries=2, retry_exceptions=True)(download_shard)
     cfg_ref = ray.put(cfg)
-    window = Window()
     progress = Progress("download", len(todo) * cfg.input.shard_rows)
-    failures = []
-
-    def collect(results: dict) -> None:
-        for shard, result in results.items():
-            if isinstance(result, dict):
-                progress.add(result["rows"])
-            else:
-                failures.append({"phase": "download", "shard": shard, "error": result})
-                log.error("download: shard %s failed: %s", shard, result)
-
-    for shard in todo:
-        collect(window.submit(remote.remote(cfg_ref, shard), shard))
-    collect(window.drain())
+    failed: list[dict] = []
+    for shard, result in windowed(todo, lambda shard: remote.remote(cfg_ref, shard)):
+        if isinstance(result, dict):
+            progress.add(result["rows"])
+        else:
+            failed.append(failures.failure("download", shard, result))
+            log.error("download: shard %s failed: %s", shard, result)
     progress.total = progress.done
     progress.finish()
-    return failures
+    return failed, progress.done
 
 
 def check_models(cfg: Config, skip_missing: bool) -> dict:
     """Before Ray starts: stop on missing weights, or (demo) drop the scorers that lack them.
 
-    What ran, what was skipped and whether the weights were random is recorded in models.json,
-    which stats.json and the report repeat.
+    The scorers skipped here are recorded in models.json beside what the score markers say ran
+    (curate/provenance.py summarise), which stats.json and the report repeat.
     """
-    info: dict = {"enabled": list(cfg.models.enabled), "skipped": {}, "weights": cfg.models.weights}
+    info: dict = {"skipped": {}}
     if cfg.models.enabled:
         from filters.models import skipped_when_offline
 
@@ -87,17 +85,11 @@ def check_models(cfg: Config, skip_missing: bool) -> dict:
             lines = "\n".join(f"  - {why}" for why in dict.fromkeys(skipped.values()))
             raise ConfigError(f"models: weights for {sorted(skipped)} are missing:\n{lines}")
         cfg.models.enabled = [s for s in cfg.models.enabled if s not in skipped]
-        info.update(enabled=list(cfg.models.enabled), skipped=skipped)
+        info["skipped"] = skipped
         for scorer, why in skipped.items():
             log.warning("score: skipping %s: %s", scorer, why)
-    from curate.weights import clip_needed, clip_source, weight_files
-
-    info["files"] = weight_files(cfg.models)
-    if clip_needed(cfg.models):   # scores of different CLIP backends are not comparable: say which one ran
-        info["clip_score"] = clip_source(cfg.models)
     if cfg.models.weights == "random" and cfg.models.enabled:
-        info["warning"] = "models ran with RANDOM weights: every model score is meaningless"
-        log.warning(info["warning"])
+        log.warning("models run with RANDOM weights: every model score is meaningless")
     return info
 
 
@@ -107,6 +99,7 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
     models = check_models(cfg, skip_missing_models) if "score" in phases else None
     run = open_run(cfg)
     init_ray(cfg.ray)
+    check_paths_reach_every_node(cfg)
     if dry_run:
         return _phases(cfg, run, phases, models, dry_run)
     with Lease(run):
@@ -116,38 +109,75 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
         return _phases(cfg, run, phases, models, dry_run)
 
 
+# Errors that are the user's to fix before anything can run (exit 2): not failures of the run.
+REFUSALS = (ConfigError, FileNotFoundError, RunBusy)
+
+
 def _phases(cfg: Config, run: RunDir, phases: tuple[str, ...], models: dict | None, dry_run: bool) -> Outcome:
-    if models is not None:
-        run.storage.write_json(run.file("models.json"), models)
     out = Outcome()
-    timings = _read_json(run, "timings.json", {})
+    timings = _read_json(run, run.file("timings.json"), {})
     for phase in phases:
         started = time.time()
-        if phase == "download":
-            out.failures += run_download(cfg, run)
-        elif phase == "score":
-            from curate.score import run_score
-
-            downloaded = run.done("download")
-            out.failures += run_score(cfg, run, [s for s in run.shard_names() if s in downloaded])
-        elif phase == "decide":
-            from curate.decide import run_decide
-
-            out.funnel = run_decide(cfg, run, dry_run=dry_run)
-        elif phase == "write":
-            from curate.write import run_write
-
-            out.stats = run_write(cfg, run.shard_names(), _record_failures(run, out.failures))
-        timings[phase] = round(time.time() - started, 3)
-    if not dry_run:
-        _record_failures(run, out.failures)
-        if out.stats:
-            out.stats["timings"] = timings
-            run.storage.write_json(run.stats, out.stats)
-        run.storage.write_json(run.file("timings.json"), timings)
-        if out.stats:
-            _report(run)
+        try:
+            new, rows = _run_phase(phase, cfg, run, out, models, dry_run)
+        except REFUSALS:
+            raise
+        except Exception as exc:   # a global step failed: the phase fails, and the phases after it cannot run
+            log.exception("%s failed", phase)
+            out.failures = [failures.failure(phase, None, error_text(exc))]
+            if not dry_run:
+                out.failures = failures.record(run, out.failures)
+            break
+        if dry_run:
+            out.failures += new
+            continue
+        out.failures = failures.record(run, new, finished=(phase,))
+        if rows:   # a phase that had nothing to do keeps the timing of its last real run
+            timings[phase] = {"seconds": round(time.time() - started, 3), "rows": rows}
+    if dry_run:
+        return out
+    run.storage.write_json(run.file("timings.json"), timings)
+    if out.stats:
+        out.stats.update(failures=out.failures, timings=timings)
+        run.storage.write_json(run.stats, out.stats)
+        _report(run)
     return out
+
+
+def _run_phase(phase: str, cfg: Config, run: RunDir, out: Outcome, models: dict | None,
+               dry_run: bool) -> tuple[list[dict], int]:
+    """One phase: (its failures, the input rows it worked on; 0 when it had nothing to do)."""
+    if phase == "download":
+        return run_download(cfg, run)
+    if phase == "score":
+        from curate.score import run_score
+
+        from curate.provenance import summarise
+
+        downloaded = run.done("download")
+        failed, todo = run_score(cfg, run, [s for s in run.shard_names() if s in downloaded])
+        if not dry_run:   # what produced the scores on disk, read from their markers, never from the config
+            run.storage.write_json(run.file("models.json"), summarise(run, (models or {}).get("skipped")))
+        return failed, planned_rows(run, set(todo), cfg.input.shard_rows)
+    if phase == "decide":
+        from curate.decide import run_decide
+
+        before = _read_json(run, run.decided, {}).get("attempt")
+        out.funnel = run_decide(cfg, run, dry_run=dry_run)   # up to date: the same attempt, nothing done
+        return [], out.funnel["rows_in"] if _read_json(run, run.decided, {}).get("attempt") != before else 0
+    if phase == "write":
+        from curate.write import run_write
+
+        out.stats = run_write(cfg, run.shard_names())
+        return [], out.stats["funnel"]["rows_in"]
+    raise ValueError(f"unknown phase {phase!r}: expected one of {PHASES}")
+
+
+def planned_rows(run: RunDir, shards: set[str], shard_rows: int) -> int:
+    """Input rows of some shards, from the plan alone: every shard holds shard_rows rows but the last."""
+    plan = run.storage.read_json(run.plan)
+    names = plan["shards"]
+    return len(shards) * shard_rows - (len(names) * shard_rows - plan["rows"] if names[-1] in shards else 0)
 
 
 def _report(run: RunDir) -> None:
@@ -165,17 +195,5 @@ def _report(run: RunDir) -> None:
         log.exception("report: could not write %s; retry with `curate report %s`", run.file("report.html"), run.root)
 
 
-def _read_json(run: RunDir, name: str, default):
-    uri = run.file(name)
+def _read_json(run: RunDir, uri: str, default):
     return run.storage.read_json(uri) if run.storage.exists(uri) else default
-
-
-def _record_failures(run: RunDir, new: list[dict]) -> list[dict]:
-    """failures.json lists the shards still without markers, with the latest error known."""
-    known = {(f["phase"], f["shard"]): f for f in _read_json(run, "failures.json", [])}
-    known.update({(f["phase"], f["shard"]): f for f in new})
-    shards = set(run.shard_names()) if run.storage.exists(run.plan) else set()
-    missing = {phase: shards - run.done(phase) for phase in ("download", "score")}
-    still = [f for (phase, shard), f in sorted(known.items()) if shard in missing.get(phase, set())]
-    run.storage.write_json(run.file("failures.json"), still)
-    return still

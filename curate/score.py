@@ -26,34 +26,53 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data.extensions import ArrowTensorArray
 
+from curate import provenance
 from curate.config import Config, ConfigError
+from curate.provenance import Producer, Work
 from curate.rundir import RunDir
-from curate.runtime import Progress, Window, log
+from curate.runtime import Progress, Window, check_weights_where_actors_run, log, windowed
 from curate.storage import join
-from filters.image import aspect_ratio, decode, image_columns
-from filters.models.options import VIEW_SCORERS, ModelOptions
+from filters.image import aspect_ratio, decode, image_columns, model_views
+from filters.models.options import ModelOptions
+from filters.registry import BY_NAME, SCORERS
 from filters.text import caption_columns
-from manifests.schema import IMAGE, MODEL, TEXT, build, conform
+from manifests.schema import MODEL, build, conform
 
 RAW_FIELDS = ["key", "shard", "caption", "status", "original_width", "original_height"]
+# What a partial re-score reads back from the scores on disk when the CPU scorers are up to date.
+KEPT_INPUTS = ["caption_norm", "score_error"]
 # CPUs each actor reserves: shares, so the CPU tasks always find room beside the pools; an OCR
 # actor runs one onnxruntime thread, so more cores want more models.ocr_actors.
 MODEL_ACTOR_CPUS, OCR_ACTOR_CPUS = 0.5, 0.25
-SCORE_COLUMNS = ["key", "shard", *IMAGE, *TEXT]
 
 
-def read_raw(batch: dict[str, np.ndarray], run: RunDir, rows: int) -> Iterator[dict[str, np.ndarray]]:
+def written_columns(names: frozenset[str]) -> list[str]:
+    """The columns a score run of these scorers writes, in manifest order (key and shard first)."""
+    cols = ["key", "shard", *(c for s in SCORERS if s.name in names for c in s.column_names)]
+    return cols + (["image_embedding"] if "embedding" in names else [])
+
+
+def read_raw(batch: dict[str, np.ndarray], run: RunDir, rows: int,
+             kept: list[str] = ()) -> Iterator[dict[str, np.ndarray]]:
     """Stream a raw shard's rows with their image bytes, `rows` at a time, in tar order.
 
     Memory holds one batch of images, not the shard. Rows without an image (failed downloads)
     follow the tar's. An unreadable or truncated tar marks the rows with `_shard_error`, so the
     shard is recorded as failed and left unscored; a truncated tar also loses its download
-    marker, so the next run downloads the shard again.
+    marker, so the next run downloads the shard again. `kept`: score columns read back from the
+    shard's scores file (a partial re-score), row for row.
     """
     storage = run.storage
     for shard in batch["shard"]:
         storage.delete_dir(run.score_parts(shard))  # parts left by a killed attempt
-        cols = storage.read_parquet(run.raw_table(shard), columns=RAW_FIELDS).to_pydict()
+        raw = storage.read_parquet(run.raw_table(shard), columns=RAW_FIELDS)
+        if kept:
+            old = storage.read_parquet(run.scores(shard), columns=["key", *kept])
+            if not old.column("key").equals(raw.column("key")):
+                raise ValueError(f"scores/{shard}.parquet does not hold the rows of raw/{shard}.parquet")
+            for name in kept:
+                raw = raw.append_column(name, old.column(name))
+        cols = raw.to_pydict()
         index = {key: i for i, key in enumerate(cols["key"])}
         sent = np.zeros(len(index), dtype=bool)
         pending: list[tuple[int, bytes | None]] = []
@@ -96,23 +115,28 @@ def _failed_batch(keys: list, shards: list, exc: BaseException, stage: str) -> p
 
 
 def read_and_score_cpu(batch: dict[str, np.ndarray], run: RunDir, cfg: Config, model_side: int | None,
-                       keep_image: bool, columns: list[str] | None) -> Iterator[pa.Table]:
+                       keep_image: bool, columns: list[str] | None,
+                       scorers: frozenset[str] = frozenset({"image", "caption"})) -> Iterator[pa.Table]:
     """The CPU stage, reading fused in: each shard streamed a batch at a time and scored in the same task.
 
     The image bytes never pass through the object store, and a lone operator gets every CPU
     (beside a separate read, Ray Data's reservations ran one scoring task at a time on 2 CPUs).
-    `columns` set: this is the last stage, so it writes the parts and yields summaries."""
-    for raw in read_raw(batch, run, cfg.score.batch_size):
-        table = score_cpu(raw, cfg, model_side, keep_image)
+    `columns` set: this is the last stage, so it writes the parts and yields summaries. `scorers`:
+    the CPU scorers to run; without them (a partial re-score) their columns the later stages read
+    come back from the scores on disk."""
+    kept = [] if {"image", "caption"} <= scorers else KEPT_INPUTS
+    for raw in read_raw(batch, run, cfg.score.batch_size, kept):
+        table = score_cpu(raw, cfg, model_side, keep_image, scorers)
         yield write_parts(table, run, columns) if columns is not None else table
 
 
-def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None, keep_image: bool = False) -> pa.Table:
+def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None, keep_image: bool = False,
+              scorers: frozenset[str] = frozenset({"image", "caption"})) -> pa.Table:
     """Image and caption metrics for a batch; an unexpected exception fails the batch's shards, not the run.
 
     `keep_image` passes the image bytes on (as `_image`) for the OCR actors."""
     try:
-        table = _score_cpu(batch, cfg, model_side)
+        table = _score_cpu(batch, cfg, model_side, scorers)
     except Exception as exc:
         return _failed_batch(batch["key"].tolist(), batch["shard"].tolist(), exc, "CPU scoring")
     if keep_image:
@@ -120,19 +144,33 @@ def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None,
     return table
 
 
-def _score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None) -> pa.Table:
-    """Image and caption metrics for a batch, from one decode per image, typed by the schema."""
+def _score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None,
+               scorers: frozenset[str]) -> pa.Table:
+    """Image and caption metrics for a batch, from one decode per image, typed by the schema; of the
+    CPU scorers not in `scorers`, only the columns later stages read (KEPT_INPUTS) pass through."""
     decode_side = max(cfg.score.decode_size, model_side or 0)
-    image_cols, views = image_columns(list(batch["_image"]), decode_side=decode_side,
-                                      max_pixels=cfg.download.max_pixels, model_side=model_side)
-    for i, (status, data) in enumerate(zip(batch["status"], batch["_image"])):
-        if status == "success" and data is None:
-            image_cols["score_error"][i] = "image missing from the raw shard"
-    ratio = aspect_ratio(batch["original_width"].astype(float), batch["original_height"].astype(float))
-    table = build({
-        "key": batch["key"].tolist(), "shard": batch["shard"].tolist(), "aspect_ratio": ratio,
-        **image_cols, **caption_columns(list(batch["caption"]), cfg.text),
-    })
+    images = list(batch["_image"])
+    cols: dict[str, object] = {"key": batch["key"].tolist(), "shard": batch["shard"].tolist()}
+    views: list = []
+    if "image" in scorers:
+        image_cols, views = image_columns(images, decode_side=decode_side, max_pixels=cfg.download.max_pixels,
+                                          model_side=model_side)
+        for i, (status, data) in enumerate(zip(batch["status"], images)):
+            if status == "success" and data is None:
+                image_cols["score_error"][i] = "image missing from the raw shard"
+        ratio = aspect_ratio(batch["original_width"].astype(float), batch["original_height"].astype(float))
+        cols.update(aspect_ratio=ratio, **image_cols)
+    else:
+        cols["score_error"] = batch["score_error"].tolist()
+        if model_side:
+            fine = [data if error is None else None for data, error in zip(images, batch["score_error"])]
+            views = model_views(fine, decode_side=decode_side, max_pixels=cfg.download.max_pixels,
+                                model_side=model_side)
+    if "caption" in scorers:
+        cols.update(caption_columns(list(batch["caption"]), cfg.text))
+    else:
+        cols["caption_norm"] = batch["caption_norm"].tolist()
+    table = build(cols)
     table = table.append_column("_shard_error", pa.array(batch["_shard_error"].tolist(), type=pa.string()))
     if model_side:
         column = np.empty(len(views), dtype=object)  # ragged: one array per image, empty when none
@@ -252,12 +290,13 @@ def write_parts(batch: pa.Table, run: RunDir, columns: list[str]) -> pa.Table:
                      "error": pa.array(out["error"], pa.string())})
 
 
-def finish_shard(run: RunDir, shard: str, expected: int) -> str | None:
+def finish_shard(run: RunDir, shard: str, expected: int, work: Work, wanted: dict[str, Producer]) -> str | None:
     """Merge a shard's parts into scores/{shard}.parquet (+ embeddings), drop the parts, mark it done.
 
-    Returns None when done, else why not (rows missing: a retried batch may still be on its way).
-    Idempotent: Ray re-runs a finished task whose result died with its node; that second run
-    finds the marker written and the shard done.
+    A partial re-score (work.partial) joins the new columns to the scores on disk, replacing the
+    re-run scorers' columns and removing those of scorers no longer enabled. Returns None when done,
+    else why not (rows missing: a retried batch may still be on its way). Idempotent: Ray re-runs a
+    finished task whose result died with its node; that second run finds the marker written.
     """
     storage = run.storage
     folder = run.score_parts(shard)
@@ -265,24 +304,48 @@ def finish_shard(run: RunDir, shard: str, expected: int) -> str | None:
         storage.delete_dir(folder)
         return None
     parts = [storage.read_parquet(join(folder, n)) for n in storage.list(folder)]
-    if not parts:
+    if not parts and expected:
         return f"scoring returned 0 of {expected} rows"
-    table = pa.concat_tables(parts, promote_options="permissive").sort_by("key")
-    first = pc.not_equal(table.column("key").slice(1), table.column("key").slice(0, table.num_rows - 1))
-    table = table.filter(pa.concat_arrays([pa.array([True]), first.combine_chunks()])) if table.num_rows else table
-    if table.num_rows != expected:   # a re-executed batch can write overlapping parts: keys count once
+    table = pa.concat_tables(parts, promote_options="permissive").sort_by("key") if parts else None
+    if table is not None and table.num_rows:
+        first = pc.not_equal(table.column("key").slice(1), table.column("key").slice(0, table.num_rows - 1))
+        table = table.filter(pa.concat_arrays([pa.array([True]), first.combine_chunks()]))
+    if table is not None and table.num_rows != expected:   # a re-executed batch can write overlapping parts
         return f"scoring returned {table.num_rows} of {expected} rows"
-    if "image_embedding" in table.column_names:
+    if table is not None and "image_embedding" in table.column_names:
         column = table.column("image_embedding").combine_chunks()
         emb = column.flatten().to_numpy().reshape(len(column), -1).astype(np.float16)
         buf = io.BytesIO()
         np.save(buf, emb)
         storage.write_bytes(run.embeddings(shard), buf.getvalue())
         table = table.drop_columns(["image_embedding"])
-    storage.write_parquet(conform(table), run.scores(shard))
+    if work.partial:
+        table = _join_kept(run, shard, table, work)
+    storage.write_parquet(conform(_ordered(table)), run.scores(shard))
     storage.delete_dir(folder)   # before the marker: a kill in between leaves the shard unscored, never parts behind
-    run.mark("score", shard, {"rows": table.num_rows})
+    run.mark("score", shard, work.marker(table.num_rows, wanted))
     return None
+
+
+def _join_kept(run: RunDir, shard: str, new: pa.Table | None, work: Work) -> pa.Table:
+    """The scores on disk less the re-run and dropped scorers' columns, plus the new columns."""
+    replaced = {c for n in work.run | work.drop for c in BY_NAME[n].column_names}
+    old = run.storage.read_parquet(run.scores(shard))
+    old = old.drop_columns([c for c in old.column_names if c in replaced])
+    if new is None:
+        return old
+    if not new.column("key").equals(old.column("key")):
+        raise ValueError(f"the re-scored rows of shard {shard} are not the rows of scores/{shard}.parquet")
+    for name in new.column_names:
+        if name not in old.column_names:
+            old = old.append_column(name, new.column(name))
+    return old
+
+
+def _ordered(table: pa.Table) -> pa.Table:
+    """Columns in manifest order, whichever run wrote them."""
+    order = {c: i for i, c in enumerate(written_columns(frozenset(BY_NAME)))}
+    return table.select(sorted(table.column_names, key=lambda c: order.get(c, len(order))))
 
 
 def ocr_gpus(cfg: Config) -> float | None:
@@ -327,39 +390,89 @@ def check_room(cfg: Config, views_on: bool, ocr_on: bool, cpus: float, model_act
                           f"models.num_actors, models.ocr_actors or score.num_cpus")
 
 
-def run_score(cfg: Config, run: RunDir, shards: list[str]) -> list[dict]:
-    """Score every downloaded shard without a score marker; return failures (shard, error)."""
+def run_score(cfg: Config, run: RunDir, shards: list[str]) -> tuple[list[dict], list[str]]:
+    """Score every downloaded shard whose scores are not up to date with this config; return the
+    failures and the shards it worked on.
+
+    Per shard, provenance.plan names the scorers to run (new, or their settings, weights or input
+    changed) and the columns to remove (scorers no longer enabled); a shard scored with [nsfw] and
+    now asked for [nsfw, ocr] runs OCR alone and gains its columns. A shard's marker is removed
+    before it is re-scored, so a killed attempt leaves it unscored (re-scored in full), never
+    half-updated under an old marker.
+    """
     import ray
 
-    done = run.done("score")
-    todo = [s for s in shards if s not in done]
-    if not todo:
-        log.info("score: all %d shards already scored, nothing to do", len(shards))
-        return []
+    wanted = provenance.producers(cfg)
+    works = provenance.plan(run, cfg, shards, wanted)
+    if not works:
+        log.info("score: all %d shards up to date with these scorers and settings, nothing to do", len(shards))
+        return [], []
+    check_weights_where_actors_run(cfg)
+    provenance.record_producers(run, wanted)
+    todo = sorted(works)
+    for shard in todo:
+        run.unmark("score", shard)
     expected = {s: m["rows"] for s, m in zip(todo, run.markers("download", todo))}
+    groups: dict[Work, list[str]] = {}
+    for shard in todo:
+        w = works[shard]
+        groups.setdefault(Work(w.run, w.drop, w.partial, ""), []).append(shard)
     context = ray.data.DataContext.get_current()
     limits = context.execution_options.resource_limits
     if cfg.score.object_store_mb_per_cpu:   # the stream's own budget; restored for later phases below
         budget = cfg.score.object_store_mb_per_cpu * 2**20 * ray.cluster_resources().get("CPU", 1.0)
         context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    failures: list[dict] = []
     try:
-        return _score_stream(cfg, run, todo, expected)
+        for kind, group in groups.items():
+            _log_work(kind, group, wanted)
+            shard_work = {s: works[s] for s in group}
+            if kind.run:
+                failures += _score_stream(cfg, run, group, expected, shard_work, wanted)
+            else:
+                failures += _drop_columns(run, shard_work, expected, wanted)
     finally:
         context.execution_options.resource_limits = limits
+    return failures, todo
 
 
-def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str, int]) -> list[dict]:
-    """The score stream over the shards to do, under the object-store budget run_score set."""
+def _log_work(kind: Work, shards: list[str], wanted: dict[str, Producer]) -> None:
+    if not kind.partial:
+        log.info("score: %d shards: running every scorer (%s)", len(shards), ", ".join(wanted))
+        return
+    kept = ", ".join(n for n in wanted if n not in kind.run) or "nothing"
+    gone = f"; removing the columns of {', '.join(sorted(kind.drop))} (no longer enabled)" if kind.drop else ""
+    if kind.run:
+        log.info("score: %d shards: running only %s; keeping %s%s", len(shards), ", ".join(sorted(kind.run)), kept, gone)
+    else:
+        log.info("score: %d shards: nothing to run; keeping %s%s", len(shards), kept, gone)
+
+
+def _drop_columns(run: RunDir, works: dict[str, Work], expected: dict[str, int],
+                  wanted: dict[str, Producer]) -> list[dict]:
+    """Shards whose only change is a scorer no longer enabled: its columns leave the scores files."""
     import ray
 
+    finish = ray.remote(num_cpus=0.25)(finish_shard)
+    done = windowed(works, lambda shard: finish.remote(run, shard, 0, works[shard], wanted), limit=8)
+    return [{"phase": "score", "shard": s, "error": e} for s, e in sorted(done) if e]
+
+
+def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str, int], works: dict[str, Work],
+                  wanted: dict[str, Producer]) -> list[dict]:
+    """The score stream over shards that share one kind of work, under the object-store budget run_score set."""
+    import ray
+
+    names = next(iter(works.values())).run
+    models = [n for n in names if BY_NAME[n].stage == "model" and n != "embedding"]
+    cfg = cfg.model_copy(update={"models": cfg.models.model_copy(
+        update={"enabled": [n for n in cfg.models.enabled if n in names], "keep_embeddings": "embedding" in names})})
     models_on = bool(cfg.models.enabled)
-    views_on = any(s in VIEW_SCORERS for s in cfg.models.enabled)
-    ocr_on = "ocr" in cfg.models.enabled
+    views_on = bool(models)
+    ocr_on = "ocr" in names
     gpu_decode = views_on and cfg.models.gpu_decode   # the model actors decode their own views from the bytes
     model_side = cfg.models.image_size if views_on and not gpu_decode else None
-    columns = SCORE_COLUMNS + (list(MODEL) if models_on else [])
-    if models_on and cfg.models.keep_embeddings:
-        columns.append("image_embedding")
+    columns = written_columns(names)
     resources = ray.cluster_resources()
     low, high = actor_pool(cfg.models, resources) if views_on else (0, 0)
     check_room(cfg, views_on, ocr_on, resources.get("CPU", 0.0), high)
@@ -368,7 +481,8 @@ def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str,
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(read_and_score_cpu, batch_size=1, num_cpus=cfg.score.num_cpus,
                         fn_kwargs={"run": run, "cfg": cfg, "model_side": model_side,
-                                   "keep_image": ocr_on or gpu_decode, "columns": None if models_on else columns})
+                                   "keep_image": ocr_on or gpu_decode, "columns": None if models_on else columns,
+                                   "scorers": frozenset(n for n in names if BY_NAME[n].stage == "cpu")})
     if views_on:
         log.info("score: %s model actors (models.num_actors=%s, %g GPUs each, cluster GPUs %g)",
                  low if low == high else f"{low}-{high}", cfg.models.num_actors, cfg.models.num_gpus,
@@ -401,7 +515,7 @@ def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str,
             if error:
                 failures.setdefault(shard, error)
             elif counts[shard] >= expected[shard] and shard not in failures:
-                short.update(window.submit(finish.remote(run, shard, expected[shard]), shard))
+                short.update(window.submit(finish.remote(run, shard, expected[shard], works[shard], wanted), shard))
     short.update(window.drain())
     for shard in todo:  # a shard whose rows did not all come back is a failure, never a silent gap
         if shard in failures:
@@ -409,7 +523,7 @@ def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str,
         if counts[shard] < expected[shard]:
             failures[shard] = f"scoring returned {counts[shard]} of {expected[shard]} rows"
         elif short.get(shard):  # parts of a re-executed batch may have landed after the first merge
-            why = Window.outcome(finish.remote(run, shard, expected[shard]))
+            why = Window.outcome(finish.remote(run, shard, expected[shard], works[shard], wanted))
             if why:
                 failures[shard] = why
     seconds = progress.finish()

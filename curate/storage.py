@@ -28,7 +28,8 @@ READ_BUFFER = 1 << 20   # streaming reads from an object store in 1 MiB requests
 
 
 class StorageOptions(BaseModel):
-    """How to reach object storage; nothing secret lives here (credentials come from the environment)."""
+    """How to reach object storage. Credentials come from the environment; a secret given in `options`
+    is never written out (curate/config.py redacts it in config.yaml and the report)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -37,7 +38,13 @@ class StorageOptions(BaseModel):
     region: str | None = Field(None, description="S3 region; null uses AWS_REGION / AWS_DEFAULT_REGION")
     anonymous: bool = Field(False, description="read public buckets without credentials")
     options: dict[str, Any] = Field(
-        default_factory=dict, description="extra keyword options for fsspec filesystems (gs://, az://, ...)")
+        default_factory=dict, description=(
+            "extra keyword options for fsspec filesystems (gs://, az://, ...); secrets among them (keys named like "
+            "key, secret, token, password) are written to config.yaml as <redacted> and read back from "
+            "CURATE_STORAGE_<KEY>"))
+    shared_mount: bool = Field(False, description=(
+        "run_dir and the local input paths are on a filesystem that every node of the Ray cluster mounts at the "
+        "same path (NFS, Lustre, CephFS); without it a cluster of several live nodes refuses local paths"))
 
 
 def is_local(uri: str) -> bool:

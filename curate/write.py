@@ -30,18 +30,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import Config
-from curate.hosts import download_stats
+from curate.card import write_card
+from curate.config import PREFIX, Config
+from curate.failures import failure, record
+from curate.marker_stats import download_summary
 from curate.rundir import RunDir
-from curate.runtime import Progress, Window, log
+from curate.runtime import Progress, log, windowed
+from curate.sample import sample_json
 from curate.storage import Storage
 from curate.tario import TarWriter, members
 from filters.buckets import bucket_name, nearest_buckets
-from manifests.inspect import funnel_of_counts
+from manifests.funnel import Funnel
 from manifests.io import manifest_schema, shard_table
 from manifests.schema import ALL
 
-SAMPLE_EXCLUDE = {"keep", "reason", "dup_of", "out_shard"}
 ROWS_PER_TASK = 50_000   # kept rows a task plans for (at least one output shard): few tasks, bounded memory
 COUNT_SHARDS = 256       # input shards per bucket-counting task
 UNBUCKETED = "unbucketed"   # the stream (and stats key) of kept rows whose size is unknown, when grouping
@@ -78,10 +80,6 @@ class Job:
 
     def name(self, stream: int, n: int) -> str:
         return f"{self.stem(stream, n)}.tar"
-
-    def is_output(self, stem: str) -> bool:
-        """Whether a name is an output shard stem of this prefix, in either layout."""
-        return re.fullmatch(rf"{re.escape(self.prefix)}-(?:\d+x\d+-|{UNBUCKETED}-)?\d{{6,}}", stem) is not None
 
     def buckets_of(self, table: pa.Table) -> np.ndarray:
         """Each row's bucket index, from the stored size (-1: unknown size, or bucketing off)."""
@@ -223,48 +221,14 @@ def count_remote(job: Job, shards: list[str]) -> list[list[int]]:
     job_ref = ray.put(job)
     groups = [shards[i:i + COUNT_SHARDS] for i in range(0, len(shards), COUNT_SHARDS)]
     found: dict[int, list[list[int]]] = {}
-    window = Window()
-
-    def collect(results: dict) -> None:
-        for i, result in results.items():
-            if not isinstance(result, list):
-                raise RuntimeError(f"write: counting buckets of shards {groups[i][0]}..{groups[i][-1]} failed: {result}")
-            found[i] = result
-
-    for i, group in enumerate(groups):
-        collect(window.submit(remote.remote(job_ref, group), i))
-    collect(window.drain())
+    for i, result in windowed(range(len(groups)), lambda i: remote.remote(job_ref, groups[i])):
+        if not isinstance(result, list):
+            raise RuntimeError(f"write: counting buckets of shards {groups[i][0]}..{groups[i][-1]} failed: {result}")
+        found[i] = result
     return [row for i in range(len(groups)) for row in found[i]]
 
 
 # -- one task ----------------------------------------------------------------------------------
-
-def hex_in_json(kind: pa.DataType) -> bool:
-    """64-bit hashes (pHash and its views) go into the JSON as 16 hex digits: as numbers they exceed
-    the int64 that JSON readers (Hugging Face datasets, pandas, DuckDB) infer, and lose bits as doubles."""
-    return pa.types.is_uint64(kind) or (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)) \
-        and pa.types.is_uint64(kind.value_type)
-
-
-def sample_json(table: pa.Table) -> list[bytes]:
-    """Each row's sample .json: every column but SAMPLE_EXCLUDE, keys sorted, 64-bit hashes as 16 hex
-    digits, NaN and infinities as null."""
-    names = sorted(c for c in table.column_names if c not in SAMPLE_EXCLUDE)
-    values = []
-    for name in names:
-        col = table.column(name)
-        if pa.types.is_uint64(col.type):
-            values.append([None if v is None else f"{v:016x}" for v in col.to_pylist()])
-            continue
-        if hex_in_json(col.type):
-            values.append([None if vs is None else [f"{v:016x}" for v in vs] for vs in col.to_pylist()])
-            continue
-        if pa.types.is_floating(col.type):
-            col = pc.if_else(pc.is_finite(col), col, pa.scalar(None, col.type))
-        values.append(col.to_pylist())
-    return [json.dumps(dict(zip(names, row)), ensure_ascii=False, sort_keys=True, allow_nan=False,
-                       default=str).encode("utf-8") for row in zip(*values)]
-
 
 def out_shard_column(job: Job, keep: np.ndarray, stream: np.ndarray, n: np.ndarray) -> pa.Array:
     """The output shard name of every kept row (null for dropped rows), without a string per row."""
@@ -348,6 +312,27 @@ def digest(samples: list[tuple[str, Sample]]) -> str:
     return h.hexdigest()
 
 
+class BrokenRawTar(ValueError):
+    """A raw tar that does not hold what its download recorded: cut short, unreadable, or missing kept
+    images. Its shard is downloaded again by the next run."""
+
+    def __init__(self, shard: str, why: str):
+        super().__init__(f"raw shard {shard} is broken: {why}; it loses its download marker and is downloaded "
+                         f"again by the next `curate run`")
+        self.shard = shard
+
+
+def check_raw_size(run: RunDir, shard: str) -> None:
+    """The tar's size against its download marker's: a tar cut between two members reads without error."""
+    try:
+        expected = run.storage.read_json(run.marker("download", shard)).get("tar_bytes")
+    except FileNotFoundError:
+        raise BrokenRawTar(shard, "its download marker is gone") from None
+    size = run.storage.size(run.raw_tar(shard))
+    if expected is not None and size != expected:
+        raise BrokenRawTar(shard, f"{run.raw_tar(shard)} holds {size:,} of the {expected:,} bytes downloaded")
+
+
 def stream_images(run: RunDir, shards: list[str], todo: list[_Out]) -> None:
     """Stream each raw tar holding a wanted image once, in tar order, into the output tars."""
     wanted: dict[str, dict[str, tuple[_Out, Sample]]] = {}
@@ -358,18 +343,35 @@ def stream_images(run: RunDir, shards: list[str], todo: list[_Out]) -> None:
         if shard not in wanted:
             continue
         left = set(wanted[shard])
-        with run.storage.open_input(run.raw_tar(shard)) as f:
-            for member, data in members(f, left.copy()):
-                out, sample = wanted[shard][member]
-                out.add(run, data, sample)
-                left.discard(member)
+        try:
+            check_raw_size(run, shard)
+            with run.storage.open_input(run.raw_tar(shard)) as f:
+                for member, data in members(f, left.copy()):
+                    out, sample = wanted[shard][member]
+                    out.add(run, data, sample)
+                    left.discard(member)
+        except (FileNotFoundError, ValueError) as exc:   # TruncatedTar and bad headers are ValueErrors
+            raise exc if isinstance(exc, BrokenRawTar) else BrokenRawTar(shard, f"{run.raw_tar(shard)}: {exc}") from exc
         if left:
-            raise FileNotFoundError(f"{run.raw_tar(shard)} lacks {len(left)} kept image(s): {sorted(left)[:3]}")
+            raise BrokenRawTar(shard, f"{run.raw_tar(shard)} lacks {len(left)} kept image(s): {sorted(left)[:3]}")
 
 
-def write_group(job: Job, task: Task) -> dict[str, dict]:
-    """One task: manifests, the output shards whose content changed, then the write markers."""
+@dataclass
+class Written:
+    """A write task's outcome: the write markers of its input shards, or the raw shard that broke it."""
+    markers: dict[str, dict] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)   # raw shard -> error
+
+
+def write_group(job: Job, task: Task) -> Written:
+    """One task: manifests, the output shards whose content changed, then the write markers.
+
+    Its shards' write markers go first, so a task that dies leaves them unwritten, never stale. A
+    broken raw tar fails the task and takes its shard's markers from download on (the next run
+    fetches it again and redoes what was made from it)."""
     run = job.run
+    for shard in task.shards:
+        run.unmark("write", shard)
     outs, markers = read_group(job, task)
     todo = []
     for out in outs.values():
@@ -381,25 +383,47 @@ def write_group(job: Job, task: Task) -> dict[str, dict]:
         if not same:
             run.unmark("shards", out.stem)   # first: a half-written tar must never carry a valid marker
             todo.append(out)
-    stream_images(run, task.shards + task.tail, todo)
+    try:
+        stream_images(run, task.shards + task.tail, todo)
+    except BrokenRawTar as exc:
+        run.invalidate(exc.shard, "download")
+        return Written(broken={exc.shard: str(exc)})
     for shard, info in markers.items():
         run.mark("write", shard, info)
-    return markers
+    return Written(markers)
 
 
 # -- the driver --------------------------------------------------------------------------------
 
-def _delete_stale(run: RunDir, job: Job, names: list[str]) -> None:
-    """Output shards (and markers) of this prefix outside the plan: an older, longer plan's, the other
-    layout's (grouped or not), unmarked leftovers. The card and other files stay."""
-    keep = {n.removesuffix(".tar") for n in names}
+OUTPUT_NAME = re.compile(rf"{PREFIX}-(?:\d+x\d+-|{UNBUCKETED}-)?\d{{6,}}")   # an output shard's stem, any prefix
+
+
+def settle_outputs(run: RunDir, names: list[str]) -> list[str]:
+    """Leave shards/ holding the planned output shards that are whole, and nothing a `*.tar` glob would
+    load twice; return those shards, in plan order.
+
+    Deleted: output shards outside the plan, whatever their prefix (an older or longer plan's, the
+    other layout's, a changed write.prefix's), with their markers, and planned ones without a marker
+    (a failed task's half-written tars). A tar not named like an output shard is left, with a warning."""
+    planned = {n.removesuffix(".tar") for n in names}
+    marked = run.done("shards")
+    removed = []
     for name in run.storage.list(run.uri("shards")):
         stem = name.removesuffix(".tar")
-        if name.endswith(".tar") and job.is_output(stem) and stem not in keep:
+        if not name.endswith(".tar") or (stem in planned and stem in marked):
+            continue
+        if stem in planned or OUTPUT_NAME.fullmatch(stem):
             run.storage.delete(run.out_shard(name))
-    for stem in run.done("shards"):
-        if job.is_output(stem) and stem not in keep:
-            run.unmark("shards", stem)
+            removed.append(name)
+        else:
+            log.warning("write: %s is not an output shard of this run, but the card's `*.tar` loads it",
+                        run.out_shard(name))
+    for stem in marked - planned:
+        run.unmark("shards", stem)
+    if removed:
+        log.info("write: removed %d output shard(s) outside this plan or half-written, e.g. %s",
+                 len(removed), removed[0])
+    return [n for n in names if n.removesuffix(".tar") in marked]
 
 
 @dataclass
@@ -418,7 +442,14 @@ class Plan:
     @property
     def names(self) -> list[str]:
         """Every output shard of the plan, stream by stream."""
-        return [self.job.name(k, n) for k, t in enumerate(self.totals) for n in range(-(-t // self.job.size))]
+        return list(self.samples)
+
+    @property
+    def samples(self) -> dict[str, int]:
+        """Every output shard of the plan, stream by stream, with its sample count (only a stream's last is short)."""
+        size = self.job.size
+        return {self.job.name(k, n): min(size, t - n * size) for k, t in enumerate(self.totals)
+                for n in range(-(-t // size))}
 
 
 def plan(cfg: Config, shards: list[str],
@@ -449,68 +480,69 @@ def plan(cfg: Config, shards: list[str],
     return Plan(job, plan_tasks(shards, kept, job.size, ROWS_PER_TASK), decided, models, kept.sum(axis=0).tolist())
 
 
-def run_write(cfg: Config, shards: list[str], failures: list[dict]) -> dict:
+def run_write(cfg: Config, shards: list[str]) -> dict:
     """Write the changed output shards, the manifest and the card; write and return stats.json's content.
 
-    A task that fails records each of its input shards as a `write` failure in the stats
-    instead of stopping the others.
+    A task that fails records its input shards as `write` failures (and a broken raw tar its own
+    shard) in failures.json, without stopping the others; stats.json and the card count only
+    what was written, and say what was not.
     """
     import ray
 
     p = plan(cfg, shards, count_remote)
+    run = p.job.run
     progress = Progress("write", p.total)
     remote = ray.remote(num_cpus=1)(write_group)
     job_ref = ray.put(p.job)
-    window = Window()
     per_shard: dict[str, dict] = {}
-    errors = []
-
-    def collect(results: dict) -> None:
-        for i, result in results.items():
-            task = p.tasks[i]
-            if isinstance(result, dict):
-                per_shard.update(result)
-                progress.add(task.kept)
-            else:
-                log.error("write: shards %s..%s failed: %s", task.shards[0], task.shards[-1], result)
-                errors.extend({"phase": "write", "shard": s, "error": result} for s in task.shards)
-
-    for i, task in enumerate(p.tasks):
-        collect(window.submit(remote.remote(job_ref, task), i))
-    collect(window.drain())
+    errors: list[dict] = []
+    for i, result in windowed(range(len(p.tasks)), lambda i: remote.remote(job_ref, p.tasks[i])):
+        task = p.tasks[i]
+        if not isinstance(result, Written):   # it raised, after Ray's retries, maybe before unmarking
+            log.error("write: shards %s..%s failed: %s", task.shards[0], task.shards[-1], result)
+            for shard in task.shards:
+                run.unmark("write", shard)
+            errors.extend(failure("write", s, result) for s in task.shards)
+        elif result.broken:
+            for shard, error in result.broken.items():
+                log.error("write: %s", error)
+                errors.append(failure("write", shard, error))
+            why = f"not written: raw shard {', '.join(sorted(result.broken))} is broken"
+            errors.extend(failure("write", s, why) for s in task.shards if s not in result.broken)
+        else:
+            per_shard.update(result.markers)
+            progress.add(task.kept)
     progress.finish()
-    stats = finish(p, per_shard, [*failures, *errors])
-    from curate.card import write_card
-
-    write_card(p.job.run, cfg, stats)
-    return stats
+    return finish(cfg, p, per_shard, errors)
 
 
-def finish(p: Plan, per_shard: dict[str, dict], failures: list[dict]) -> dict:
-    """Delete the output shards outside this plan, then write stats.json from the shards' markers
-    (the funnel and buckets from the write markers; error kinds, waits and top hosts from the download markers)."""
+def finish(cfg: Config, p: Plan, per_shard: dict[str, dict], errors: list[dict]) -> dict:
+    """Settle shards/ (settle_outputs), record the failures, then write stats.json and the card from the
+    shards' markers (the funnel and buckets from the write markers; error kinds, waits and top hosts
+    from the download markers)."""
     run = p.job.run
-    names = p.names
-    _delete_stale(run, p.job, names)
+    names = settle_outputs(run, p.names)
+    samples = p.samples
     stats = aggregate(per_shard, p.job)
-    stats["download"] = download_stats(run.markers("download", sorted(p.job.downloaded)))
-    stats.update(shards={"count": len(names), "samples": p.total, "names": names},
-                 failures=failures, models=p.models, styles=p.decided.get("styles"))
+    stats["download"] = download_summary(run, sorted(p.job.downloaded & run.done("download")))
+    stats.update(shards={"count": len(names), "samples": sum(samples[n] for n in names), "names": names},
+                 failures=record(run, errors), models=p.models, styles=p.decided.get("styles"))
+    if len(names) < len(samples):
+        stats["shards"]["not_written"] = [n for n in samples if n not in set(names)]
     run.storage.write_json(run.stats, stats)
+    write_card(run, cfg, stats)
     return stats
 
 
 def aggregate(markers: dict[str, dict], job: Job) -> dict:
     """stats.json's funnel, download counts and kept rows per bucket, summed from the write markers (O(shards))."""
-    reasons: dict[str, int] = {}
     status: dict[str, int] = {}
     buckets: dict[str, int] = {bucket_name(*b): 0 for b in job.buckets or ()}
     for info in markers.values():
-        for into, counts in ((reasons, info["reasons"]), (status, info["status"]), (buckets, info.get("buckets") or {})):
+        for into, counts in ((status, info["status"]), (buckets, info.get("buckets") or {})):
             for k, v in counts.items():
                 into[k] = into.get(k, 0) + v
-    kept = sum(i["kept"] for i in markers.values())
-    return {"funnel": funnel_of_counts({**reasons, None: kept}),
+    return {"funnel": Funnel.total(markers).to_dict(),
             "download_status": status,
             "buckets": buckets if job.buckets is not None else None,
             "columns": {c: ALL[c].doc for c in job.schema.names if c in ALL}}

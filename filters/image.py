@@ -12,12 +12,40 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+import pyarrow as pa
+
+from filters.declare import Column, Scorer
 from filters.graphic import graphic_score
-from filters.multihash import view_hashes
+from filters.multihash import VIEWS, view_hashes
 
 METRIC_SIDE = 256          # gray image side for entropy, edges and the hashes: enough, and cheap
 EDGE_THRESHOLD = 32.0      # gradient magnitude (0..~360) that counts as an edge
-IMAGE_COLUMNS = ("score_error", "entropy", "edge_density", "jpeg_bpp", "phash", "phash_views", "graphic")
+
+
+def _decode_keys(cfg) -> tuple[str, ...]:
+    """The metrics come from one decode at max(score.decode_size, the model view's side)."""
+    views = any(s in cfg.models.enabled for s in ("clip_score", "aesthetic", "nsfw", "watermark", "style"))
+    larger = views and not cfg.models.gpu_decode and cfg.models.image_size > cfg.score.decode_size
+    return ("score.decode_size", "download.max_pixels", *(("models.image_size",) if larger else ()))
+
+
+SCORER = Scorer(
+    "image", optional=False, stage="cpu", reads=("image",), keys=_decode_keys,
+    doc="image metrics from one decode per image: texture, perceptual hashes, how drawn it looks",
+    columns=(
+        Column("score_error", pa.string(), "why scoring this row failed (decode error, ...), null otherwise"),
+        Column("aspect_ratio", pa.float32(), "max(w, h) / min(w, h) of the original image"),
+        Column("entropy", pa.float32(), "Shannon entropy of the gray-level histogram, bits (0..8)"),
+        Column("edge_density", pa.float32(), "share of pixels on a strong gradient (texture)"),
+        Column("jpeg_bpp", pa.float32(), "stored JPEG bits per pixel"),
+        Column("phash", pa.uint64(), "64-bit DCT perceptual hash of the whole image (filters/multihash.py)"),
+        Column("phash_views", pa.list_(pa.uint64(), len(VIEWS) - 1),
+               "64-bit DCT hashes of the other views, in the order of filters.multihash.VIEWS[1:]: the mirror, "
+               "then windows at 96% and 92% of each side anchored at the four corners and the centre"),
+        Column("graphic", pa.float32(), "0..1, how drawn the image looks (flat share, palette; filters/graphic.py)"),
+    ))
+# What image_columns computes per image (aspect_ratio comes from the sizes the download recorded).
+IMAGE_COLUMNS = tuple(c for c in SCORER.column_names if c != "aspect_ratio")
 
 
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -117,6 +145,20 @@ def image_columns(images: Sequence[bytes | None], *, decode_side: int, max_pixel
             cols[c].append(row[c])
         views.append(view)
     return cols, views
+
+
+def model_views(images: Sequence[bytes | None], *, decode_side: int, max_pixels: int,
+                model_side: int) -> list[np.ndarray | None]:
+    """The model view of each image alone, from the same decode image_columns makes: what a re-score of
+    the model scorers needs when the metrics are up to date. None where there is no image or it fails."""
+    views: list[np.ndarray | None] = []
+    for data in images:
+        try:
+            views.append(np.asarray(shrink(decode(data, decode_side, max_pixels)[0], model_side), dtype=np.uint8)
+                         if data is not None else None)
+        except Exception:   # the row's score_error, from the metrics' decode, already says why
+            views.append(None)
+    return views
 
 
 def aspect_ratio(width: np.ndarray, height: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ Two pigeonhole levels keep candidate buckets small without comparing all pairs:
 A candidate is a pair agreeing on (band b, sub-band s) for some (b, s); every candidate is
 verified with its true Hamming distance and with the matching rule (filters/multihash.py: an
 anchor view, whole or mirror, on at least one side). Level 1 is what the cluster shuffles on (band
-value); level 2 runs locally in the partition and cuts buckets by another 2^(bits/k+1).
+value); level 2 runs locally in the partition and cuts buckets by another 2^(bits/k+1), and a
+bucket still larger than the cap is split again on the bits it has left (level 3, 4, ...).
 """
 from __future__ import annotations
 
@@ -69,28 +70,88 @@ def equal_key_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def near_pairs_in_band(hashes: np.ndarray, anchor: np.ndarray, offset: int, width: int, max_distance: int,
                        max_bucket: int) -> tuple[np.ndarray, int]:
     """Verified pairs (2, E) of positions whose hashes agree on band (offset, width), lie within
-    max_distance, and have an anchor view on at least one side; and how many hashes sat in a
-    sub-band bucket larger than `max_bucket` and were not compared (reported, never silent).
+    max_distance, and have an anchor view on at least one side; and how many buckets were larger
+    than `max_bucket` and split one level further (every pair is still found).
 
     `hashes` are the distinct hashes of one or more buckets of this band (level-1 partition).
+    Level 2 splits the other 64 - width bits into k + 1 sub-bands (a pair within k bits agrees on
+    one of them). A sub-band bucket over `max_bucket` is split again on the bits it has left
+    (level 3, 4, ...), all such buckets of a level at once, so a bucket shared by millions costs
+    more levels, never a skipped comparison. A bucket whose split would not halve its comparisons
+    (its hashes are close to each other, so most of its pairs are real) and a bucket with fewer
+    than k + 1 bits left (the pigeonhole no longer holds) are compared pair by pair in blocks.
     """
-    band = band_values(hashes, offset, width)
-    rest = without_band(hashes, offset, width)
-    found, skipped = [np.empty((2, 0), np.int64)], 0
-    for sub_offset, sub_width in split_bits(64 - width, max_distance + 1):
-        key = (band << np.uint64(sub_width)) | band_values(rest, sub_offset, sub_width)
-        order = np.argsort(key, kind="stable")
-        key = key[order]
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        sizes = np.diff(np.r_[starts, len(key)])
-        small = np.repeat(sizes <= max_bucket, sizes)
-        skipped += int((~small).sum())
-        order = order[small]
-        i, j = equal_key_pairs(key[small])
-        i, j = order[i], order[j]
-        keep = (anchor[i] | anchor[j]) & (hamming(hashes[i], hashes[j]) <= max_distance)
-        found.append(np.stack([i[keep], j[keep]]))
-    return np.unique(np.concatenate(found, axis=1), axis=1), skipped
+    k = max_distance
+    found, splits = [np.empty((2, 0), np.int64)], 0
+    queue = [(np.arange(len(hashes)), band_values(hashes, offset, width), without_band(hashes, offset, width),
+              64 - width, True)]
+    while queue:
+        members, bucket, rest, bits, checked = queue.pop()
+        if len(members) < 2:
+            continue
+        if bits < k + 1:
+            _pairs_within(members, bucket, hashes, anchor, k, found)
+            continue
+        levels = []
+        for sub_offset, sub_width in split_bits(bits, k + 1):
+            sub = band_values(rest, sub_offset, sub_width)
+            order = np.lexsort((sub, bucket))
+            b, v = bucket[order], sub[order]
+            new = np.r_[True, (b[1:] != b[:-1]) | (v[1:] != v[:-1])]
+            levels.append((sub_offset, sub_width, order, new))
+        if not checked:
+            dense = _dense(bucket, levels)
+            if dense.any():
+                _pairs_within(members[dense], bucket[dense], hashes, anchor, k, found)
+                queue.append((members[~dense], bucket[~dense], rest[~dense], bits, True))
+                continue
+        for sub_offset, sub_width, order, new in levels:
+            run = np.cumsum(new) - 1
+            size = np.bincount(run)[run]
+            small = size <= max_bucket
+            i, j = equal_key_pairs(np.where(small, run, -1 - np.arange(len(run))))
+            _verify(members[order[i]], members[order[j]], hashes, anchor, k, found)
+            big = order[~small]
+            if big.size:
+                splits += int(np.unique(run[~small]).size)
+                queue.append((members[big], run[~small].astype(np.uint64),
+                              without_band(rest[big], sub_offset, sub_width), bits - sub_width, False))
+    return np.unique(np.concatenate(found, axis=1), axis=1), splits
+
+
+def _dense(bucket: np.ndarray, levels: list) -> np.ndarray:
+    """Which members sit in a bucket whose split keeps more than half of its pairs."""
+    ids, inverse, count = np.unique(bucket, return_inverse=True, return_counts=True)
+    after = np.zeros(len(ids), np.int64)
+    for _, _, order, new in levels:
+        run = np.cumsum(new) - 1
+        sizes = np.bincount(run)
+        firsts = order[np.flatnonzero(new)]
+        np.add.at(after, inverse[firsts], sizes * (sizes - 1) // 2)
+    return (after * 2 > count * (count - 1) // 2)[inverse]
+
+
+BLOCK = 1 << 22   # hash comparisons computed at once when a bucket is compared pair by pair
+
+
+def _pairs_within(members: np.ndarray, bucket: np.ndarray, hashes: np.ndarray, anchor: np.ndarray, k: int,
+                  found: list) -> None:
+    """Every pair inside each bucket verified, in blocks of at most BLOCK comparisons."""
+    order = np.argsort(bucket, kind="stable")
+    members, bucket = members[order], bucket[order]
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    for a, b in zip(starts.tolist(), np.r_[starts[1:], len(bucket)].tolist()):
+        part = members[a:b]
+        step = max(1, BLOCK // len(part))
+        for lo in range(0, len(part), step):
+            rows = np.arange(lo, min(lo + step, len(part)))
+            i, j = np.nonzero(rows[:, None] < np.arange(len(part))[None, :])
+            _verify(part[rows[i]], part[j], hashes, anchor, k, found)
+
+
+def _verify(i: np.ndarray, j: np.ndarray, hashes: np.ndarray, anchor: np.ndarray, k: int, found: list) -> None:
+    keep = (anchor[i] | anchor[j]) & (hamming(hashes[i], hashes[j]) <= k)
+    found.append(np.stack([i[keep], j[keep]]))
 
 
 def roots(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,10 +169,3 @@ def roots(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     smallest = np.full(label.max() + 1, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(smallest, label, nodes)
     return nodes.astype(np.int64), smallest[label]
-
-
-def forest(edges: np.ndarray) -> np.ndarray:
-    """The same components as `edges`, as at most one edge per node (node -> component root)."""
-    nodes, root = roots(edges)
-    moved = nodes != root
-    return np.stack([nodes[moved], root[moved]])

@@ -1,7 +1,7 @@
 """Chinese captions: normalisation, metrics, rules and text safety.
 
 Everything here is pure. `caption_columns` turns a batch of raw captions into the text columns
-of the manifest (the score phase); `text_reasons` applies the text rules to those columns (the
+of the manifest (the score phase); the text rules of manifests/rules.py read those columns (the
 decide phase), so changing a threshold never re-normalises anything. Every default lives in
 `TextOptions`, which the pipeline config embeds as its `text:` section.
 
@@ -30,14 +30,17 @@ import logging
 import re
 import sys
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from filters.declare import Column, Scorer
 
 if TYPE_CHECKING:
     import jieba
@@ -46,8 +49,6 @@ if TYPE_CHECKING:
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_BOILERPLATE = DATA_DIR / "boilerplate_zh.txt"
 DEFAULT_BLOCKLIST = DATA_DIR / "blocklist_zh.txt"
-TEXT_COLUMNS = ("caption_norm", "n_chars", "n_words", "zh_ratio", "latin_ratio", "repeat_ratio",
-                "n_sentences", "caption_junk", "blocked_term")
 
 Policy = Literal["remove", "mask", "keep"]
 
@@ -105,6 +106,37 @@ class TextOptions(BaseModel):
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars})")
         return self
+
+
+# Knobs of the text rules, which decide applies to these columns: changing one is a re-decide, never a
+# re-score. Every other TextOptions field changes the columns themselves, so it is in the fingerprint.
+RULE_KNOBS = frozenset({"min_chars", "max_chars", "min_zh_ratio", "keep_bilingual_share", "max_repeat_ratio",
+                        "max_caption_images"})
+
+
+def _list_files(cfg) -> list[str]:
+    """The word lists the columns are computed from: their contents are part of the fingerprint."""
+    return [str(_resolve(cfg.text.boilerplate_file, DEFAULT_BOILERPLATE)),
+            str(_resolve(cfg.text.blocklist_file, DEFAULT_BLOCKLIST))]
+
+
+SCORER = Scorer(
+    "caption", optional=False, stage="cpu", reads=("caption",),
+    keys=lambda cfg: tuple(f"text.{k}" for k in type(cfg.text).model_fields if k not in RULE_KNOBS),
+    files=_list_files,
+    doc="the caption normalised (TextOptions) and measured: length, language shares, repetition, junk, blocklist",
+    columns=(
+        Column("caption_norm", pa.string(), "normalised caption (what the shards' .txt holds)"),
+        Column("n_chars", pa.int32(), "length of the normalised caption in characters", shown=True),
+        Column("n_words", pa.int32(), "length of the normalised caption in jieba words"),
+        Column("zh_ratio", pa.float32(), "share of CJK characters among non-space characters", shown=True),
+        Column("latin_ratio", pa.float32(), "share of Latin letters and digits among non-space characters"),
+        Column("repeat_ratio", pa.float32(), "share of characters that repeat the character before them"),
+        Column("n_sentences", pa.int32(), "number of sentences in the normalised caption"),
+        Column("caption_junk", pa.bool_(), "caption was nothing but file-name junk or boilerplate"),
+        Column("blocked_term", pa.string(), "blocklisted term matched in the caption, null if none"),
+    ))
+TEXT_COLUMNS = SCORER.column_names
 
 
 # --- character classes and patterns ---------------------------------------------------------
@@ -412,37 +444,13 @@ def _in_share(text: str, share: float) -> bool:
     return int.from_bytes(digest, "big") < share * 2**64
 
 
-def text_reasons(columns: Mapping[str, Sequence], opts: TextOptions) -> list[str | None]:
-    """The first failing text rule per row (None when all pass), in manifests.schema order."""
-    n_chars = np.asarray(columns["n_chars"], dtype=np.int64)
-    not_chinese = np.asarray(columns["zh_ratio"], dtype=np.float64) < opts.min_zh_ratio
-    if opts.keep_bilingual_share > 0:
-        for i in np.flatnonzero(not_chinese):
-            not_chinese[i] = not _in_share(str(columns["caption_norm"][i] or ""), opts.keep_bilingual_share)
-    rules = (
-        ("caption_junk", np.asarray(columns["caption_junk"], dtype=bool)),
-        ("caption_short", n_chars < opts.min_chars),
-        ("caption_long", n_chars > opts.max_chars),
-        ("not_chinese", not_chinese),
-        ("caption_repetitive", np.asarray(columns["repeat_ratio"], dtype=np.float64) > opts.max_repeat_ratio),
-        ("caption_unsafe", np.array([isinstance(t, str) and t != "" for t in columns["blocked_term"]], dtype=bool)),
-    )
-    reasons = np.full(len(n_chars), None, dtype=object)
-    for name, failed in reversed(rules):               # earlier rules overwrite later ones
-        reasons[failed] = name
-    return reasons.tolist()
+def bilingual_spared(captions: Sequence[str | None], share: float) -> np.ndarray:
+    """Which captions text.keep_bilingual_share keeps although they are not Chinese enough."""
+    if share <= 0:
+        return np.zeros(len(captions), bool)
+    return np.array([_in_share(str(c or ""), share) for c in captions], bool)
 
 
-def text_reason(row: Mapping[str, Any], opts: TextOptions) -> str | None:
-    """text_reasons for one row."""
-    return text_reasons({name: [value] for name, value in row.items()}, opts)[0]
-
-
-def explain(caption: str | None, opts: TextOptions) -> dict[str, Any]:
-    """Everything `curate text` prints for one caption: its columns and the text decision.
-
-    `keep` covers the per-caption rules only: caption_common needs the whole corpus.
-    """
-    row = _caption_row(caption, opts)
-    reason = text_reason(row, opts)
-    return {"caption": caption, **row, "keep": reason is None, "reason": reason}
+def caption_row(caption: str | None, opts: TextOptions) -> dict[str, Any]:
+    """The text columns of one caption (what `curate text` prints beside the decision)."""
+    return {"caption": caption, **_caption_row(caption, opts)}

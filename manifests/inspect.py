@@ -20,17 +20,27 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from curate.storage import Storage, join
+from filters.declare import Scorer
+from filters.registry import SCORERS, shown
 from manifests.io import numeric_columns
-from manifests.schema import REASONS
-from manifests.where import WhereError, compile_where
-from manifests.where import columns as where_columns
+from manifests.funnel import Funnel
+from manifests.where import WhereError, columns as where_columns, compile_where
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-SAMPLE_COLUMNS = ("key", "caption", "keep", "reason", "width", "height", "bucket", "aesthetic", "clip_score", "style")
+# The sample rows' identity, decision and output columns; the scores shown are the declarations' (`shown`).
+SAMPLE_IDENTITY = ("key", "caption", "keep", "reason", "width", "height", "bucket")
 SAMPLE = 200_000      # values per column kept for quantiles: rank error about 1/sqrt(SAMPLE) beyond
 BATCH_ROWS = 65_536
 
 Position = tuple[int, int]   # (file index, row within the file)
+
+
+def sample_columns(scorers: tuple[Scorer, ...] = SCORERS) -> tuple[str, ...]:
+    """What `--show` prints of a row: its identity and decision, then every column a scorer marks shown."""
+    return (*SAMPLE_IDENTITY, *shown(scorers))
+
+
+SAMPLE_COLUMNS = sample_columns()
 
 
 @dataclass
@@ -120,12 +130,6 @@ def value_counts(column: pa.Array | pa.ChunkedArray, into: dict) -> dict:
     return into
 
 
-def funnel_of_counts(counts: dict) -> dict:
-    """Rows in, dropped per reason in REASONS order (unknown names after, sorted), kept (the None count)."""
-    order = [r for r in REASONS if r in counts] + sorted(r for r in counts if r is not None and r not in REASONS)
-    return {"rows_in": sum(counts.values()), "dropped": {r: counts[r] for r in order}, "kept": counts.get(None, 0)}
-
-
 class Sampler:
     """A bounded uniform sample of a numeric column's finite values, and their exact count."""
 
@@ -195,9 +199,11 @@ def filtered(manifest: Manifest, names: list[str], where: str | None) -> Iterato
 
 
 def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 0,
-              storage: Storage | None = None, bucket: str | None = None) -> dict:
+              storage: Storage | None = None, bucket: str | None = None,
+              scorers: tuple[Scorer, ...] = SCORERS) -> dict:
     """Everything `curate inspect` prints, as plain data (also its --json output); `bucket` keeps the
-    rows of one training resolution (e.g. "1152x896"), on top of `where`."""
+    rows of one training resolution (e.g. "1152x896"), on top of `where`; the sample rows show the
+    `shown` columns of `scorers`."""
     manifest = open_manifest(target, storage)
     if bucket is not None:
         if "bucket" not in manifest.schema.names:
@@ -228,14 +234,14 @@ def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 
     if clip:
         out["clip_score_from"] = clip
     if "reason" in manifest.schema.names:
-        out["funnel"] = funnel_of_counts(reasons)
+        out["funnel"] = Funnel.of_counts(reasons).to_dict()
     out["quantiles"] = {c: q for c, q in ((c, s.quantiles()) for c, s in samplers.items()) if q}
     if "style" in manifest.schema.names:
         out["styles"] = {s: n for s, n in sorted(styles.items(), key=lambda kv: -kv[1]) if s is not None}
     if "bucket" in manifest.schema.names:
         out["buckets"] = {b: n for b, n in sorted(buckets.items(), key=lambda kv: -kv[1]) if b is not None}
     if show and rows:
-        out["sample"] = manifest.rows(picked.positions(), list(SAMPLE_COLUMNS)).to_pylist()
+        out["sample"] = manifest.rows(picked.positions(), list(sample_columns(scorers))).to_pylist()
     return out
 
 
@@ -286,11 +292,12 @@ def render(summary: dict, console) -> None:
         console.print(b)
     if summary.get("sample"):
         rows = summary["sample"]
-        t = Table(title="Sample rows")
+        t = Table(title="Sample rows (one column each)")   # one row per field: a dozen shown scores still fit
+        t.add_column("column", no_wrap=True)
+        for _ in rows:
+            t.add_column("", overflow="fold", max_width=40)
         for col in rows[0]:
-            t.add_column(col, overflow="fold", max_width=40 if col == "caption" else None)
-        for r in rows:
-            t.add_row(*[_cell(v) for v in r.values()])
+            t.add_row(col, *[_cell(r[col]) for r in rows])
         console.print(t)
 
 

@@ -1,25 +1,21 @@
-"""The manifest contract: every column the phases write, its type and meaning, and the reasons.
+"""The manifest contract: every column the phases write, its type and meaning.
 
-This module is the single place where column names, Arrow types and reason names live.
-Each phase writes through `conform()`, so a column that is not declared here cannot
-reach a manifest, and tests assert the declared types.
+The identity, download, decision and output columns are declared here; the score columns come
+from the scorers' own declarations (filters/registry.py) and the reasons from the rules table
+(manifests/rules.py). Each phase writes through `conform()`, so a column that is declared nowhere
+cannot reach a manifest, and tests assert the declared types.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 
-from filters.multihash import VIEWS
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    type: pa.DataType
-    doc: str
+from filters import image, text
+from filters.declare import Column, Scorer
+from filters.registry import SCORERS
+from filters.models.catalog import MODEL_SCORERS
+from manifests.rules import REASONS  # noqa: F401  (the reasons live with their rules; re-exported here)
 
 
 def _cols(*cols: Column) -> dict[str, Column]:
@@ -45,48 +41,17 @@ DOWNLOAD = _cols(
     Column("sha256", pa.string(), "sha256 of the bytes as served (exact dedup)"),
 )
 
-IMAGE = _cols(
-    Column("score_error", pa.string(), "why scoring this row failed (decode error, ...), null otherwise"),
-    Column("aspect_ratio", pa.float32(), "max(w, h) / min(w, h) of the original image"),
-    Column("entropy", pa.float32(), "Shannon entropy of the gray-level histogram, bits (0..8)"),
-    Column("edge_density", pa.float32(), "share of pixels on a strong gradient (texture)"),
-    Column("jpeg_bpp", pa.float32(), "stored JPEG bits per pixel"),
-    Column("phash", pa.uint64(), "64-bit DCT perceptual hash of the whole image (filters/multihash.py)"),
-    Column("phash_views", pa.list_(pa.uint64(), len(VIEWS) - 1),
-           "64-bit DCT hashes of the other views, in the order of filters.multihash.VIEWS[1:]: the mirror, "
-           "then windows at 96% and 92% of each side anchored at the four corners and the centre"),
-    Column("graphic", pa.float32(), "0..1, how drawn the image looks (flat share, palette; filters/graphic.py)"),
-)
-
-TEXT = _cols(
-    Column("caption_norm", pa.string(), "normalised caption (what the shards' .txt holds)"),
-    Column("n_chars", pa.int32(), "length of the normalised caption in characters"),
-    Column("n_words", pa.int32(), "length of the normalised caption in jieba words"),
-    Column("zh_ratio", pa.float32(), "share of CJK characters among non-space characters"),
-    Column("latin_ratio", pa.float32(), "share of Latin letters and digits among non-space characters"),
-    Column("repeat_ratio", pa.float32(), "share of characters that repeat the character before them"),
-    Column("n_sentences", pa.int32(), "number of sentences in the normalised caption"),
-    Column("caption_junk", pa.bool_(), "caption was nothing but file-name junk or boilerplate"),
-    Column("blocked_term", pa.string(), "blocklisted term matched in the caption, null if none"),
-)
-
-MODEL = _cols(
-    Column("clip_score", pa.float32(), "cosine similarity of image and caption (Chinese-capable CLIP)"),
-    Column("aesthetic", pa.float32(), "LAION aesthetic predictor v2 score (about 1..10)"),
-    Column("nsfw", pa.float32(), "probability the image is NSFW"),
-    Column("watermark", pa.float32(), "probability the image carries a watermark"),
-    Column("style", pa.string(), "zero-shot style label (photo, cartoon, anime, ...)"),
-    Column("style_prob", pa.float32(), "softmax probability of the chosen style"),
-    Column("text_area", pa.float32(), "share of the image covered by detected text boxes (PP-OCRv4), 0..1"),
-    Column("text_boxes", pa.int32(), "number of detected text boxes"),
-    Column("ocr_text", pa.string(),
-           "recognised text in reading order (models.ocr_recognize), cut at models.ocr_text_max"),
-)
+# The score columns are the scorers' own declarations (filters/registry.py), in their order.
+IMAGE = _cols(*image.SCORER.columns)
+TEXT = _cols(*text.SCORER.columns)
+MODEL = _cols(*(c for s in MODEL_SCORERS for c in s.columns))
 
 DECISION = _cols(
     Column("keep", pa.bool_(), "true when the row goes into the shards"),
     Column("reason", pa.string(), "first rule that dropped the row (see REASONS), null when kept"),
-    Column("dup_of", pa.string(), "key of the kept row this one duplicates"),
+    Column("dup_of", pa.string(), "key of its duplicate group's representative: the row dedup kept, which this "
+           "row is within the distance of (never merely chained to); the representative itself can then be "
+           "dropped as `rebalanced`"),
     Column("style_label", pa.string(), "style the rebalance counted the row under (rebalance.style_source); "
                                        "null: unlabelled"),
 )
@@ -97,41 +62,32 @@ OUTPUT = _cols(
                                   "null when bucketing is off or the size is unknown"),
 )
 
-ALL: dict[str, Column] = {**IDENTITY, **DOWNLOAD, **IMAGE, **TEXT, **MODEL, **DECISION, **OUTPUT}
 
-# Reasons, in the order decide applies them: a row's reason is the first that fires.
-# Names are short snake_case words; stats, inspect and the report use this order.
-REASONS: dict[str, str] = {
-    "shard_failed": "the row's shard could not be processed (stats.json lists the error)",
-    "download_failed": "the image could not be fetched (status is not success)",
-    "decode_error": "the fetched bytes could not be decoded as an image",
-    "too_small": "the original image's shorter side is below filters.min_side",
-    "bad_aspect": "the aspect ratio exceeds filters.max_aspect_ratio",
-    "low_texture": "gray-level entropy or edge density is below the texture floor",
-    "caption_junk": "the caption is nothing but file-name junk or boilerplate",
-    "caption_short": "the normalised caption is shorter than text.min_chars",
-    "caption_long": "the normalised caption is longer than text.max_chars",
-    "not_chinese": "the share of CJK characters is below text.min_zh_ratio",
-    "caption_repetitive": "the repeated-character ratio exceeds text.max_repeat_ratio",
-    "caption_unsafe": "the caption matches the text-safety blocklist",
-    "caption_common": "the caption is shared by more distinct images than text.max_caption_images",
-    "nsfw": "NSFW probability is at or above filters.nsfw_max",
-    "watermark": "watermark probability is at or above filters.watermark_max",
-    "text_heavy": "detected text covers more of the image than filters.text_area_max (posters, screenshots)",
-    "low_clip": "image-caption CLIP similarity is below filters.clip_min",
-    "low_aesthetic": "aesthetic score is below filters.aesthetic_min",
-    "duplicate": "an exact or near duplicate of a kept row (dup_of names it)",
-    "rebalanced": "dropped to bring its style's share to the configured target",
-}
 
+def declared(scorers: tuple[Scorer, ...] = SCORERS) -> dict[str, Column]:
+    """Every manifest column, in manifest order, the score columns being those `scorers` declare; a column
+    two declarations claim is an error naming both."""
+    out = {**IDENTITY, **DOWNLOAD}
+    owner = {name: "manifests/schema.py" for name in (*out, *DECISION, *OUTPUT)}
+    for scorer in scorers:
+        for column in scorer.columns:
+            if column.name in owner:
+                raise ValueError(f"column {column.name!r} is declared by both {owner[column.name]} and scorer "
+                                 f"{scorer.name}")
+            out[column.name], owner[column.name] = column, f"scorer {scorer.name}"
+    return {**out, **DECISION, **OUTPUT}
+
+
+ALL: dict[str, Column] = declared()
 
 # Download error kinds: the coarse, named cause beside each failed row's free-text `error`.
 # curate/fetch.py and curate/download.py classify every failure into one of these.
 ERROR_KINDS: dict[str, str] = {
     "bad_url": "empty URL, a scheme other than http(s), or no host",
     "refused_address": "the host resolves to an address not allowed (private, loopback, metadata, ...)",
-    "dns_failed": "the host name could not be resolved within download.timeout",
-    "timeout": "no complete answer within download.timeout",
+    "dns_failed": "the host name does not exist (or has no address)",
+    "dns_timeout": "the lookup did not finish within download.timeout, or failed temporarily; retried, never cached",
+    "timeout": "no complete answer within download.timeout (one deadline for connect, headers and body)",
     "connection_reset": "the server reset or closed the connection mid-request",
     "connection_failed": "the connection could not be made (refused, unreachable, TLS)",
     "http_403": "HTTP 403 Forbidden",
@@ -143,9 +99,13 @@ ERROR_KINDS: dict[str, str] = {
     "http_4xx": "another HTTP 4xx client error",
     "http_other": "any other unexpected HTTP status (a redirect loop, ...)",
     "opted_out": "X-Robots-Tag opts the image out (download.disallowed_header_directives)",
+    "robots_disallowed": "never requested: the host's robots.txt disallows it for download.user_agent_token or *",
+    "robots_unavailable": "never requested: the host's robots.txt failed transiently past download.retries "
+                          "(RFC 9309: assume disallowed)",
     "too_large": "more than download.max_bytes served, or more than download.max_pixels claimed",
-    "not_an_image": "the bytes could not be decoded and re-encoded as an image",
-    "host_unavailable": "never fetched: its host stayed paused past the shard's wait budget",
+    "not_an_image": "the bytes are not an image format identified before decoding, or could not be decoded",
+    "host_unavailable": "never fetched: its host stayed paused past the shard's wait budget (download.max_wait), "
+                        "or answered none of its requests and was all that was left",
     "error": "any other failure (the error column says what)",
 }
 

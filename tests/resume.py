@@ -130,24 +130,29 @@ def kill_points(root: str, log: Path) -> dict[str, tuple[Callable[[], bool], Cal
     }
 
 
-def clear_dead_lease(root: str, pid: int) -> None:
-    """Delete the lease a killed driver left (valid until it expires), after checking it is that
-    driver's: what the refusal message tells a user who knows the run is dead."""
+def left_lease(root: str, pid: int) -> bool:
+    """Whether a killed driver left its lease behind (valid until it expires): the next run must take it over."""
     run = RunDir(root)
     lease = run.uri("_lease.json")
-    if run.storage.exists(lease):
-        assert f":{pid}:" in run.storage.read_json(lease)["owner"]
-        run.storage.delete(lease)
+    return run.storage.exists(lease) and run.storage.read_json(lease)["pid"] == pid
+
+
+TAKEOVER = "which is gone: taking it over"   # the lease's log line when its holder died on this host
 
 
 def kill_in_every_phase(root: str, cfg: Path, log: Path, **driver) -> None:
-    """Start `curate run CFG` and SIGKILL it once inside each phase, in order (`driver`: Driver's options)."""
+    """Start `curate run CFG` and SIGKILL it once inside each phase, in order (`driver`: Driver's options).
+
+    Each start follows the last kill at once: it must take over the dead driver's lease (and say so)."""
+    dead = None
     for phase, (when, unfinished) in kill_points(root, log).items():
         log.write_text("")   # the decide kill point reads this attempt's lines only
         proc = Driver(["run", str(cfg)], log, **driver)
         proc.kill_when(when, poll=0.01)
         assert unfinished(), f"the kill meant for {phase} landed after it had finished"
-        clear_dead_lease(root, proc.proc.pid)
+        assert dead is None or TAKEOVER in proc.output(), f"the {phase} attempt did not say it took the lease over"
+        dead = proc.proc.pid
+        assert left_lease(root, dead)
 
 
 def poll_until(driver: Driver, found: Callable[[], bool], timeout: float = 240) -> None:

@@ -5,13 +5,22 @@ by ?tag=); /slow/NAME waits `delay` seconds first; /redirect?to=URL answers 302;
 /big?mb=N streams N MB of zeros in 1 MB chunks (never held in memory), with
 Content-Length only when ?declare=1; /status/CODE always answers CODE; /once/CODE/NAME answers
 CODE to the first request of that exact path and serves the file after (CODE `reset` resets
-the connection instead); ?after=N adds `Retry-After: N` to those answers. Every request is
-counted in `hits` (with its time in `times`), and the requests being answered at once in `peak`.
-Several servers on 127.0.0.2, 127.0.0.3, ... act as separate hosts (`serve_hosts`).
+the connection instead); ?after=N adds `Retry-After: N` to those answers; /drip/NAME sends the
+headers and then the file one byte every `drip` seconds (a tarpit). Every request is counted in
+`hits` (with its time in `times`), and the requests being answered at once in `peak`, except
+/robots.txt: those are counted in `robots` alone, and answer `robots` (a body, an HTTP status
+code, or 404 when None; a list gives one answer per request, the last one repeated). Several servers on 127.0.0.2, 127.0.0.3, ... act as separate hosts
+(`serve_hosts`). `tls` serves HTTPS (tests/tls.py makes the certificate).
+
+`serve_proxy` is a forward proxy on a loopback address: absolute-form GETs and CONNECT tunnels,
+to loopback targets only (anything else is answered 403 and never contacted), each request
+logged in `hits` as "GET http://..." or "CONNECT host:port".
 """
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -32,12 +41,15 @@ class Served:
     times: list[tuple[float, str]] = field(default_factory=list)   # (time.monotonic(), path) per request
     open: int = 0
     peak: int = 0
+    robots: list[str] = field(default_factory=list)   # robots.txt requests, by User-Agent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Handler(BaseHTTPRequestHandler):
     folder: Path
     delay: float
+    drip: float
+    robots: list
     served: Served
 
     def log_message(self, *args) -> None:
@@ -104,7 +116,36 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: as intended
             pass
 
+    def _drip(self, name: str) -> None:
+        body = (self.folder / name).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(self.drip)
+        except (BrokenPipeError, ConnectionResetError):  # the client's deadline passed: as intended
+            pass
+
+    def _robots(self) -> None:
+        with self.served.lock:
+            self.served.robots.append(self.headers.get("User-Agent", ""))
+            answer = self.robots[min(len(self.served.robots), len(self.robots)) - 1]
+        if isinstance(answer, str):
+            body = answer.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self._answer(str(answer or 404), None)
+
     def do_GET(self) -> None:
+        if self.path == "/robots.txt":
+            return self._robots()
         self._enter()
         try:
             self._get()
@@ -126,6 +167,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == "slow":
             time.sleep(self.delay)
             self._file(name, {})
+        elif route == "drip":
+            self._drip(name)
         elif route == "redirect":
             self.send_response(302)
             self.send_header("Location", query["to"])
@@ -146,14 +189,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve(folder: Path, host: str = "127.0.0.1", delay: float = 0.0) -> Iterator[Served]:
+def serve(folder: Path, host: str = "127.0.0.1", delay: float = 0.0, drip: float = 0.5,
+          robots: str | int | list | None = None, tls: ssl.SSLContext | None = None) -> Iterator[Served]:
     """Serve `folder` on host:<free port> for the block; only loopback hosts are accepted."""
     assert host.startswith("127."), "test servers stay on 127.0.0.0/8"
     served = Served("")
-    handler = type("Handler", (_Handler,), {"folder": folder, "delay": delay, "served": served})
+    answers = robots if isinstance(robots, list) else [robots]
+    handler = type("Handler", (_Handler,), {"folder": folder, "delay": delay, "drip": drip, "robots": answers,
+                                             "served": served})
     server = ThreadingHTTPServer((host, 0), handler)
     server.daemon_threads = True
-    served.base = f"http://{host}:{server.server_address[1]}"
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    served.base = f"{'https' if tls else 'http'}://{host}:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
@@ -164,7 +212,85 @@ def serve(folder: Path, host: str = "127.0.0.1", delay: float = 0.0) -> Iterator
 
 
 @contextmanager
-def serve_hosts(folder: Path, count: int, delay: float = 0.0) -> Iterator[list[Served]]:
+def serve_hosts(folder: Path, count: int, delay: float = 0.0, **kwargs) -> Iterator[list[Served]]:
     """`count` servers of `folder` on 127.0.0.2, 127.0.0.3, ...: separate hosts, each counting its own."""
     with ExitStack() as stack:
-        yield [stack.enter_context(serve(folder, host=f"127.0.0.{2 + i}", delay=delay)) for i in range(count)]
+        yield [stack.enter_context(serve(folder, host=f"127.0.0.{2 + i}", delay=delay, **kwargs))
+               for i in range(count)]
+
+
+def _loopback(host: str) -> bool:
+    return host.startswith("127.")
+
+
+class _Proxy(BaseHTTPRequestHandler):
+    served: Served
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _log(self, line: str) -> None:
+        with self.served.lock:
+            self.served.hits.append(line)
+            self.served.times.append((time.monotonic(), line))
+
+    def _refuse(self) -> None:
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self._log(f"GET {self.path}")
+        parts = urllib.parse.urlsplit(self.path)
+        if parts.scheme != "http" or not _loopback(parts.hostname or ""):
+            return self._refuse()
+        with socket.create_connection((parts.hostname, parts.port or 80), timeout=10) as upstream:
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            head = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items() if k.lower() != "connection")
+            upstream.sendall(f"GET {target or '/'} HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode())
+            self._pipe(upstream)
+        self.close_connection = True
+
+    def do_CONNECT(self) -> None:
+        self._log(f"CONNECT {self.path}")
+        host, _, port = self.path.rpartition(":")
+        if not _loopback(host.strip("[]")):
+            return self._refuse()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as upstream:
+            self.send_response(200, "Connection established")
+            self.end_headers()
+            self._tunnel(upstream)
+        self.close_connection = True
+
+    def _pipe(self, upstream: socket.socket) -> None:
+        while chunk := upstream.recv(1 << 16):
+            self.wfile.write(chunk)
+
+    def _tunnel(self, upstream: socket.socket) -> None:
+        ends = [self.connection, upstream]
+        while True:
+            readable, _, _ = select.select(ends, [], [], 10)
+            if not readable:
+                return
+            for end in readable:
+                data = end.recv(1 << 16)
+                if not data:
+                    return
+                (upstream if end is self.connection else self.connection).sendall(data)
+
+
+@contextmanager
+def serve_proxy(host: str = "127.0.0.1") -> Iterator[Served]:
+    """A logging forward proxy on host:<free port> (see the module docstring)."""
+    assert host.startswith("127."), "test servers stay on 127.0.0.0/8"
+    served = Served("")
+    server = ThreadingHTTPServer((host, 0), type("Proxy", (_Proxy,), {"served": served}))
+    server.daemon_threads = True
+    served.base = f"http://{host}:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield served
+    finally:
+        server.shutdown()
+        server.server_close()

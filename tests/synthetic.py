@@ -23,6 +23,7 @@ CONFIG = {"filters": {"min_side": 200, "max_aspect_ratio": 3.0, "min_entropy": 1
                       "aesthetic_min": 4.5},
           "text": {"min_chars": 5, "max_chars": 300, "min_zh_ratio": 0.25, "max_repeat_ratio": 0.4}}
 WARNING = "models ran with RANDOM weights: every model score is meaningless"
+RULES_OFF = {"watermark": "the watermark scorer is not enabled (models.enabled)"}   # as decide records it
 
 
 def jpegs(count: int, seed: int = 0) -> list[bytes]:
@@ -102,6 +103,8 @@ def make_run(root: Path, n: int, shards: int = 4, seed: int = 0, images: int = 8
     (root / "stats.json").write_text(json.dumps({
         "timings": {"download": 12.5, "score": 30.1, "decide": 0.4, "write": 3.2}, "failures": [],
         "buckets": buckets}))
+    (root / "decisions").mkdir(exist_ok=True)
+    (root / "decisions" / "_decided.json").write_text(json.dumps({"rules_off": RULES_OFF}))
     data = jpegs(images, seed)
     (root / "raw").mkdir(exist_ok=True)
     fetched = np.array(cols["status"]) == "success"

@@ -50,14 +50,32 @@ def write_scored_run(root: str, table: pa.Table, failed: set[str] = frozenset(),
     return run
 
 
+def enable_scored(cfg: Config, table: pa.Table):
+    """cfg.models with every model scorer whose columns the table holds enabled, as the score phase
+    that wrote such a table would have had it."""
+    from filters.models.catalog import MODEL_SCORERS
+
+    have = [s.name for s in MODEL_SCORERS if set(s.column_names) <= set(table.column_names)]
+    return cfg.models.model_copy(update={"enabled": list(dict.fromkeys([*cfg.models.enabled, *have]))})
+
+
 def decide_table(table: pa.Table, cfg: Config, failed_shards: set[str] = frozenset(),
                  embeddings: dict[str, np.ndarray] | None = None) -> tuple[pa.Table, dict]:
     """Run the real decide phase on `table`; return every shard's decisions (in key order) and the styles."""
+    decisions, decided = decide_report(table, cfg, failed_shards, embeddings)
+    return decisions, decided["styles"]
+
+
+def decide_report(table: pa.Table, cfg: Config, failed_shards: set[str] = frozenset(),
+                  embeddings: dict[str, np.ndarray] | None = None) -> tuple[pa.Table, dict]:
+    """The real decide phase on `table`: every shard's decisions (in key order) and _decided.json."""
     from curate.decide import run_decide
 
     with tempfile.TemporaryDirectory(prefix="decide-") as root:
         run = write_scored_run(root, table, set(failed_shards), embeddings)
-        cfg = cfg.model_copy(update={"run_dir": root})
+        cfg = cfg.model_copy(update={"run_dir": root, "models": enable_scored(cfg, table)})
         run_decide(cfg, run)
         decisions = pa.concat_tables([run.storage.read_parquet(run.decisions(s)) for s in run.shard_names()])
-        return decisions, run.storage.read_json(run.decided)["styles"]
+        assert not run.storage.exists(run.uri("_scratch", "decide")) or not run.storage.list(
+            run.uri("_scratch", "decide")), "decide left its shuffle files behind"
+        return decisions, run.storage.read_json(run.decided)

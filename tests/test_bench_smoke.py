@@ -21,6 +21,8 @@ OWN_RATIOS = {
     "score_gpu": ["score_gpu.pipeline_over_model_alone"],
     "scale": ["scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
               "scale.write_samples_per_s_per_core"],
+    "scale1b": ["scale1b.driver_peak_mb", "scale1b.skipped_hashes", "scale1b.components_bytes_per_edge_row",
+                "scale1b.largest_group_over_planted", "scale1b.shuffle_bytes_per_survivor"],
     "models": [],
     "ocr": ["ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model"],
 }
@@ -97,6 +99,13 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
             kinds = size["duplicates_by_kind"]
             assert sum(kinds.values()) == funnel["dropped"]["duplicate"] and min(kinds.values()) > 0, kinds
         assert all(result["own_ratios"][k] > 0 for k in OWN_RATIOS["scale"])
+    if name == "scale1b":   # the 1B shape, scaled: the cap was hit and split, the planted groups found, bounded
+        assert not result["failures"] and result["funnel"]["dropped"]["duplicate"] > 0
+        assert result["dedupe"]["split_buckets"] > 0 and result["own_ratios"]["scale1b.skipped_hashes"] == 0
+        assert result["groups_found"]["planted_largest"] > 1
+        assert result["own_ratios"]["scale1b.largest_group_over_planted"] <= 1.5
+        assert result["dedupe"]["groups"]["largest"] == result["groups_found"]["largest"]
+        assert result["own_ratios"]["scale1b.components_bytes_per_edge_row"] > 0
     if name == "ocr":   # real inference through the score stage: OCR costs time, never nothing
         assert result["scorer_alone"]["images_per_s_per_core"]["detect"] > 0
         assert result["own_ratios"]["ocr.stage_ocr_over_no_model"] > 1

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from curate import write
+from curate import sample, write
 from curate.card import LICENSE_WARNING, size_category
 from curate.write import run_write
+from manifests.rules import REASONS, RULES
 from manifests.schema import ALL
 from synthetic_write import EXTRA, config, decided_run
 
@@ -44,9 +45,12 @@ def check_card(root: Path, stats: dict, config_data: dict) -> str:
         assert {k.strip("`"): int(v[0]) for k, v in buckets.items()} == stats["buckets"]
     columns = set(table_rows(body, "Sample format"))
     assert {"`bucket`", "`caption`", "`caption_norm`", "`width`", "`original_width`"} <= columns
-    assert not {f"`{c}`" for c in write.SAMPLE_EXCLUDE} & columns
+    assert not {f"`{c}`" for c in sample.SAMPLE_EXCLUDE} & columns
     thresholds = table_rows(body, "Thresholds")
-    assert thresholds["`filters.min_side`"] == [f"`{config_data['filters']['min_side']}`"]
+    assert thresholds["`filters.min_side`"] == [f"`{config_data['filters']['min_side']}`", "`too_small`"]
+    assert {f"`{k}`" for r in RULES for k in r.config_keys if "." in k} <= set(thresholds)
+    assert {"`text.keep_bilingual_share`", "`dedupe.phash_max_distance`", "`rebalance.style_source`"} <= set(thresholds)
+    assert list(funnel)[1:-1] == [f"dropped: `{r}`" for r in REASONS if r in stats["funnel"]["dropped"]]
     for path in config_data["input"]["paths"]:
         assert f"- `{path}`" in body
     assert 'load_dataset("webdataset"' in body and "ray.data.read_webdataset" in body and "wds.WebDataset" in body
@@ -58,7 +62,7 @@ def test_the_card_is_made_from_stats_and_config(ray_session, tmp_path, monkeypat
     monkeypatch.setattr(write, "ROWS_PER_TASK", 10)
     run = decided_run(str(tmp_path / "run"), ROWS, failed_download={3}, failed_score={4})
     cfg = config(run, 7, group_by_bucket=grouped, prefix="zh")
-    stats = run_write(cfg, run.shard_names(), [])
+    stats = run_write(cfg, run.shard_names())
     assert json.loads(Path(run.stats).read_text()) == stats
     card = check_card(Path(run.root), stats, cfg.model_dump(mode="json"))
     assert all(f"`{c}`" in card for c in EXTRA) and ALL["bucket"].doc in card

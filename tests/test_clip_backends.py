@@ -22,7 +22,7 @@ try:  # transformers' pure-Python WordPiece: BertTokenizerLegacy in 5.x, BertTok
 except ImportError:
     from transformers import BertTokenizer as PyBertTokenizer
 
-from curate import weights
+from filters.models import weights
 from filters.models import ModelOptions, ModelScorer, missing_weights, published
 from filters.models import chinese_clip as cc
 from filters.models.taiyi import build_text_model
@@ -243,14 +243,16 @@ def test_models_json_manifest_metadata_inspect_and_report_name_the_clip_backend(
     import pyarrow.parquet as pq
 
     from curate.config import validate
-    from curate.pipeline import check_models
+    from curate.provenance import producer
     from curate.report.data import METRICS, Histogram
     from curate.report.page import histogram_section
     from manifests.inspect import summarize
 
     cfg = validate({"run_dir": str(tmp_path / "run"), "input": {"paths": ["x.parquet"]},
                     "models": {"enabled": ["clip_score"], "clip_backend": "taiyi", "weights": "random"}})
-    models = check_models(cfg, skip_missing=False)
+    from filters.registry import BY_NAME
+
+    models = {"clip_score": producer(BY_NAME["clip_score"], cfg).describe["clip_score"]}
     assert models["clip_score"]["backend"] == "taiyi" and published.TAIYI.repo in models["clip_score"]["model"]
     table = pa.table({"key": ["a", "b"], "clip_score": pa.array([0.1, 0.3], pa.float32())})
     pq.write_table(table.replace_schema_metadata({"curate.models": json.dumps(models)}), tmp_path / "m.parquet")

@@ -179,6 +179,61 @@ def wait_for(cluster: Cluster, job: str, started: float, each: Callable[[], None
     return status, ray_cli("job", "logs", "--address", cluster.address, job)
 
 
+def test_local_paths_are_refused_on_several_nodes_unless_declared_shared(tmp_path):
+    from curate.config import validate
+    from curate.runtime import local_paths_refusal
+
+    run, urls = str(tmp_path / "run"), str(tmp_path / "urls.parquet")
+    cfg = validate({"run_dir": run, "input": {"paths": [urls]}})
+    assert local_paths_refusal(cfg, 1) is None
+    why = local_paths_refusal(cfg, 2)
+    assert f"run_dir {run} and input path {urls} are local paths" in why
+    assert "s3://BUCKET/runs/NAME" in why and "storage.shared_mount: true" in why
+    cfg.storage.shared_mount = True
+    assert local_paths_refusal(cfg, 3) is None
+    on_s3 = validate({"run_dir": "s3://b/run", "input": {"paths": [urls]}})
+    assert f"but input path {urls} is a local path" in local_paths_refusal(on_s3, 2)
+    assert local_paths_refusal(validate({"run_dir": "s3://b/run", "input": {"paths": ["s3://b/u.parquet"]}}), 2) is None
+
+
+def test_relative_paths_inside_a_ray_job_working_dir_are_refused(tmp_path, monkeypatch):
+    """Inside `ray job submit --working-dir`, the process runs in Ray's unpacked copy of the upload:
+    a relative run_dir would land there, in the head's package cache."""
+    from curate.config import ConfigError, load
+
+    job = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    job.mkdir(parents=True)
+    cfg = tmp_path / "c.yaml"
+
+    def write(run_dir: str, urls: str) -> Path:
+        cfg.write_text(json.dumps({"run_dir": run_dir, "input": {"paths": [urls]}}))
+        return cfg
+
+    monkeypatch.chdir(job)
+    with pytest.raises(ConfigError, match=r"run_dir 'runs/x' is a relative path.*Ray job's copy.*_ray_pkg_0123abcd"):
+        load(write("runs/x", "s3://b/u.parquet"))
+    with pytest.raises(ConfigError, match=r"input.paths 'data/\*.parquet' is a relative path"):
+        load(write("s3://b/run", "data/*.parquet"))
+    assert load(write("s3://b/run", "s3://b/u.parquet")).run_dir == "s3://b/run"
+    assert load(write(str(tmp_path / "abs"), "s3://b/u.parquet")).run_dir == str(tmp_path / "abs")
+    monkeypatch.chdir(tmp_path)   # outside a job, relative paths resolve against the shell's folder
+    assert load(write("runs/x", "s3://b/u.parquet")).run_dir == str(tmp_path / "runs" / "x")
+
+
+@pytest.mark.slow
+def test_weights_are_checked_on_the_nodes_themselves(ray_session, tmp_path):
+    from curate.runtime import alive_nodes, missing_weights_by_node
+    from filters.models import ModelOptions
+
+    nodes = [n["NodeManagerAddress"] for n in alive_nodes()]
+    empty = ModelOptions(enabled=["aesthetic"], weights="pretrained", models_dir=str(tmp_path / "empty"))
+    found = missing_weights_by_node(empty)
+    assert sorted(found) == sorted(nodes) and all("aesthetic" in why for why in found.values())
+    assert "missing from" in next(iter(found.values()))["aesthetic"]
+    assert missing_weights_by_node(empty.model_copy(update={"weights": "random"})) == {}
+
+
+@pytest.mark.slow
 def test_demo_runs_as_a_submitted_job(head, tmp_path):
     out = tmp_path / "demo"
     job = f"curate-demo-{os.getpid()}"
@@ -204,10 +259,26 @@ def test_demo_runs_as_a_submitted_job(head, tmp_path):
     assert sorted(in_shards) == sorted(manifest[manifest.keep].key)
     assert stats["shards"]["samples"] == len(in_shards) > 0
 
+    # A relative run directory would resolve inside the job's copy of --working-dir: refused, saying why.
+    relative = f"curate-rel-{os.getpid()}"
+    submit(head, relative, ["demo", "--out", "runs/reljob", "--n", "20"])
+    status, logs = wait_for(head, relative, time.time())
+    assert status == "FAILED" and "--out 'runs/reljob' is a relative path" in logs, logs[-2000:]
+    assert "Ray job's copy of its --working-dir" in logs and "s3://" in logs
 
-def test_a_two_node_job_on_s3_loses_its_worker_node_during_score_and_completes(s3, head, worker_node):
+
+@pytest.mark.slow
+def test_a_two_node_job_on_s3_loses_its_worker_node_during_score_and_completes(s3, head, worker_node, tmp_path):
     """The cluster case: run_dir on S3, a second node that dies in the middle of score (SIGKILL of
-    its raylet and workers). Ray re-runs the lost work on the head; every input row is accounted for."""
+    its raylet and workers). Ray re-runs the lost work on the head; every input row is accounted for.
+    First, the same demo on a local run_dir is refused before any work: the other node has its own disk."""
+    local = f"curate-local-{os.getpid()}"
+    submit(head, local, ["demo", "--out", str(tmp_path / "local"), "--n", "20"], env_vars=s3.env)
+    status, logs = wait_for(head, local, time.time())
+    assert status == "FAILED" and "this Ray cluster has 2 nodes alive" in logs, logs[-2000:]
+    assert "storage.shared_mount: true" in logs and "s3://BUCKET/runs/NAME" in logs
+    assert not (tmp_path / "local" / "_lease.json").exists() and not (tmp_path / "local" / "raw").exists()
+
     root = f"s3://{s3.bucket('cluster')}/demo"
     shards = N // SHARD_ROWS
     job = f"curate-s3-{os.getpid()}"

@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from curate.config import validate
 from curate.decide import components, preference
-from synthetic_run import decide_table
+from synthetic_run import decide_report, decide_table
 from synthetic_scores import scores_table
 
 
@@ -26,16 +26,34 @@ def test_near_duplicates_keep_the_best_and_name_it(ray_session):
     ph = _hashes(10)
     ph[1] = ph[0] ^ np.uint64(0b111)          # 3 bits: duplicate of row 0
     ph[3] = ph[2] ^ np.uint64(0b1111111)      # 7 bits: distinct at the default distance (6)
-    ph[5], ph[6] = ph[4] ^ np.uint64(0xF), ph[4] ^ np.uint64(0xF0)   # 5 and 6 are 8 apart, joined via 4
+    ph[5], ph[6] = ph[4] ^ np.uint64(0xF), ph[4] ^ np.uint64(0xF0)   # 5 and 6 are 8 apart, each 4 from 4
     aesthetic = [5.0] * 10
     aesthetic[1] = 6.0
     aesthetic[6] = 7.0
-    rows = _rows(decide_table(scores_table(10, phash=ph, aesthetic=aesthetic), _cfg())[0])
+    decisions, decided = decide_report(scores_table(10, phash=ph, aesthetic=aesthetic), _cfg())
+    rows = _rows(decisions)
     assert rows["00000_000000"] == ("duplicate", "00000_000001")
     assert rows["00000_000001"] == (None, None)
     assert rows["00000_000003"] == (None, None)
     assert rows["00000_000004"] == ("duplicate", "00000_000006")
-    assert rows["00000_000005"] == ("duplicate", "00000_000006")
+    assert rows["00000_000005"] == (None, None)   # 8 bits from the kept 6: not chained in through 4
+    assert decided["dedupe"]["groups"] == {"count": 2, "rows": 4, "largest": 2, "size_histogram": {"2": 2}}
+
+
+def test_a_chain_of_look_alikes_is_cut_at_the_representatives_distance(ray_session):
+    """Twelve distinct images, each 4 bits from the one before (a walk through hash space): every
+    row lands within the distance of the row it is a duplicate of, and no group outgrows the
+    representative's neighbourhood, where transitive closure would merge all twelve."""
+    ph = _hashes(12)
+    bits = np.random.default_rng(9).permutation(64)[:48].reshape(12, 4)
+    for i in range(1, 12):
+        ph[i] = ph[i - 1] ^ np.bitwise_or.reduce(np.uint64(1) << bits[i].astype(np.uint64))
+    decisions, decided = decide_report(scores_table(12, phash=ph, aesthetic=list(np.linspace(5, 6, 12))), _cfg())
+    index = {k: i for i, k in enumerate(decisions.column("key").to_pylist())}
+    for key, (reason, dup_of) in _rows(decisions).items():
+        if reason == "duplicate":
+            assert bin(int(ph[index[key]] ^ ph[index[dup_of]])).count("1") <= 6
+    assert 1 < decided["dedupe"]["groups"]["count"] and decided["dedupe"]["groups"]["largest"] <= 3
 
 
 def test_ties_go_to_the_smaller_key_and_distance_is_configurable(ray_session):
@@ -72,14 +90,18 @@ def test_exact_duplicates_keep_n_captions_per_image(ray_session):
 
 
 def test_components_keep_the_best_rows_with_distinct_captions_and_route_the_rest_by_group():
-    # one group {1, 2, 3, 4 (shard 1)}; preference: 3 > 1 > 4 > 2; captions: 1 and 3 share one
-    part = {"edges": np.array([[1, 2, 3], [2, 3, 1 << 32 | 4]]), "row": np.array([1, 2, 3, 1 << 32 | 4]),
-            "pref": np.array([[5.0], [1.0], [9.0], [4.0]]), "caption": np.array([7, 8, 7, 9], np.uint64)}
+    # one group {1, 2, 3, 4 (shard 1)}: each image paired with 3; preference: 3 > 1 > 4 > 2; 1 and 3 share a caption
+    rows = np.array([1, 2, 3, 1 << 32 | 4])
+    part = {"row": rows, "cls": rows.astype(np.uint64) + np.uint64(100), "pref": np.array([[5.0], [1.0], [9.0], [4.0]]),
+            "caption": np.array([7, 8, 7, 9], np.uint64),
+            "a": np.array([101, 102, 103], np.uint64), "b": np.array([103, 103, (1 << 32 | 4) + 100], np.uint64),
+            "same": np.zeros(3, bool)}
     bounds = np.array([0, 1, 2])
-    one = components(1, 2, bounds, part)
+    one, counts = components(1, 2, bounds, [part])
     assert one[0]["row"].tolist() == [1, 2] and one[0]["dup_of"].tolist() == [3, 3]
     assert one[1]["row"].tolist() == [1 << 32 | 4] and one[1]["dup_of"].tolist() == [3]
-    two = components(2, 2, bounds, part)   # 3, then the best other caption: 4; 1 repeats 3's caption
+    assert counts["largest"] == 4 and counts["size_histogram"] == {"3-4": 1}
+    two, _ = components(2, 2, bounds, [part])   # 3, then the best other caption: 4; 1 repeats 3's caption
     assert two[0]["row"].tolist() == [1, 2] and two[1]["row"].size == 0
 
 

@@ -11,6 +11,7 @@ typer's CliRunner), starting from a copy of the reference run's files where it c
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -27,9 +28,9 @@ import yaml
 
 from curate.config import ConfigError, load
 from curate.demo_corpus import generate
-from curate.rundir import RunBusy, RunDir
+from curate.rundir import Lease, RunBusy, RunDir
 from tests import resume
-from tests.procs import Driver, cmdline, descendants
+from tests.procs import Driver, cmdline, descendants, run_cli
 from tests.resume import N, SHARDS
 from tests.servers import serve
 
@@ -93,18 +94,76 @@ def copy_downloaded(reference: dict, run: Path) -> None:
         shutil.copytree(reference["run"] / part, run / part)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)   # four driver processes, each killed in its phase, then a re-run
 def test_driver_killed_in_every_phase_resumes_to_the_same_result(urls, reference, tmp_path):
     run = tmp_path / "run"
     cfg = config(run, urls)
     resume.kill_in_every_phase(str(run), cfg, tmp_path / "driver.log")
-    outcome = run_here(cfg)   # the re-run needs no process of its own: the killed ones were the test
-    assert outcome.ok, outcome.failures
+    code, out = run_cli(["run", str(cfg)], tmp_path / "driver.log")
+    assert code == 0, out[-4000:]
+    assert resume.TAKEOVER in out
     assert resume.snapshot(str(run)) == reference["snapshot"]
     # The killed attempts' leftovers are gone: score parts of shards that were being scored.
     assert not [k for k in resume.objects(str(run)) if k.startswith("scores/_parts/")]
 
 
+@pytest.mark.slow
+def test_kill_9_during_score_then_an_immediate_rerun_resumes_to_the_same_result(urls, reference, tmp_path, caplog):
+    """The killed driver's lease is still valid; its holder is a dead process on this host, so the
+    re-run takes it over at once (and logs it) instead of waiting for it to expire."""
+    run = tmp_path / "run"
+    cfg = config(run, urls)
+    copy_downloaded(reference, run)   # straight into score
+    driver = Driver(["run", str(cfg)], tmp_path / "driver.log")
+    driver.kill_when(lambda: resume.done(str(run), "score") >= 1, poll=0.01)
+    assert resume.done(str(run), "score") < SHARDS and resume.left_lease(str(run), driver.proc.pid)
+    with caplog.at_level("WARNING", logger="curate"):
+        outcome = run_here(cfg)
+    assert outcome.ok, outcome.failures
+    assert f"held by process {driver.proc.pid} on this host" in caplog.text and resume.TAKEOVER in caplog.text
+    assert resume.snapshot(str(run)) == reference["snapshot"]
+
+
+def lease_of(run: RunDir, **holder) -> Lease:
+    """A lease written as another holder would have written it, valid for a minute."""
+    lease = Lease(run)
+    lease.owner = f"{holder.get('host', lease.holder['host'])}:{holder.get('pid', 1)}:other"
+    lease.holder = {**lease.holder, **holder}
+    lease._write()
+    return lease
+
+
+def test_a_lease_of_a_dead_process_here_is_taken_over_and_one_from_elsewhere_waits(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from curate.rundir import process_started
+
+    run = RunDir(tmp_path / "run")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lease_of(run, pid=gone.pid, started="12345")
+    with caplog.at_level("WARNING", logger="curate"), Lease(run):
+        assert f"held by process {gone.pid} on this host" in caplog.text
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lease_of(run, pid=alive.pid, started=process_started(alive.pid))
+        with pytest.raises(RunBusy, match=rf"in use by another run \(.*:{alive.pid}:other"):
+            Lease(run).acquire()
+        lease_of(run, pid=alive.pid, started="1")   # the pid now belongs to a later process
+        with Lease(run):
+            pass
+        lease_of(run, host="another-host", pid=gone.pid)   # nobody here can tell whether it lives
+        with pytest.raises(RunBusy, match="another-host"):
+            Lease(run).acquire()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+@pytest.mark.slow
 def test_a_second_run_on_a_run_directory_in_use_is_refused(urls, tmp_path):
     run = tmp_path / "run"
     cfg = config(run, urls)
@@ -118,6 +177,7 @@ def test_a_second_run_on_a_run_directory_in_use_is_refused(urls, tmp_path):
         first.kill()
 
 
+@pytest.mark.slow
 def test_a_killed_ray_worker_during_score_loses_no_row(urls, reference, tmp_path):
     """The run goes on in this process, on the session's Ray, while the test SIGKILLs one of that
     Ray's workers (a descendant of this process) in the middle of a scoring task."""
@@ -150,6 +210,7 @@ def test_a_killed_ray_worker_during_score_loses_no_row(urls, reference, tmp_path
 def test_finishing_a_scored_shard_again_is_a_success(reference, tmp_path):
     """Ray re-runs a finished merge task whose result died with its node: the re-run finds the
     marker and reports done, where it once reported "0 of N rows" and failed the shard."""
+    from curate.provenance import Work
     from curate.score import finish_shard
 
     run = tmp_path / "run"
@@ -159,10 +220,11 @@ def test_finishing_a_scored_shard_again_is_a_success(reference, tmp_path):
     scores = run / "scores" / f"{shard}.parquet"
     before = scores.read_bytes()
     rows = rd.markers("download", [shard])[0]["rows"]
-    assert finish_shard(rd, shard, rows) is None
+    work = Work(frozenset({"image", "caption"}), frozenset(), False, "")
+    assert finish_shard(rd, shard, rows, work, {}) is None
     assert scores.read_bytes() == before
     rd.unmark("score", shard)
-    assert finish_shard(rd, shard, rows) == f"scoring returned 0 of {rows} rows"
+    assert finish_shard(rd, shard, rows, work, {}) == f"scoring returned 0 of {rows} rows"
 
 
 def assert_failed_alone(run: Path, shard: str, error: str) -> None:
@@ -177,6 +239,7 @@ def assert_failed_alone(run: Path, shard: str, error: str) -> None:
     assert RunDir(run).done("score") == set(RunDir(run).shard_names()) - {shard}
 
 
+@pytest.mark.slow
 def test_an_unreadable_raw_shard_fails_alone_and_is_retried_alone(urls, reference, tmp_path):
     run = tmp_path / "run"
     cfg = config(run, urls)
@@ -280,3 +343,76 @@ def test_decide_after_a_rescore_is_not_up_to_date(urls, reference, tmp_path):
     after = rundir.storage.read_json(rundir.decided)
     assert after["attempt"] != before["attempt"] and after["fingerprint"] != before["fingerprint"]
     assert {m["attempt"] for m in rundir.markers("decide", rundir.shard_names())} == {after["attempt"]}
+
+
+def decided_not_written(reference: dict, run: Path) -> None:
+    """The reference run as it stood after decide: everything but write's outputs."""
+    shutil.copytree(reference["run"], run)
+    for folder in ("shards", "manifest", "_done/write", "_done/shards"):
+        shutil.rmtree(run / folder)
+    for name in ("stats.json", "report.html"):
+        (run / name).unlink()
+
+
+def test_a_raw_tar_cut_after_decide_fails_write_naming_it_and_the_next_run_repairs_it(urls, reference, tmp_path):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    run = tmp_path / "run"
+    cfg = config(run, urls)
+    decided_not_written(reference, run)
+    tar = run / "raw" / "00005.tar"
+    tar.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
+
+    result = CliRunner().invoke(app, ["write", str(cfg)])
+    assert result.exit_code == 1, result.output
+    assert "failed: write shard 00005: raw shard 00005 is broken" in result.output
+    failures = resume.failures(str(run))
+    assert ("write", "00005") in [(f["phase"], f["shard"]) for f in failures]
+    assert json.loads((run / "stats.json").read_text())["failures"] == failures
+    assert "00005" not in RunDir(run).done("download")
+    card = (run / "shards" / "README.md").read_text(encoding="utf-8")
+    assert "**Incomplete:" in card and "`00005`" in card
+
+    outcome = run_here(cfg)
+    assert outcome.ok, outcome.failures
+    assert resume.failures(str(run)) == []
+    assert resume.snapshot(str(run)) == reference["snapshot"]
+
+
+def test_a_no_op_rerun_keeps_each_phases_timing_and_the_report_says_so(urls, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    before = json.loads((run / "timings.json").read_text())
+    assert {p: t["rows"] for p, t in before.items()} == {p: N for p in ("download", "score", "decide", "write")}
+    assert run_here(config(run, urls)).ok
+    after = json.loads((run / "timings.json").read_text())
+    assert {p: after[p] for p in ("download", "score", "decide")} == {p: before[p] for p in ("download", "score", "decide")}
+    assert json.loads((run / "stats.json").read_text())["timings"] == after
+    html = (run / "report.html").read_text(encoding="utf-8")
+    shown = dict(re.findall(r"<tr><td>(\w+)</td><td class=\"num\">[\d,.]+</td><td class=\"num\">([\d,]+)</td>",
+                            html.split('id="timings"')[1].split("</table>")[0]))
+    assert shown == {p: f"{N:,}" for p in ("download", "score", "decide", "write")}
+
+
+def test_a_failed_decide_fails_the_run_as_a_phase_until_decide_completes(urls, reference, tmp_path):
+    """decide is global (duplicates span shards): a task of it that fails fails the phase, recorded with
+    shard null; write does not run on half-made decisions; the entry goes when decide next completes."""
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    scores = run / "scores" / "00002.parquet"
+    good = scores.read_bytes()
+    scores.write_bytes(b"not a parquet file\n" * 64)
+    stats = (run / "stats.json").read_text()
+    stricter = config(run, urls, filters={"min_side": 300})   # new settings: decide must run again
+    outcome = run_here(stricter)
+    assert [(f["phase"], f["shard"]) for f in outcome.failures] == [("decide", None)]
+    assert resume.failures(str(run)) == outcome.failures
+    assert not (run / "decisions" / "_decided.json").exists()
+    assert (run / "stats.json").read_text() == stats, "write did not run"
+
+    scores.write_bytes(good)
+    outcome = run_here(stricter)
+    assert outcome.ok, outcome.failures
+    assert resume.failures(str(run)) == []

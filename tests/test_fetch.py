@@ -69,7 +69,7 @@ def images(tmp_path_factory) -> Path:
 def _fetch(fetcher: Fetcher, url: str, token: str | None = None, directives=("noai", "noimageai")):
     got = fetcher(url, 5, token, directives)
     assert (got.error is None) == (got.kind is None)
-    return got.body, got.error
+    return (None if got.body is None else got.body.read()), got.error
 
 
 def test_loopback_is_refused_while_the_switch_is_off(images):
@@ -148,7 +148,7 @@ def test_a_hanging_lookup_is_bounded_by_the_timeout(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: time.sleep(3) or [])
     started = time.time()
     got = Fetcher([], 20 * MB)("http://slow-dns.test/a.jpg", 0.5)
-    assert got.body is None and "lookup timed out" in got.error and got.kind == "dns_failed"
+    assert got.body is None and "lookup timed out" in got.error and got.kind == "dns_timeout"
     assert time.time() - started < 2
 
 
@@ -229,3 +229,196 @@ def test_a_closed_port_is_a_connection_failure(images):
         base = srv.base
     got = Fetcher(["127.0.0.1/32"], 20 * MB)(f"{base}/img/a.jpg", 2)
     assert got.kind == "connection_failed", got
+
+
+# -- IPv4 hidden in IPv6 (decided on the addresses, nothing connects) -------------------------------
+
+@pytest.mark.parametrize("address,blocked", [
+    ("64:ff9b::a00:1", True),               # NAT64 of 10.0.0.1
+    ("64:ff9b::a9fe:a9fe", True),           # NAT64 of the metadata address
+    ("64:ff9b::808:808", False),            # NAT64 of 8.8.8.8
+    ("64:ff9b:1:a00:0:100::", True),        # local-use NAT64 /48 of 10.0.0.1 (u octet skipped)
+    ("2002:a00:1::", True),                 # 6to4 of 10.0.0.1
+    ("2002:7f00:1::1", True),               # 6to4 of 127.0.0.1
+    ("2002:808:808::1", False),             # 6to4 of 8.8.8.8
+    ("::ffff:0:a00:1", True),               # IPv4-translated 10.0.0.1
+    ("::a00:1", True),                      # IPv4-compatible 10.0.0.1
+    ("::a9fe:a9fe", True),                  # IPv4-compatible metadata address
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", True),   # Teredo, client 10.0.0.1
+])
+def test_ipv4_embedded_in_ipv6_is_unwrapped_before_the_check(address, blocked):
+    assert address_blocked(address) is blocked
+
+
+def test_an_embedded_allowed_address_is_allowed_only_where_the_ipv6_form_is_mere_notation():
+    only_one = [ipaddress.ip_network("127.0.0.1/32")]
+    assert not address_blocked("::ffff:0:7f00:1", only_one)   # the same host, written in IPv6
+    assert address_blocked("64:ff9b::7f00:1", only_one)       # a gateway's address, not the host's
+    assert address_blocked("2002:7f00:1::", only_one)
+
+
+@pytest.mark.parametrize("url", ["http://[64:ff9b::a9fe:a9fe]/latest/meta-data/", "http://[2002:a00:1::1]/a.jpg",
+                                 "http://[::a00:1]/a.jpg", "http://[::ffff:0:a00:1]/a.jpg"])
+def test_urls_with_embedded_private_addresses_are_refused(url):
+    with pytest.raises(Refused, match="address not allowed"):
+        check_url(url)
+
+
+# -- one deadline per fetch ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def drip_file(images) -> Path:
+    (images / "drip.bin").write_bytes(b"x" * 100)   # at 0.2 s a byte: 20 s if nothing stops it
+    return images
+
+
+def test_a_slow_drip_fails_as_timeout_at_the_deadline(drip_file):
+    import time
+
+    with serve(drip_file, drip=0.2) as srv:
+        started = time.monotonic()
+        got = Fetcher(["127.0.0.1/32"], 20 * MB)(f"{srv.base}/drip/drip.bin", 1.0)
+        seconds = time.monotonic() - started
+    assert got.kind == "timeout" and got.body is None, got
+    assert 0.9 <= seconds < 1.5   # the deadline plus a small margin; per-read timeouts would let it run 20 s
+
+
+# -- proxies ---------------------------------------------------------------------------------------
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy")
+
+
+def test_proxy_variables_in_the_environment_are_never_used(images, monkeypatch):
+    from tests.servers import serve_proxy
+
+    with serve(images) as srv, serve_proxy("127.0.0.5") as proxy:
+        for name in PROXY_VARIABLES:
+            monkeypatch.setenv(name, proxy.base)
+        monkeypatch.setenv("no_proxy", "")
+        fetcher = Fetcher(["127.0.0.0/24"], 20 * MB)
+        assert _fetch(fetcher, f"{srv.base}/img/a.jpg") == ((images / "a.jpg").read_bytes(), None)
+        got = fetcher("http://169.254.169.254/latest/meta-data/", 5)
+        assert got.kind == "refused_address"
+    assert proxy.hits == [] and len(srv.hits) == 1
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    from tests.tls import make_ca
+
+    return make_ca(tmp_path_factory.mktemp("tls"))
+
+
+def test_http_goes_through_the_configured_proxy_and_private_targets_are_still_refused(images, monkeypatch):
+    from tests.servers import serve_proxy
+
+    with serve(images) as srv, serve(images, host="127.0.0.2") as private, serve_proxy("127.0.0.5") as proxy:
+        # only the target's network is allowed: the proxy's address is allowed by the setting alone
+        fetcher = Fetcher(["127.0.0.1/32"], 20 * MB, proxy=proxy.base)
+        assert _fetch(fetcher, f"{srv.base}/img/a.jpg") == ((images / "a.jpg").read_bytes(), None)
+        assert proxy.hits == [f"GET {srv.base}/img/a.jpg"] and srv.hits == ["/img/a.jpg"]
+        for url in (f"{private.base}/img/a.jpg", "http://169.254.169.254/latest/meta-data/", "http://[::a00:1]/"):
+            assert fetcher(url, 5).kind == "refused_address", url
+        lookups = _counting_lookups(monkeypatch, ["10.0.0.1"])
+        assert fetcher("http://images.test/a.jpg", 5).kind == "refused_address"   # a name, checked before the request
+        assert lookups == ["images.test"]
+        assert fetcher(f"{srv.base}/redirect?to={private.base}/img/a.jpg", 5).kind == "refused_address"
+    assert private.hits == []
+    assert proxy.hits == [f"GET {srv.base}/img/a.jpg", f"GET {srv.base}/redirect?to={private.base}/img/a.jpg"]
+
+
+def test_https_goes_through_a_connect_tunnel_to_the_checked_address(images, ca, monkeypatch):
+    from tests.servers import serve_proxy
+
+    with serve(images, tls=ca.server) as srv, serve_proxy("127.0.0.5") as proxy:
+        port = urllib.parse.urlsplit(srv.base).port
+        fetcher = Fetcher(["127.0.0.1/32"], 20 * MB, proxy=proxy.base, tls=ca.client)
+        assert _fetch(fetcher, f"https://127.0.0.1:{port}/img/a.jpg") == ((images / "a.jpg").read_bytes(), None)
+        lookups = _counting_lookups(monkeypatch, ["127.0.0.1"])
+        # a name: the tunnel goes to the address it was checked at, TLS verifies the name itself
+        assert _fetch(fetcher, f"https://images.test:{port}/img/a.jpg")[1] is None
+        assert lookups == ["images.test"]
+        assert fetcher("https://10.0.0.1/a.jpg", 5).kind == "refused_address"
+    assert proxy.hits == [f"CONNECT 127.0.0.1:{port}"] * 2
+    assert srv.hits == ["/img/a.jpg"] * 2
+
+
+def test_https_direct_checks_the_certificate(images, ca):
+    with serve(images, tls=ca.server) as srv:
+        assert _fetch(Fetcher(["127.0.0.1/32"], 20 * MB, tls=ca.client), f"{srv.base}/img/a.jpg")[1] is None
+        got = Fetcher(["127.0.0.1/32"], 20 * MB)(f"{srv.base}/img/a.jpg", 5)   # the system's trust store
+    assert got.kind == "connection_failed" and "certificate" in got.error.lower()
+
+
+# -- DNS -------------------------------------------------------------------------------------------
+
+def test_slow_lookups_of_a_few_dead_names_do_not_fail_the_other_hosts(images, monkeypatch):
+    """Eight lookups hang (3 s each) while a healthy name is fetched: it resolves at once, because the
+    task's resolver has threads to spare and a lookup's limit starts when its thread starts it."""
+    import socket
+    import threading
+    import time
+
+    real = socket.getaddrinfo
+
+    def lookup(host, port, *args, **kwargs):
+        if host.startswith("dead"):
+            time.sleep(3)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real("127.0.0.1" if host == "images.test" else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    with serve(images) as srv:
+        port = urllib.parse.urlsplit(srv.base).port
+        fetcher = Fetcher(["127.0.0.1/32"], 20 * MB, lookup_threads=2 * 8 + 4)
+        dead = [threading.Thread(target=fetcher, args=(f"http://dead{i}.test/a.jpg", 1.0)) for i in range(8)]
+        for t in dead:
+            t.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        got = fetcher(f"http://images.test:{port}/img/a.jpg", 1.0)
+        seconds = time.monotonic() - started
+        for t in dead:
+            t.join()
+    assert got.kind is None and seconds < 0.5, (got, seconds)
+
+
+def test_a_timed_out_lookup_is_not_cached_and_a_missing_name_is(monkeypatch):
+    import socket
+    import time
+
+    lookups: list[str] = []
+
+    def lookup(host, port, *args, **kwargs):
+        lookups.append(host)
+        if host == "slow.test":
+            time.sleep(1)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    fetcher = Fetcher([], 20 * MB)
+    assert [fetcher("http://slow.test/a.jpg", 0.3).kind for _ in range(2)] == ["dns_timeout"] * 2
+    assert [fetcher("http://gone.test/a.jpg", 0.3).kind for _ in range(2)] == ["dns_failed"] * 2
+    assert lookups == ["slow.test", "slow.test", "gone.test"]
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+def test_bodies_past_the_budget_spill_to_disk(images, tmp_path):
+    from curate.fetch import Budget
+
+    (images / "half.bin").write_bytes(bytes(range(256)) * 2048)   # 512 KiB
+    budget = Budget(300 * 1024, str(tmp_path))
+    fetcher = Fetcher(["127.0.0.1/32"], 20 * MB, budget=budget)
+    with serve(images) as srv:
+        first, second = (fetcher(f"{srv.base}/img/half.bin", 5) for _ in range(2))
+    assert first.body.spilled and second.body.spilled and budget.spilled == 2
+    assert budget.peak <= 300 * 1024 and budget.used == 0   # what was in memory moved to the files
+    assert first.body.read() == (images / "half.bin").read_bytes()
+    small = Budget(1 << 20)
+    got = Fetcher(["127.0.0.1/32"], 20 * MB, budget=small)
+    with serve(images) as srv:
+        body = got(f"{srv.base}/img/half.bin", 5).body
+    assert not body.spilled and small.used == 512 * 1024
+    body.close()
+    assert small.used == 0

@@ -158,3 +158,93 @@ def test_write_prefix_cannot_leave_the_shards_folder(tmp_path, prefix):
                                     "write": {"prefix": prefix}}))
     with pytest.raises(ConfigError, match="write.prefix"):
         load(path)
+
+
+# OpenCV is loaded before the download, so its own pixel limit stays at its default (2^30): only the
+# identify-first check in curate/download.py stands between these bytes and a decoder. Then an RGBA
+# image within max_pixels is decoded, and its peak is held to the decode reserve the config states.
+BOMBS = """
+import cv2, io, json, resource, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+from curate.config import DECODE_BYTES_PER_PIXEL, load
+from curate.download import _Images, download_shard
+from curate.inputs import plan
+from curate.rundir import RunDir
+import img2dataset.resizer
+cfg = load(sys.argv[1])
+shards = plan(cfg.input, RunDir(Path(cfg.run_dir)))
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = rss()
+for shard in shards:
+    download_shard(cfg, shard)
+bombs = rss() - before
+ramp = np.linspace(0, 255, 3000, dtype=np.uint8)
+rgba = Image.fromarray(np.dstack([np.tile(ramp, (2000, 1))] * 4), "RGBA")
+buf = io.BytesIO(); rgba.save(buf, format="PNG"); data = buf.getvalue(); del rgba, buf
+before = rss()
+image, row = _Images(cfg.download)(data)
+print(json.dumps({"bombs_kib": bombs, "rgba_kib": rss() - before, "rgba_status": row.status,
+                  "reserve_kib": DECODE_BYTES_PER_PIXEL * 3000 * 2000 // 1024}))
+"""
+
+
+@pytest.mark.slow   # a fresh interpreter importing OpenCV, img2dataset and the pipeline
+def test_bombs_in_formats_pil_cannot_identify_are_refused_without_a_large_allocation(files, tmp_path):
+    from tests.bombs import gif_screen, hdr_rle, pam_header, pfm_color
+
+    (files / "rle.hdr").write_bytes(hdr_rle(4000, 4000))   # 0.8 MB; 192 MB as OpenCV's float32 RGB
+    (files / "huge.pam").write_bytes(pam_header(30000))
+    (files / "huge.pfm").write_bytes(pfm_color(30000))
+    (files / "screen.gif").write_bytes(gif_screen(60000))
+    expect = {"rle.hdr": "not_an_image", "huge.pam": "not_an_image", "huge.pfm": "not_an_image",
+              "screen.gif": "too_large", "bomb.png": "too_large", "photo.jpg": None}
+    with serve(files) as srv:
+        urls = [f"{srv.base}/img/{name}" for name in expect]
+        cfg_path = write_config(tmp_path, urls, [CAPTION] * len(urls), allow_networks=["127.0.0.1/32"],
+                                max_pixels=10_000_000, memory_mb=512)
+        done = subprocess.run([sys.executable, "-c", BOMBS, str(cfg_path)], cwd=ROOT, env=env(),
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["bombs_kib"] / 1024 < 60, measured   # the .hdr alone decodes to 192 MB
+    assert measured["rgba_status"] == "success"
+    assert measured["rgba_kib"] < measured["reserve_kib"], measured   # img2dataset's float matting: ~70 B/px
+    raw = pq.read_table(tmp_path / "run" / "raw" / "00000.parquet").to_pylist()
+    kinds = {r["url"].rsplit("/", 1)[1]: r["error_kind"] for r in raw}
+    assert kinds == expect, kinds
+    assert all("identified before decoding" in r["error"] for r in raw if r["error_kind"] == "not_an_image")
+
+
+def test_opencv_pixel_limit_is_set_to_max_pixels_before_it_loads():
+    script = ("import io, numpy as np\nfrom PIL import Image\nfrom curate.download import limit_opencv\n"
+              "assert limit_opencv(1000)\nimport cv2\nb = io.BytesIO(); Image.new('RGB', (100, 100)).save(b, 'PNG')\n"
+              "try:\n    cv2.imdecode(np.frombuffer(b.getvalue(), np.uint8), cv2.IMREAD_UNCHANGED)\n"
+              "    print('decoded')\nexcept cv2.error:\n    print('refused')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "refused", done.stdout + done.stderr[-2000:]
+
+
+def test_no_fetch_of_the_pipeline_goes_through_proxy_variables(files, tmp_path, monkeypatch):
+    """Image and robots.txt requests alike ignore http_proxy, https_proxy, HTTP_PROXY and ALL_PROXY
+    (Ray's own processes read them: docs/politeness.md); a metadata URL is refused before connecting."""
+    from curate.download import download_shard
+    from curate.inputs import plan
+    from curate.rundir import RunDir
+    from tests.servers import serve_proxy
+
+    with serve(files) as srv, serve_proxy("127.0.0.5") as proxy:
+        for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy.base)
+        urls = [f"{srv.base}/img/photo.jpg", "http://169.254.169.254/latest/meta-data/",
+                "https://169.254.169.254/latest/meta-data/"]
+        cfg = load(write_config(tmp_path, urls, [CAPTION] * 3, allow_networks=["127.0.0.1/32"]))
+        for shard in plan(cfg.input, RunDir(Path(cfg.run_dir))):
+            download_shard(cfg, shard)
+        assert len(srv.robots) == 1 and srv.hits == ["/img/photo.jpg"]
+    assert proxy.hits == []
+    raw = {r["url"]: r for r in pq.read_table(tmp_path / "run" / "raw" / "00000.parquet").to_pylist()}
+    assert raw[urls[0]]["status"] == "success"
+    assert raw[urls[1]]["error_kind"] == raw[urls[2]]["error_kind"] == "refused_address"

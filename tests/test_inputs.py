@@ -151,3 +151,28 @@ def test_a_plan_from_before_shuffle_existed_counts_as_unshuffled(tmp_path):
     assert plan(InputConfig(paths=[str(path)], shard_rows=10, shuffle=False), run)
     with pytest.raises(ConfigError, match="input.shuffle: planned with False, now True"):
         plan(InputConfig(paths=[str(path)], shard_rows=10), run)
+
+
+GB_ROWS = [("http://h/猫.jpg", "一只橘猫趴在窗台上晒太阳"), ("http://h/面.jpg", "一碗热气腾腾的牛肉面，𠀀字也在")]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_gb18030_input_reads_with_input_encoding_and_names_file_and_line_without_it(tmp_path, fmt):
+    path = tmp_path / f"gbk.{fmt}"
+    if fmt == "csv":
+        text = "url,caption\n" + "".join(f"{u},{c}\n" for u, c in GB_ROWS)
+    else:
+        text = "".join(json.dumps({"url": u, "caption": c}, ensure_ascii=False) + "\n" for u, c in GB_ROWS)
+    path.write_bytes(text.encode("gb18030"))
+    run = RunDir(tmp_path / "run")
+    plan(InputConfig(paths=[str(path)], encoding="gb18030", shuffle=False), run)
+    rows = pq.read_table(run.input_shard("00000")).to_pylist()
+    assert [(r["url"], r["caption"]) for r in rows] == GB_ROWS
+    first = 2 if fmt == "csv" else 1   # the csv header is ASCII
+    with pytest.raises(ConfigError, match=rf"gbk.{fmt}: line {first} is not valid utf-8 text; set input.encoding"):
+        plan(InputConfig(paths=[str(path)], shuffle=False), RunDir(tmp_path / "run2"))
+
+
+def test_an_unknown_encoding_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown text encoding 'gbk2'"):
+        InputConfig(paths=["x.csv"], encoding="gbk2")

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision import transforms as T
 
-from curate import weights
+from filters.models import weights
 from filters.models import ModelOptions, ModelScorer, missing_weights, skipped_when_offline, to_rgb_array
 from filters.models.heads import AestheticHead, LaionNsfwHead, build_watermark_model, style_logits
 

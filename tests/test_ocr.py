@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from curate import weights
+from filters.models import weights
 from curate.config import Config, ConfigError, FiltersConfig, ScoreConfig
 from curate.score import check_room
 from curate.write import captions

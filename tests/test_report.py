@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import time
+from html import escape
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -15,8 +16,10 @@ import pytest
 
 from curate.report import build_report
 from curate.tario import members
+from curate.report.data import _attributes as attributes
+from manifests.rules import COMPARE, ROW_RULES, RULES
 from manifests.schema import REASONS
-from synthetic import WARNING, make_run
+from synthetic import CONFIG, RULES_OFF, WARNING, make_run
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -71,14 +74,39 @@ def test_report_shows_warnings_funnel_histograms_styles_and_grids(small_run):
     assert funnel_rows[0] == "rows in" and "kept" in funnel_rows
     for column in ("min_side", "aspect_ratio", "n_chars", "aesthetic", "nsfw", "clip_score", "watermark", "text_area"):
         assert f'data-column="{column}"' in html
-    assert "filters.text_area_max = 0.2" in html and "Dropped: text_heavy" in html
-    assert "filters.aesthetic_min = 4.5" in html and "text.max_chars = 300" in html
+    assert "text_heavy: text_area &gt; filters.text_area_max (0.2)" in html and "Dropped: text_heavy" in html
+    assert "low_aesthetic: aesthetic &lt; filters.aesthetic_min (4.5)" in html
+    assert "caption_long: n_chars &gt; text.max_chars (300)" in html
     assert 'id="styles"' in html and "before rebalance" in html
     assert html.count("data:image/jpeg;base64,") >= 50
     assert "Dropped: nsfw" in html and 'class="nsfw' in html
     assert "Dropped: download_failed" in html and "no image was stored" in html
-    assert "Duplicate groups" in html and "kept member" in html
+    assert "Duplicate groups" in html and "representative" in html
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', ""), "the page must not load anything"
+
+
+def test_report_reads_the_rules_table_and_says_which_rules_were_off(small_run):
+    html = (small_run / "report.html").read_text(encoding="utf-8")
+    rules = html.split('id="rules"')[1].split("</details>")[0]
+    listed = re.findall(r"<tr><td>([a-z_]+)</td><td>", rules)
+    assert listed == [r.reason for r in RULES]
+    too_small = RULES[3]
+    shown = f"<td>{escape(too_small.describe(attributes(CONFIG)))}</td><td>{escape(too_small.doc)}</td><td>on</td>"
+    assert shown in rules
+    for reason, why in RULES_OFF.items():
+        assert f"<td>{reason}</td>" in rules and f"off: {escape(why)}" in rules
+    card = html.split('data-column="watermark"')[1].split("</div>")[0]
+    assert "threshold-note" not in card and "watermark: watermark &gt;= filters.watermark_max: off (" in card
+    assert 'data-column="min_side"' in html and "min(original_width, original_height)" in html
+
+
+def test_report_metrics_draw_every_threshold_rule_of_the_table():
+    from curate.report.data import METRICS, TITLES
+
+    drawn = [r for m in METRICS for r in m.rules]
+    thresholds = [r for r in ROW_RULES if r.threshold and r.drops in COMPARE]
+    assert sorted(drawn, key=RULES.index) == thresholds and len(set(map(id, drawn))) == len(drawn)
+    assert [m.column for m in METRICS] == list(TITLES), "every histogram has a title, every title a histogram"
 
 
 def test_report_shows_kept_rows_per_bucket(small_run):
@@ -200,3 +228,31 @@ def test_report_shows_error_kinds_wait_and_top_hosts(tmp_path):
     assert "94.0%" in hosts and "http_429 7, timeout 2" in hosts
     assert 'id="error-kinds"' in html and "HTTP 429 Too Many Requests" in html
     assert "12.5 s" in html
+
+
+def test_run_section_tells_what_ran_without_reprs_or_secrets(tmp_path):
+    """Timings are each phase's last real run (rows and rows/s from timings.json), the models table is
+    text a person reads at any depth, and the config shown holds no secret even if config.yaml does."""
+    import json
+
+    import yaml
+
+    root = make_dataset_run(tmp_path / "run", 200, shards=1)
+    models = {"enabled": ["nsfw"], "weights": "pretrained", "skipped": {},
+              "files": [{"name": "open_nsfw", "file": "open-nsfw.onnx", "sha256": "ab" * 32, "pin": "ok"}],
+              "clip_score": {"backend": "taiyi", "model": "L/14", "image": "ViT-L-14", "score": "cosine"}}
+    (root / "models.json").write_text(json.dumps(models))
+    (root / "timings.json").write_text(json.dumps({"download": {"seconds": 156.0, "rows": 2000},
+                                                   "score": {"seconds": 40.0, "rows": 1000}}))
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    config["storage"] = {"endpoint_url": "http://user:hunter2@127.0.0.1:9000", "options": {"account_key": "hunter2"}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    build_report(str(root))
+    html = (root / "report.html").read_text(encoding="utf-8")
+    timings = html.split('id="timings"')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td>(\w+)</td><td class=\"num\">([\d,.]+)</td><td class=\"num\">([\d,-]+)</td>"
+                      r"<td class=\"num\">([\d,-]+)</td>", timings)
+    assert rows == [("download", "156.0", "2,000", "13"), ("score", "40.0", "1,000", "25")]
+    table = html.split('id="models"')[1].split("</table>")[0]
+    assert "open-nsfw.onnx" in table and "taiyi" in table and "{" not in table and "&#x27;" not in table
+    assert "hunter2" not in html and "&lt;redacted&gt;" in html

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from filters.text import TEXT_COLUMNS, TextOptions, caption_columns, explain, normalise, text_reason, text_reasons
+from filters.text import TEXT_COLUMNS, TextOptions, caption_columns, normalise
+from manifests.rules import explain, text_reason, text_reasons
 from manifests.schema import REASONS, TEXT
 
 DEFAULTS = TextOptions()

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from curate import weights
+from filters.models import weights
 from filters.models import ModelOptions
 from filters.models.heads import LaionNsfwHead
-from jobs.convert_laion_nsfw import keras_to_state_dict, write_checked
+from filters.models.convert_laion_nsfw import keras_to_state_dict, write_checked
 
 
 def test_models_dir_precedence(tmp_path, monkeypatch):
@@ -127,17 +127,3 @@ def test_keras_checkpoint_converts_to_the_head_layout(tmp_path):
 def test_converter_rejects_an_unexpected_layout():
     with pytest.raises(ValueError, match="unexpected SavedModel layout"):
         keras_to_state_dict(["layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE"], lambda n: np.zeros(1))
-
-
-def test_scorer_needs_names_every_scorer_and_where_style_comes_from():
-    from curate.weights import scorer_needs
-    from filters.models import SCORERS, ModelOptions
-
-    rows = scorer_needs(ModelOptions(enabled=["style", "nsfw"], nsfw_backend="open_nsfw"), "graphic")
-    names = [r["scorer"] for r in rows]
-    assert all(any(n.split(" ")[0] == s for n in names) for s in SCORERS)
-    by_name = {r["scorer"]: r for r in rows}
-    assert "CLIP tower" in by_name["style (style_source: clip)"]["needs"]
-    assert "CPU graphic score" in by_name["style (style_source: graphic)"]["needs"]
-    assert by_name["style (style_source: graphic)"]["enabled"] and not by_name["style (style_source: clip)"]["enabled"]
-    assert "wheel" in by_name["nsfw"]["needs"] and not by_name["clip_score"]["enabled"]

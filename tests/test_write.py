@@ -17,7 +17,8 @@ import pytest
 
 from curate import write
 from curate.storage import Storage
-from curate.write import SAMPLE_EXCLUDE, DecisionsNotReady, finish, plan, run_write, write_group
+from curate.sample import SAMPLE_EXCLUDE
+from curate.write import DecisionsNotReady, finish, plan, run_write, write_group
 from manifests.schema import REASONS
 from synthetic_write import MODELS, config, decide, decided_run, image, reasons_of
 
@@ -95,14 +96,14 @@ def check_shards(run, stats: dict) -> None:
 
 
 def test_shards_hold_the_kept_rows_in_plan_order(ray_session, run):
-    check_shards(run, run_write(config(run, SIZE), run.shard_names(), []))
+    check_shards(run, run_write(config(run, SIZE), run.shard_names()))
 
 
 def test_the_manifest_is_one_dataset_for_every_reader(ray_session, run):
     import duckdb
     import polars as pl
 
-    run_write(config(run, SIZE), run.shard_names(), [])
+    run_write(config(run, SIZE), run.shard_names())
     folder = run.uri("manifest")
     assert sorted(os.listdir(folder)) == [f"{s}.parquet" for s in run.shard_names()]
     table = ds.dataset(folder, format="parquet").to_table()
@@ -135,8 +136,8 @@ def test_each_raw_tar_is_read_about_once(any_root, small_tasks, monkeypatch):
     assert len(p.tasks) >= 3
     markers = {}
     for task in p.tasks:
-        markers.update(write_group(p.job, task))
-    stats = finish(p, markers, [])
+        markers.update(write_group(p.job, task).markers)
+    stats = finish(config(run, SIZE), p, markers, [])
     tars = [u for u in opened if u.endswith(".tar")]
     readable = [run.raw_tar(s) for s in run.shard_names() if s != "00003"]
     assert set(tars) <= set(readable) and all(tars.count(u) <= 2 for u in tars)
@@ -164,9 +165,9 @@ def _touched(run) -> set[str]:
 
 def test_only_shards_whose_content_changed_are_rewritten(ray_session, run):
     cfg = config(run, SIZE)
-    run_write(cfg, run.shard_names(), [])
+    run_write(cfg, run.shard_names())
     _age(run)
-    run_write(cfg, run.shard_names(), [])
+    run_write(cfg, run.shard_names())
     assert _touched(run) == set(), "an unchanged plan rewrites nothing"
 
     old = kept_in_order(run)
@@ -176,7 +177,7 @@ def test_only_shards_whose_content_changed_are_rewritten(ray_session, run):
     k, d = why.index(None), next(i for i, r in enumerate(why) if r == "too_small")
     why[k], why[d] = "too_small", None
     decide(run, {s: r if r is not None else ["shard_failed"] * n for (s, r), n in zip(reasons.items(), ROWS)})
-    run_write(cfg, run.shard_names(), [])
+    run_write(cfg, run.shard_names())
     kept = kept_in_order(run)
     changed = {f"train-{n:06d}" for n in range(len(kept) // SIZE + 1)
                if kept[n * SIZE:(n + 1) * SIZE] != old[n * SIZE:(n + 1) * SIZE]}
@@ -189,7 +190,7 @@ def test_only_shards_whose_content_changed_are_rewritten(ray_session, run):
     before = shard_files(run)
     decide(run, {s: ["too_small"] * n for s, n in zip(run.shard_names(), ROWS[:5])} |
            {s: reasons_of(i + 5, n) for i, (s, n) in enumerate(zip(run.shard_names()[5:], ROWS[5:]))})
-    stats = run_write(cfg, run.shard_names(), [])
+    stats = run_write(cfg, run.shard_names())
     assert len(shard_files(run)) == stats["shards"]["count"] < len(before)
     assert sorted(p.stem for p in Path(run.uri("_done", "shards")).glob("*.json")) == \
         [n[:-4] for n in shard_files(run)], "the markers of deleted shards go too"
@@ -211,15 +212,41 @@ def test_missing_or_stale_decisions_are_refused(run):
         plan(cfg, run.shard_names())
 
 
-def test_a_cut_raw_tar_fails_its_task_not_the_run(ray_session, run):
+@pytest.mark.parametrize("damage", ["cut", "garbled"])
+def test_a_broken_raw_tar_fails_its_task_names_its_shard_and_loses_its_download(ray_session, run, damage):
+    """Cut in half, or the same size with its headers garbled: the task reading it fails, failures.json
+    names the shard, the shard's markers from download on go (so the next run fetches it again), and
+    shards/, stats.json and the card hold only what was written."""
     tar = Path(run.raw_tar("00006"))
-    tar.write_bytes(tar.read_bytes()[:1500])
-    stats = run_write(config(run, SIZE), run.shard_names(), [{"phase": "score", "shard": "00004", "error": "x"}])
-    failed = {f["shard"] for f in stats["failures"] if f["phase"] == "write"}
-    assert "00006" in failed and "00000" not in failed and len(stats["failures"]) == len(failed) + 1
-    assert all("tar stream ends" in f["error"] for f in stats["failures"] if f["phase"] == "write")
-    assert Path(run.out_shard("train-000000.tar")).exists() and Path(run.marker("write", "00000")).exists()
-    assert not Path(run.marker("write", "00006")).exists()
+    data = tar.read_bytes()
+    tar.write_bytes(data[:len(data) // 2] if damage == "cut" else bytes(b ^ 0x5A for b in data))
+    stats = run_write(config(run, SIZE), run.shard_names())
+    assert stats["failures"] == json.loads(Path(run.file("failures.json")).read_text())
+    broken = [f for f in stats["failures"] if f["error"].startswith("raw shard 00006 is broken")]
+    assert [(f["phase"], f["shard"]) for f in broken] == [("write", "00006")]
+    assert "downloaded again by the next `curate run`" in broken[0]["error"]
+    others = [f for f in stats["failures"] if f not in broken]
+    assert others and all(f["error"] == "not written: raw shard 00006 is broken" for f in others)
+    for phase in ("download", "score", "decide", "write"):
+        assert "00006" not in run.done(phase), phase
+    assert not {f["shard"] for f in others} & run.done("write")
+    assert "00000" in run.done("write") and Path(run.out_shard("train-000000.tar")).exists()
+    on_disk = shard_files(run)
+    assert on_disk == stats["shards"]["names"] and set(stats["shards"]["not_written"]).isdisjoint(on_disk)
+    assert sorted(n[:-4] for n in on_disk) == sorted(run.done("shards")), "no tar without its marker"
+    card = Path(run.out_shard("README.md")).read_text(encoding="utf-8")
+    assert "**Incomplete:" in card and "`00006`" in card
+    assert f"in {len(on_disk)} WebDataset shards" in card
+
+
+def test_a_changed_prefix_removes_the_old_shards(ray_session, run):
+    run_write(config(run, SIZE), run.shard_names())
+    before = shard_files(run)
+    stats = run_write(config(run, SIZE, prefix="zh"), run.shard_names())
+    assert shard_files(run) == stats["shards"]["names"] == [n.replace("train-", "zh-") for n in before]
+    assert sorted(run.done("shards")) == [n[:-4] for n in shard_files(run)]
+    card = Path(run.out_shard("README.md")).read_text(encoding="utf-8")
+    assert f"in {len(before)} WebDataset shards" in card
 
 
 def test_plan_tasks_own_every_output_shard_once_and_read_the_shards_it_needs():
@@ -271,7 +298,7 @@ def _samples(run) -> dict[str, dict[str, tuple]]:
 def test_grouping_by_bucket_changes_only_the_shard_names(ray_session, run):
     """Write the same decided run flat, grouped by bucket, then flat again: the same rows, samples and
     manifest (out_shard aside); grouped shards hold one bucket each, exact sizes but each bucket's last."""
-    flat = run_write(config(run, SIZE), run.shard_names(), [])
+    flat = run_write(config(run, SIZE), run.shard_names())
     flat_manifest, flat_samples = _manifest(run), _samples(run)
     by_key = {r["key"]: r for r in flat_manifest}
     for r in flat_manifest:
@@ -283,7 +310,7 @@ def test_grouping_by_bucket_changes_only_the_shard_names(ray_session, run):
                                 "1536x640", "640x1536"]} | {"unbucketed": sum(r["bucket"] is None for r in kept)}
     assert 0 < flat["buckets"]["640x1536"] < SIZE < flat["buckets"]["1024x1024"] and flat["buckets"]["unbucketed"]
 
-    grouped = run_write(config(run, SIZE, group_by_bucket=True), run.shard_names(), [])
+    grouped = run_write(config(run, SIZE, group_by_bucket=True), run.shard_names())
     names = shard_files(run)
     assert sorted(names) == sorted(grouped["shards"]["names"]) and grouped["shards"]["count"] == len(names)
     assert all(re.fullmatch(r"train-(\d+x\d+|unbucketed)-\d{6}\.tar", n) for n in names), "no flat shard lingers"
@@ -306,13 +333,13 @@ def test_grouping_by_bucket_changes_only_the_shard_names(ray_session, run):
     assert all(r["key"] in samples[r["out_shard"]] for r in manifest if r["keep"])
     assert {k: v for k, v in grouped.items() if k != "shards"} == {k: v for k, v in flat.items() if k != "shards"}
 
-    again = run_write(config(run, SIZE), run.shard_names(), [])
+    again = run_write(config(run, SIZE), run.shard_names())
     assert again == flat and shard_files(run) == flat["shards"]["names"] and _samples(run) == flat_samples
     assert _manifest(run) == flat_manifest
 
 
 def test_without_buckets_the_column_is_null_and_the_stats_say_so(ray_session, run):
-    stats = run_write(config(run, SIZE, buckets=None), run.shard_names(), [])
+    stats = run_write(config(run, SIZE, buckets=None), run.shard_names())
     assert stats["buckets"] is None and all(r["bucket"] is None for r in _manifest(run))
     for samples in _samples(run).values():
         assert all(json.loads(meta)["bucket"] is None for _, meta, _ in samples.values())

@@ -12,10 +12,19 @@ from curate.report import data, page
 from curate.report.samples import PASS1, PASS2, Picker, thumbnails
 from curate.rundir import RunDir
 from curate.storage import Storage
+from filters.declare import Scorer
+from filters.registry import SCORERS
 from manifests.inspect import Position, filtered, open_manifest
 
 log = logging.getLogger("curate")  # curate.runtime's logger, without importing torch through it
-CARD_COLUMNS = ["key", "shard", "caption", "caption_norm", "reason", *page.CARD_SCORES]
+
+
+def card_columns(scorers: tuple[Scorer, ...] = SCORERS) -> list[str]:
+    """What a sampled row's card reads: its identity, caption and reason, and the declarations' shown scores."""
+    return ["key", "shard", "caption", "caption_norm", "reason", *page.card_scores(scorers)]
+
+
+CARD_COLUMNS = card_columns()
 
 
 def build_report(root: str, seed: int = 0, storage: Storage | None = None) -> str:
@@ -28,7 +37,7 @@ def build_report(root: str, seed: int = 0, storage: Storage | None = None) -> st
     for file, rows, table in filtered(manifest, [*data.LIGHT, *PASS1], None):
         tally.add(table)
         picker.add(file, rows, table)
-    hists = data.axes(tally, info.config)
+    hists = data.axes(tally, info.config, info.rules_off)
     for file, rows, table in filtered(manifest, [*data.pass2_columns(hists), *PASS2], None):
         data.fill(hists, table)
         picker.add_groups(file, rows, table)

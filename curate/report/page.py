@@ -5,14 +5,25 @@ import platform
 from html import escape
 from importlib import metadata
 
+from curate.failures import describe
 from curate.report import svg
-from curate.report.data import Histogram, Run
+from curate.report.data import Histogram, Run, described, why_off
 from curate.report.samples import Grid
 from curate.storage import name as base_name
+from filters.declare import Scorer
+from filters.registry import SCORERS
+from manifests.rules import RULES
 from manifests.schema import ERROR_KINDS, REASONS
 
 VERSIONED = ("curate-zh", "ray", "torch", "open-clip-torch", "timm", "pyarrow", "pillow", "img2dataset")
-CARD_SCORES = ("aesthetic", "clip_score", "nsfw", "watermark", "text_area", "ocr_text", "style", "n_chars", "zh_ratio")
+
+
+def card_scores(scorers: tuple[Scorer, ...] = SCORERS) -> tuple[str, ...]:
+    """The declarations' `shown` columns, the model scorers' first (the three under a thumbnail)."""
+    return tuple(c.name for s in sorted(scorers, key=lambda s: not s.optional) for c in s.columns if c.shown)
+
+
+CARD_SCORES = card_scores()
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:0 20px 40px;color:#222}
@@ -44,11 +55,10 @@ SCRIPT = """document.addEventListener('click', function (e) {
 
 def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, grids_html: str) -> str:
     title = f"Curation report: {base_name(run.root)}"
-    parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run, funnel),
-             "<h2>Funnel</h2>", funnel_section(funnel), download_section(run.stats.get("download")),
-             "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score")),
-             styles_section(styles), buckets_section(run.stats.get("buckets"), run.config),
-             "<h2>Images</h2>", grids_html]
+    parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run),
+             "<h2>Funnel</h2>", funnel_section(funnel), rules_section(run), download_section(run.stats.get("download")),
+             "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score"), run),
+             styles_section(styles), buckets_section(run.stats.get("buckets"), run.config), "<h2>Images</h2>", grids_html]
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{CSS}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script></body></html>")
@@ -62,11 +72,11 @@ def alerts(run: Run) -> str:
     for scorer, why in run.models.get("skipped", {}).items():
         out.append(f'<div class="alert warn">scorer skipped: {escape(scorer)}: {escape(str(why))}</div>')
     if run.models and not run.models.get("enabled"):
-        out.append('<div class="alert warn">no model scorer ran: clip_score, aesthetic, nsfw, watermark '
-                   'and style are absent, and their rules did not apply</div>')
+        names = [s.name for s in SCORERS if s.optional]
+        out.append(f'<div class="alert warn">no model scorer ran: {", ".join(names[:-1])} and {names[-1]} are '
+                   f'absent, and their rules did not apply</div>')
     for f in run.stats.get("failures", []):
-        out.append(f'<div class="alert danger">failed: {escape(str(f.get("phase")))} shard '
-                   f'{escape(str(f.get("shard")))}: {escape(str(f.get("error")))}</div>')
+        out.append(f'<div class="alert danger">failed: {escape(describe(f))}</div>')
     return "".join(out)
 
 
@@ -82,6 +92,20 @@ def funnel_section(funnel: dict) -> str:
             f'<th class="num">share of input</th><th>rule</th></tr>{rows}</table></div>')
 
 
+def rules_section(run: Run) -> str:
+    """Every rule of the table in the order decide applies it, as it reads with this run's settings, and
+    whether it applied (decide's rules_off, a null threshold)."""
+    rows, off = [], 0
+    for rule in RULES:
+        why = why_off(rule, run.config, run.rules_off)
+        off += why is not None
+        state = f'<td class="off">off: {escape(why)}</td>' if why else "<td>on</td>"
+        rows.append(f"<tr><td>{escape(rule.reason)}</td><td>{escape(described(rule, run.config))}</td>"
+                    f"<td>{escape(rule.doc)}</td>{state}</tr>")
+    return (f'<details id="rules"><summary>Rules ({off} off)</summary><table><tr><th>reason</th><th>rule</th>'
+            f'<th>meaning</th><th>applied</th></tr>{"".join(rows)}</table></details>')
+
+
 def download_section(download: dict | None) -> str:
     """Error kinds, the shards' wait on paused hosts and retry delays, and the top hosts by rows."""
     if not download:
@@ -95,6 +119,7 @@ def download_section(download: dict | None) -> str:
         hosts.append(f'<tr><td>{escape(host)}</td><td class="num">{h["rows"]:,}</td><td class="num">{rate}</td>'
                      f'<td class="num">{h["requests"]:,}</td><td class="num">{h["retries"]:,}</td>'
                      f'<td class="num">{h["pauses"]:,}</td><td class="num">{h["peak_connections"]}</td>'
+                     f'<td class="num">{h["kinds"].get("robots_disallowed", 0):,}</td>'
                      f"<td>{escape(main)}</td></tr>")
     wait = download["wait_s"]
     return (f'<h2>Download</h2><div id="download"><p>{download["requests"]:,} requests, {download["retries"]:,} '
@@ -104,12 +129,15 @@ def download_section(download: dict | None) -> str:
             f'<th class="num">rows</th><th>meaning</th></tr>{kinds}</table></div>'
             f'<div><h3>Top hosts by rows</h3><table id="hosts"><tr><th>host</th><th class="num">rows</th>'
             f'<th class="num">success</th><th class="num">requests</th><th class="num">retries</th>'
-            f'<th class="num">pauses</th><th class="num">peak connections</th><th>main error kinds</th></tr>'
+            f'<th class="num">pauses</th><th class="num">peak connections</th>'
+            f'<th class="num">refused by robots.txt</th><th>main error kinds</th></tr>'
             f'{"".join(hosts)}</table></div></div></div>')
 
 
-def histogram_section(hists: list[Histogram], clip: dict | None = None) -> str:
-    """One card per score; clip_score's names the backend and model that produced it (models.json)."""
+def histogram_section(hists: list[Histogram], clip: dict | None = None, run: Run | None = None) -> str:
+    """One card per score, each threshold line as the rules table describes it; clip_score's names the backend
+    and model that produced it (models.json)."""
+    config, off = (run.config, run.rules_off) if run else ({}, {})
     if not hists:
         return "<p>No scored rows.</p>"
     cards = []
@@ -117,10 +145,14 @@ def histogram_section(hists: list[Histogram], clip: dict | None = None) -> str:
         lines = [f"<p>{escape(h.doc)}. {h.n:,} scored rows"
                  + (f"; {h.outside:,} beyond the axis are counted in the end bins" if h.outside else "") + ".</p>"]
         for rule, value, share in h.thresholds:
-            lines.append(f'<p class="threshold-note"><b>{escape(rule.key)} = {value:g}</b> drops values '
-                         f'{rule.drops.replace("_", " ")} it: <b>{100 * share:.1f}%</b> of scored rows</p>')
-        if not h.thresholds and h.metric.rules:
-            lines.append(f"<p>{escape(', '.join(r.key for r in h.metric.rules))}: not set, no rule applied</p>")
+            lines.append(f'<p class="threshold-note"><b>{escape(rule.reason)}: {escape(described(rule, config))}'
+                         f'</b> drops <b>{100 * share:.1f}%</b> of scored rows</p>')
+        applied = {rule for rule, _ in h.rules}
+        for rule in h.metric.rules:
+            if rule not in applied:
+                why = why_off(rule, config, off) or f"{rule.threshold} is not in config.yaml"
+                lines.append(f'<p class="rule-off">{escape(rule.reason)}: {escape(rule.describe())}: '
+                             f'off ({escape(why)})</p>')
         if h.metric.column == "clip_score" and clip:
             lines.append(f'<p class="clip-source">produced by <b>{escape(clip["backend"])}</b>: '
                          f'{escape(clip["model"])}; '
@@ -178,29 +210,35 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def run_section(run: Run, funnel: dict) -> str:
-    """Timings with rows/s, model settings, versions and the full config (collapsed)."""
-    rows_in = funnel["rows_in"]
-    timing_rows = "".join(
-        f'<tr><td>{escape(phase)}</td><td class="num">{sec:,.1f}</td>'
-        f'<td class="num">{f"{rows_in / sec:,.0f}" if sec else "-"}</td></tr>'
-        for phase, sec in run.timings.items())
+def run_section(run: Run) -> str:
+    """Timings with the rows each phase worked on, model settings, versions and the full config (collapsed)."""
+    timing_rows = "".join(_timing_row(phase, t) for phase, t in run.timings.items())
     models = "".join(f"<tr><td>{escape(k)}</td><td>{escape(_plain(v))}</td></tr>" for k, v in run.models.items())
     versions = "".join(f"<tr><td>{escape(k)}</td><td>{escape(v)}</td></tr>" for k, v in _versions().items())
-    return (f'<h2>Run</h2><div class="charts"><div><h3>Timings per phase</h3><table id="timings"><tr><th>phase</th>'
-            f'<th class="num">seconds</th><th class="num">input rows/s</th></tr>{timing_rows}</table></div>'
-            f"<div><h3>Models</h3><table>{models}</table></div>"
+    return (f'<h2>Run</h2><div class="charts"><div><h3>Timings per phase</h3><p>each phase\'s last run that did '
+            f'work (a re-run with nothing to do keeps it)</p><table id="timings"><tr><th>phase</th>'
+            f'<th class="num">seconds</th><th class="num">rows</th><th class="num">rows/s</th></tr>{timing_rows}'
+            f"</table></div><div><h3>Models</h3><table id=\"models\">{models}</table></div>"
             f"<div><h3>Versions (of the environment that wrote this report)</h3><table>{versions}</table></div></div>"
             f"<details><summary>config.yaml</summary><pre>{escape(run.config_text)}</pre></details>")
 
 
+def _timing_row(phase: str, timing) -> str:
+    """timings.json's entry for a phase: {seconds, rows}; a bare number (older runs) is seconds alone."""
+    seconds, rows = (timing.get("seconds"), timing.get("rows")) if isinstance(timing, dict) else (timing, None)
+    rate = f"{rows / seconds:,.0f}" if rows and seconds else "-"
+    return (f'<tr><td>{escape(phase)}</td><td class="num">{seconds:,.1f}</td>'
+            f'<td class="num">{f"{rows:,}" if rows else "-"}</td><td class="num">{rate}</td></tr>')
+
+
 def _plain(value) -> str:
-    """Lists and mappings from models.json as text a person reads, not Python reprs."""
+    """models.json's values as text a person reads, at any depth, never a Python repr."""
     if isinstance(value, dict):
-        return "; ".join(f"{k}: {v}" for k, v in value.items()) or "none"
+        return "; ".join(f"{k}: {_plain(v)}" for k, v in value.items()) or "none"
     if isinstance(value, list):
-        return ", ".join(map(str, value)) or "none"
-    return str(value)
+        sep = " | " if any(isinstance(v, (dict, list)) for v in value) else ", "
+        return sep.join(_plain(v) for v in value) or "none"
+    return "-" if value is None else str(value)
 
 
 def _versions() -> dict[str, str]:

@@ -30,7 +30,7 @@ DUP_MEMBERS = 3
 DISTINCT_SKETCH = 1024   # smallest target hashes kept: exact group counts up to this, an estimate beyond
 NO_IMAGE = {"shard_failed", "download_failed"}  # these rows were never stored in raw/
 PASS1 = ["keep", "reason", "aesthetic", "dup_of"]
-PASS2 = ["key", "dup_of"]
+PASS2 = ["key", "dup_of", "reason"]
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Picker:
         self.target_hash = np.empty(0, np.uint64)   # the smallest distinct hashes of dup_of values
         self.targets = np.empty(0, object)
         self.kept_at: dict[str, Position] = {}
+        self.rep_reason: dict[str, str | None] = {}   # a representative's own reason (rebalance may drop it)
         self.members: dict[str, list[Position]] = {}
 
     def add(self, file: int, rows: np.ndarray, table: pa.Table) -> None:
@@ -111,14 +112,16 @@ class Picker:
         return self.targets[:DUP_GROUPS].tolist()
 
     def add_groups(self, file: int, rows: np.ndarray, table: pa.Table) -> None:
-        """Pass 2: the kept row each chosen group names, and its first DUP_MEMBERS members."""
+        """Pass 2: the representative each chosen group names, and its first DUP_MEMBERS members."""
         chosen = pa.array(self.chosen(), pa.string())
         if not len(chosen):
             return
         key, dup_of = table.column("key"), table.column("dup_of")
         hit = np.flatnonzero(_mask(pc.is_in(key, value_set=chosen)))
-        for k, i in zip(key.take(pa.array(hit)).to_pylist(), hit.tolist()):
+        reasons = table.column("reason").take(pa.array(hit)).to_pylist()
+        for k, i, why in zip(key.take(pa.array(hit)).to_pylist(), hit.tolist(), reasons):
             self.kept_at[k] = (file, int(rows[i]))
+            self.rep_reason[k] = why
         hit = np.flatnonzero(_mask(pc.is_in(dup_of, value_set=chosen)))
         for target, i in zip(dup_of.take(pa.array(hit)).to_pylist(), hit.tolist()):
             found = self.members.setdefault(target, [])
@@ -153,16 +156,19 @@ class Picker:
         return grids
 
     def _duplicate_grid(self) -> Grid:
-        """A few groups: the member dedup kept (marked), then up to DUP_MEMBERS rows that name it in dup_of."""
+        """A few groups: the representative dedup kept (marked; the style rebalance may drop it
+        afterwards, and the mark says so), then up to DUP_MEMBERS rows that name it in dup_of."""
         grid = Grid("Duplicate groups", "", [])
         shown = [k for k in self.chosen() if k in self.kept_at]
         total = self.groups()
         grid.note = (f"{len(shown)} of {'about ' if len(self.target_hash) >= DISTINCT_SKETCH else ''}{total:,} groups; "
-                     f"each starts with the member dedup kept (marked)")
+                     f"each starts with its representative (marked), the row dedup kept and every member "
+                     f"is within the distance of")
         for key in shown:
             start = self.kept_at[key]
             grid.group_starts.add(start)
-            grid.marks[start] = "kept member"
+            why = self.rep_reason.get(key)
+            grid.marks[start] = "representative" + (f", then dropped: {why}" if why else "")
             grid.rows += [start, *self.members.get(key, [])]
         return grid
 

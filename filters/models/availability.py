@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from curate import weights
+from filters.models import weights
 
 from .options import ModelOptions
 
@@ -30,7 +30,7 @@ def _missing_by_scorer(opts: ModelOptions) -> dict[str, list[str]]:
             src = weights.REGISTRY[w.derived_from]
             line = (f"{w.scorer}: {w.filename} is missing from {weights.models_dir(opts)}; it is converted from "
                     f"{src.filename} ({src.url}); `{weights.PULL_COMMAND}` downloads and converts it "
-                    f"(conversion needs tensorflow; or run `python -m jobs.convert_laion_nsfw ZIP OUT`)")
+                    f"(conversion needs tensorflow; or run `python -m filters.models.convert_laion_nsfw ZIP OUT`)")
         else:
             line = (f"{w.scorer}: {w.filename} is missing from {weights.models_dir(opts)} "
                     f"(from {w.url}); fetch it with `{weights.PULL_COMMAND}`")

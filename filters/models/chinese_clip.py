@@ -38,7 +38,7 @@ def model_info(size: str) -> dict:
 
 def checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The model's state dict from a published checkpoint (module. prefix stripped, bert.pooler dropped)."""
-    from curate.weights import load_state_dict
+    from filters.models.weights import load_state_dict
 
     state = load_state_dict(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}

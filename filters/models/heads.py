@@ -37,7 +37,7 @@ class LaionNsfwHead(nn.Module):
 
     Keras Normalization ((x - mean) / max(sqrt(variance), 1e-7)), then Dense 64→512→256→1 with ReLU
     and a sigmoid. Keys: `mean`, `variance` (buffers) and `dense{0..3}.{weight,bias}` (torch layout,
-    [out, in]), as written by jobs/convert_laion_nsfw.py. Input: L2-normalised ViT-L/14 embedding.
+    [out, in]), as written by filters/models/convert_laion_nsfw.py. Input: L2-normalised ViT-L/14 embedding.
     """
 
     KERAS_EPSILON = 1e-7

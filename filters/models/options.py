@@ -6,11 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .catalog import MODEL_SCORERS
 from .published import CHINESE_CLIP, CLIP_BACKENDS
 
-SCORERS: tuple[str, ...] = ("clip_score", "aesthetic", "nsfw", "watermark", "style", "ocr")
+SCORERS: tuple[str, ...] = tuple(s.name for s in MODEL_SCORERS)
 # Scorers that read the model view in the model actors; ocr has its own actor pool (curate/score.py).
-VIEW_SCORERS: tuple[str, ...] = SCORERS[:5]
+VIEW_SCORERS: tuple[str, ...] = tuple(s.name for s in MODEL_SCORERS if s.stage == "model")
 
 # Zero-shot style prompts, Chinese and English for each label. The labels are what the
 # `style` column holds; the prompts of a label are averaged into one text embedding.

@@ -1,6 +1,6 @@
 """Published facts of the Chinese CLIP backends: architectures, files, context lengths (no torch here).
 
-The registry (curate/weights.py), the options and the model builders all read these, so each fact
+The registry (filters/models/weights.py), the options and the model builders all read these, so each fact
 lives once. Sources: the Taiyi-CLIP model card and its tokenizer_config.json on the Hugging Face hub
 (IDEA-CCNL/Taiyi-CLIP-Roberta-large-326M-Chinese); cn_clip 1.6.0 (`clip/utils.py`'s `_MODELS` and
 `_MODEL_INFO`, `clip/model_configs/*.json`, `clip.tokenize`).

@@ -5,19 +5,19 @@ import contextlib
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from curate.weights import (chinese_text_needed, clip_image_needed, clip_needed, load_state_dict, open_clip_cache, path_of, shipped_path,
+from filters.models.weights import (chinese_text_needed, clip_image_needed, clip_needed, load_state_dict, open_clip_cache, path_of, shipped_path,
                             towers_needed)
 
 from .heads import AestheticHead, LaionNsfwHead, build_watermark_model, style_logits
+from .catalog import MODEL_SCORERS
 from .images import IMAGENET_MEAN, IMAGENET_STD, batch_tensor
 from .options import ModelOptions
 from .towers import Tower
 
 WATERMARK_SIZE = 256
-_FLOAT_COLUMNS = ("clip_score", "aesthetic", "nsfw", "watermark", "style_prob")
-_COLUMN_ORDER = ("clip_score", "aesthetic", "nsfw", "watermark", "style", "style_prob")
 
 
 def _autocast_dtype(opts: ModelOptions, device: str) -> torch.dtype | None:
@@ -73,7 +73,9 @@ class ModelScorer:
 
         self._style_labels = list(opts.style_prompts)
         self._style_emb = self._style_embeddings() if "style" in enabled else None
-        self.columns = [c for c in _COLUMN_ORDER if c in enabled or (c == "style_prob" and "style" in enabled)]
+        declared = [c for s in MODEL_SCORERS if s.stage == "model" and s.name in enabled for c in s.columns]
+        self.columns = [c.name for c in declared]
+        self._float_columns = {c.name for c in declared if pa.types.is_floating(c.type)}
 
     def _clip_backend(self) -> tuple[object | None, object | None]:
         """(image side, text encoder) of clip_score and style; (None, None) when neither is enabled."""
@@ -121,7 +123,7 @@ class ModelScorer:
     def __call__(self, images: Sequence[np.ndarray | None], captions: Sequence[str | None]) -> dict[str, np.ndarray]:
         """Scores for a batch; rows whose image is None get NaN (style None). See ModelOptions for columns."""
         n = len(images)
-        out: dict[str, np.ndarray] = {c: np.full(n, np.nan, np.float32) for c in self.columns if c in _FLOAT_COLUMNS}
+        out: dict[str, np.ndarray] = {c: np.full(n, np.nan, np.float32) for c in self._float_columns}
         if "style" in self.columns:
             out["style"] = np.full(n, None, dtype=object)
         if self._keep_embeddings:

@@ -37,7 +37,7 @@ class TaiyiText:
 
     def __init__(self, vocab: str | Path, device: str, weights: str | Path | None,
                  spec: published.TaiyiSpec | None = None) -> None:
-        from curate.weights import load_state_dict
+        from filters.models.weights import load_state_dict
 
         spec = spec or published.TAIYI
         self.name = f"taiyi:{spec.repo}/{'random' if weights is None else Path(weights).name}"

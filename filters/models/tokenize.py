@@ -3,7 +3,7 @@
 Taiyi-CLIP (hfl/chinese-roberta-wwm-ext-large's tokenizer: BertTokenizer, do_lower_case, Chinese
 characters split one per token) and Chinese-CLIP (cn_clip's FullTokenizer) use the same 21,128-token
 vocabulary, which ships inside the cn-clip wheel as `clip/vocab.txt` (pinned by sha256 in
-curate/weights.py). The ids are `[CLS] tokens[:context_length - 2] [SEP]`, then [PAD] (id 0): what
+filters/models/weights.py). The ids are `[CLS] tokens[:context_length - 2] [SEP]`, then [PAD] (id 0): what
 `cn_clip.clip.tokenize` and a Hugging Face BertTokenizer with truncation produce.
 """
 from __future__ import annotations

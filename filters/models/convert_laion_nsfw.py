@@ -1,6 +1,6 @@
 """One-off: convert LAION's CLIP-based NSFW detector (Keras SavedModel zip) to safetensors.
 
-    python -m jobs.convert_laion_nsfw clip_autokeras_binary_nsfw.zip laion_nsfw_l14.safetensors
+    python -m filters.models.convert_laion_nsfw clip_autokeras_binary_nsfw.zip laion_nsfw_l14.safetensors
 
 `curate models pull` runs this after downloading the zip. Reading the SavedModel's variables
 needs TensorFlow (`pip install tensorflow-cpu`), only here, once, on the machine that converts;
