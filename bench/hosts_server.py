@@ -2,9 +2,10 @@
 
 `python -m bench.hosts_server FOLDER N [TARPITS [DRIP_BYTES]]` serves FOLDER on 127.0.1.1 ... 127.0.1.N
 (a thread per connection) and prints one base URL per line. The last TARPITS hosts are slow-drip
-tarpits: every request gets its headers at once, then DRIP_BYTES bytes one every DRIP_SECONDS. GET /_peak on a host answers its most
-concurrent connections since the last /_peak (JSON) and resets the count: the download benchmark
-reads it after each contender. Runs in its own process, like bench.common.served.
+tarpits: every request gets its headers at once, then DRIP_BYTES bytes one every DRIP_SECONDS.
+GET /_peak on a host answers its most concurrent connections since the last /_peak (JSON) and
+resets the count: the download benchmark reads it after each contender. Runs in its own process,
+like bench.common.served.
 """
 from __future__ import annotations
 

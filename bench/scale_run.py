@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import io
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
-
-from dataclasses import dataclass
 
 from curate.config import InputConfig
 from curate.hosts import OTHER_HOSTS, TOP_HOSTS

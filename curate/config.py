@@ -150,7 +150,7 @@ class DownloadConfig(_Section):
         return self.memory_mb * 2**20 - self.decode_reserve()
 
     @model_validator(mode="after")
-    def _memory_covers_decode(self) -> "DownloadConfig":
+    def _memory_covers_decode(self) -> DownloadConfig:
         need = -(-self.decode_reserve() // 2**20) + MIN_BODY_BUFFER_MB
         if self.memory_mb < need:
             raise ValueError(

@@ -203,7 +203,10 @@ def rules_table(rules: tuple[Rule, ...] = RULES) -> str:
     return "\n".join([RULES_BEGIN, "", *lines, "", f"Needs: {legend}.", RULES_END])
 
 
-def write(docs: Path = Path(__file__).resolve().parents[1] / "docs") -> None:
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def write(docs: Path = DOCS) -> None:
     """Rewrite docs/config.md and the rules table in docs/phases.md."""
     (docs / "config.md").write_text(render(), encoding="utf-8")
     phases = docs / "phases.md"

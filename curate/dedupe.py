@@ -229,7 +229,8 @@ def near_class_pairs(key: np.ndarray, value: np.ndarray, anchor: np.ndarray, cls
         count = sizes[i] * sizes[j]
         pair = np.repeat(np.arange(len(i)), count)
         at = np.arange(len(pair)) - np.repeat(np.cumsum(count) - count, count)
-        found.append(np.stack([cls[starts[i][pair] + at // sizes[j][pair]], cls[starts[j][pair] + at % sizes[j][pair]]]))
+        found.append(np.stack([cls[starts[i][pair] + at // sizes[j][pair]],
+                               cls[starts[j][pair] + at % sizes[j][pair]]]))
     return np.concatenate(found, axis=1), split_buckets
 
 

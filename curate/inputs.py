@@ -15,7 +15,7 @@ position) and cut. Equal input gives equal shards on every run.
 from __future__ import annotations
 
 import codecs
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa

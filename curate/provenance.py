@@ -137,7 +137,7 @@ def summarise(run: RunDir, skipped: dict[str, str] | None = None) -> dict:
             if len(where[name, fp]) < MIXED_SHARDS_LISTED:
                 where[name, fp].append(shard)
     described = {}
-    for name, fps in per.items():
+    for fps in per.values():
         for fp in fps:
             uri = run.uri("scores", "_producers", f"{fp}.json")
             described[fp] = run.storage.read_json(uri) if run.storage.exists(uri) else {}

@@ -47,7 +47,7 @@ class Rules:
     unavailable: bool = False
 
     @classmethod
-    def from_answer(cls, got: Fetched, agent: str) -> "Rules":
+    def from_answer(cls, got: Fetched, agent: str) -> Rules:
         """Rules from a final answer (a body, or a failure that means no rules)."""
         if got.body is None:
             return cls(agent, f"no rules: {got.error}")
@@ -55,7 +55,7 @@ class Rules:
         return cls(agent, "rules", Protego.parse(text))
 
     @classmethod
-    def unreachable(cls, agent: str, error: str | None) -> "Rules":
+    def unreachable(cls, agent: str, error: str | None) -> Rules:
         return cls(agent, f"unavailable: {error}", unavailable=True)
 
     def refusal(self, url: str) -> tuple[str, str] | None:

@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable, Hashable, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from curate.config import Config, ConfigError, RayConfig
 from curate.storage import is_local

@@ -10,9 +10,8 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
-
 import pyarrow as pa
+from PIL import Image
 
 from filters.declare import Column, Scorer
 from filters.graphic import graphic_score

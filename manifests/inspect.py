@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 from curate.storage import Storage, join
 from filters.declare import Scorer
 from filters.registry import SCORERS, shown
-from manifests.io import numeric_columns
 from manifests.funnel import Funnel
-from manifests.where import WhereError, columns as where_columns, compile_where
+from manifests.io import numeric_columns
+from manifests.where import WhereError, compile_where
+from manifests.where import columns as where_columns
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 # The sample rows' identity, decision and output columns; the scores shown are the declarations' (`shown`).

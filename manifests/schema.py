@@ -7,14 +7,15 @@ cannot reach a manifest, and tests assert the declared types.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
 from filters import image, text
 from filters.declare import Column, Scorer
-from filters.registry import SCORERS
 from filters.models.catalog import MODEL_SCORERS
+from filters.registry import SCORERS
 from manifests.rules import REASONS  # noqa: F401  (the reasons live with their rules; re-exported here)
 
 

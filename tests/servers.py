@@ -9,8 +9,9 @@ the connection instead); ?after=N adds `Retry-After: N` to those answers; /drip/
 headers and then the file one byte every `drip` seconds (a tarpit). Every request is counted in
 `hits` (with its time in `times`), and the requests being answered at once in `peak`, except
 /robots.txt: those are counted in `robots` alone, and answer `robots` (a body, an HTTP status
-code, or 404 when None; a list gives one answer per request, the last one repeated). Several servers on 127.0.0.2, 127.0.0.3, ... act as separate hosts
-(`serve_hosts`). `tls` serves HTTPS (tests/tls.py makes the certificate).
+code, or 404 when None; a list gives one answer per request, the last one repeated). Several
+servers on 127.0.0.2, 127.0.0.3, ... act as separate hosts (`serve_hosts`). `tls` serves HTTPS
+(tests/tls.py makes the certificate).
 
 `serve_proxy` is a forward proxy on a loopback address: absolute-form GETs and CONNECT tunnels,
 to loopback targets only (anything else is answered 403 and never contacted), each request

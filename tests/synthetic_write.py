@@ -91,7 +91,8 @@ def decided_run(root: str, rows: list[int], failed_download: set[int] = frozense
             for j in rng.permutation(np.flatnonzero(ok)):
                 tar.add(f"{keys[j]}.jpg", image(keys[j]))
             tar.close()
-        run.mark("download", shard, {"rows": n, "success": int(ok.sum()), "tar_bytes": run.storage.size(run.raw_tar(shard))})
+        run.mark("download", shard, {"rows": n, "success": int(ok.sum()),
+                                     "tar_bytes": run.storage.size(run.raw_tar(shard))})
         if i in failed_score:
             continue
         aesthetic = rng.uniform(3, 7, n).astype(np.float32)

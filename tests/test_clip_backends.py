@@ -22,8 +22,7 @@ try:  # transformers' pure-Python WordPiece: BertTokenizerLegacy in 5.x, BertTok
 except ImportError:
     from transformers import BertTokenizer as PyBertTokenizer
 
-from filters.models import weights
-from filters.models import ModelOptions, ModelScorer, missing_weights, published
+from filters.models import ModelOptions, ModelScorer, missing_weights, published, weights
 from filters.models import chinese_clip as cc
 from filters.models.taiyi import build_text_model
 from filters.models.tokenize import ChineseTokenizer

@@ -10,8 +10,17 @@ import pytest
 from bench.bench_near_dup import near_dup_quality
 from bench.scenes import is_geometric, natural
 from curate.config import DedupeConfig
-from curate.dedupe import (MAX_BUCKET, bounded_groups, class_keys, components, home_nodes, partition_of,
-                           partition_pairs, route, split)
+from curate.dedupe import (
+    MAX_BUCKET,
+    bounded_groups,
+    class_keys,
+    components,
+    home_nodes,
+    partition_of,
+    partition_pairs,
+    route,
+    split,
+)
 from filters.multihash import MATCHES, VIEWS, view_hashes
 from filters.phash import equal_key_pairs, hamming, near_pairs_in_band, roots, split_bits, without_band
 

@@ -14,11 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from filters.models import weights
 from curate.config import Config, ConfigError, FiltersConfig, ScoreConfig
 from curate.score import check_room
 from curate.write import captions
-from filters.models import ModelOptions
+from filters.models import ModelOptions, weights
 from filters.models.ocr import Ocr, reading_order
 from tests.text_images import corpus
 

@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from filters.models import weights
-from filters.models import ModelOptions
-from filters.models.heads import LaionNsfwHead
+from filters.models import ModelOptions, weights
 from filters.models.convert_laion_nsfw import keras_to_state_dict, write_checked
+from filters.models.heads import LaionNsfwHead
 
 
 def test_models_dir_precedence(tmp_path, monkeypatch):

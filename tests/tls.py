@@ -41,7 +41,8 @@ def make_ca(folder: Path) -> CA:
             .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
     (folder / "server.pem").write_bytes(
-        cert.public_bytes(pem) + key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        cert.public_bytes(pem)
+        + key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(folder / "server.pem")

@@ -24,7 +24,6 @@ from manifests.inspect import Sampler, value_counts
 from manifests.rules import COMPARE, ROW_RULES, Rule, rules_on
 from manifests.schema import ALL
 
-
 MIN_SIDE = "min_side"  # derived: the shorter original side, what the min-combined size rule (too_small) compares
 # Presentation only: each histogram's title, in the order the report shows them. The columns, the rules whose
 # lines each draws and their comparators come from the declarations and manifests/rules.py.

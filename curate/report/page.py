@@ -58,7 +58,8 @@ def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, gr
     parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run),
              "<h2>Funnel</h2>", funnel_section(funnel), rules_section(run), download_section(run.stats.get("download")),
              "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score"), run),
-             styles_section(styles), buckets_section(run.stats.get("buckets"), run.config), "<h2>Images</h2>", grids_html]
+             styles_section(styles), buckets_section(run.stats.get("buckets"), run.config),
+             "<h2>Images</h2>", grids_html]
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{CSS}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script></body></html>")
@@ -144,7 +145,7 @@ def histogram_section(hists: list[Histogram], clip: dict | None = None, run: Run
     for h in hists:
         lines = [f"<p>{escape(h.doc)}. {h.n:,} scored rows"
                  + (f"; {h.outside:,} beyond the axis are counted in the end bins" if h.outside else "") + ".</p>"]
-        for rule, value, share in h.thresholds:
+        for rule, _value, share in h.thresholds:
             lines.append(f'<p class="threshold-note"><b>{escape(rule.reason)}: {escape(described(rule, config))}'
                          f'</b> drops <b>{100 * share:.1f}%</b> of scored rows</p>')
         applied = {rule for rule, _ in h.rules}
