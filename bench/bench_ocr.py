@@ -18,7 +18,7 @@ import numpy as np
 
 from bench.common import rescore_seconds, side_by_side, summary
 
-SIZES = {"smoke": 40, "quick": 600, "full": 2000}
+SIZES = {"smoke": 16, "quick": 600, "full": 2000}
 REPEATS = {"smoke": 1, "quick": 2, "full": 3}
 STAGE = {   # contender -> config overrides on top of jobs/demo.yaml
     "no_model": ["models.enabled=[]"],

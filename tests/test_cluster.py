@@ -36,8 +36,9 @@ from tests.procs import LOOPBACK_ONLY, ROOT, descendants, env
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1200)]
 
 RAY = str(Path(sys.executable).with_name("ray"))
-N = 200
-SHARD_ROWS = 20   # ten shards: score has a middle to be killed in
+N = 100
+SHARD_ROWS = 10   # ten shards: score has a middle to be killed in
+DEMO_N = 60       # the one-node job: every kind of row the demo makes, at the fewest rows
 # Kept out of the uploaded working dir (on top of .gitignore): nodes bring their own venv.
 EXCLUDES = [".git", ".venv*", "runs", "bench", ".ci", ".hypothesis", ".pytest_cache", "*.egg-info"]
 JOB_TIMEOUT = 540
@@ -237,7 +238,7 @@ def test_demo_runs_as_a_submitted_job(head, tmp_path):
     out = tmp_path / "demo"
     job = f"curate-demo-{os.getpid()}"
     started = time.time()
-    submit(head, job, ["demo", "--out", str(out), "--n", str(N)])
+    submit(head, job, ["demo", "--out", str(out), "--n", str(DEMO_N)])
     status, logs = wait_for(head, job, started)
     assert status == "SUCCEEDED", logs[-4000:]
     print(f"job {job}: {status} in {time.time() - started:.1f}s")
@@ -247,10 +248,10 @@ def test_demo_runs_as_a_submitted_job(head, tmp_path):
     assert "attaching to Ray" in logs  # the job used the cluster, not an embedded Ray
 
     manifest = pads.dataset(out / "manifest", format="parquet").to_table().to_pandas()
-    assert len(manifest) == pq.read_metadata(out / "input" / "urls.parquet").num_rows == N
+    assert len(manifest) == pq.read_metadata(out / "input" / "urls.parquet").num_rows == DEMO_N
     assert manifest.key.is_unique
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["funnel"]["rows_in"] == N and stats["failures"] == []
+    assert stats["funnel"]["rows_in"] == DEMO_N and stats["failures"] == []
     in_shards = []
     for tar in sorted((out / "shards").glob("*.tar")):
         with tarfile.open(tar) as t:

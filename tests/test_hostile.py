@@ -70,6 +70,8 @@ def write_config(tmp: Path, urls: list[str], captions: list[str], **download) ->
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)   # a download subprocess (up to 300 s), then the other phases
 def test_hostile_rows_end_with_reasons_in_bounded_memory(files, tmp_path, ray_session):
     from curate.pipeline import run_phases
 

@@ -141,6 +141,7 @@ def test_scorer_style_picks_class_whose_prompt_the_image_matches(tiny_configs, p
 
 # --- the scorer end to end, on the real loading paths --------------------------------------------
 
+@pytest.mark.slow
 def test_pretrained_scorer_matches_independent_pipelines(tiny_configs, pretrained_dir):
     opts = _opts(pretrained_dir, enabled=["clip_score", "aesthetic", "nsfw", "watermark", "style"])
     assert missing_weights(opts) == [] and skipped_when_offline(opts) == {}
@@ -175,6 +176,7 @@ def test_pretrained_scorer_matches_independent_pipelines(tiny_configs, pretraine
     assert set(out["style"]) <= set(opts.style_prompts) and np.all((out["style_prob"] > 0) & (out["style_prob"] <= 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["laion", "open_nsfw"])
 def test_mixed_batch_goes_through_every_scorer_with_random_weights(tiny_configs, tmp_path, backend):
     enabled = ["clip_score", "aesthetic", "nsfw", "watermark", "style"] if backend == "laion" else ["nsfw", "style"]

@@ -58,6 +58,7 @@ def test_unlabelled_rows_are_left_alone(ray_session):
     assert "nothing was rebalanced" in empty["note"]
 
 
+@pytest.mark.slow
 def test_targets_hit_within_one_point_on_100k_rows_and_rerun_is_identical(ray_session):
     styles = _styles(100_000, unlabelled=0.05)
     first, report = _decide(styles, TARGETS, shards=4)

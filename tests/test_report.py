@@ -126,6 +126,7 @@ def test_nsfw_rejected_images_are_blurred(small_run):
     assert figures and all("nsfw" in f.split() for f in figures)
 
 
+@pytest.mark.slow
 def test_report_on_100k_rows_takes_seconds_and_stays_small(tmp_path):
     root = make_dataset_run(tmp_path / "big", 100_000, shards=10)
     started = time.time()
@@ -156,6 +157,8 @@ def test_tar_reader_matches_tarfile_and_stops_at_missing(small_run):
         list(members(cut))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1500)   # the chromium fixture may apt-get install it (600 s per step)
 def test_report_in_headless_chromium(small_run, chromium):
     from cdp import Browser
 
