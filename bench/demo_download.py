@@ -1,6 +1,7 @@
 """The demo's download phase alone, timed: `python -m bench.demo_download OUT [N]`.
 
-The same corpus, server and config as `curate demo --out OUT --n N` (jobs/demo.yaml), with each
+The same corpus, server and config as `curate demo --out OUT --n N` (jobs/demo.yaml; OUT fresh, or
+from an earlier run of this script, whose port it reuses), with each
 input shard downloaded by `download_shard` in this process, one after another, without Ray: the
 figure is the download's own work (the phase under Ray runs the shards num_cpus at a time). Prints
 the seconds, per-shard seconds, waits, host pauses and error kinds from the shards' markers.
@@ -20,7 +21,7 @@ from curate.demo.server import serve
 from curate.phases.download.phase import download_shard
 from curate.phases.download.plan import plan
 from curate.run.rundir import RunDir
-from curate.run.storage import Storage
+from curate.run.storage import Storage, join
 
 
 def main(out: str, n: int = 2000) -> dict:
@@ -29,11 +30,12 @@ def main(out: str, n: int = 2000) -> dict:
     cfg = demo_config(out, [])
     storage = Storage(cfg.storage)
     info = make_corpus(out, n, 0, storage)
-    with serve(image_folder(out, n, 0), slow_seconds=cfg.download.timeout + 5) as base:
+    with serve(image_folder(out, n, 0), slow_seconds=cfg.download.timeout + 5, port=info["port"]) as base:
         buf = io.BytesIO()
         pq.write_table(pa.table({"url": [f"{base}/{name}" for name in info["names"]], "caption": info["captions"],
                                  "kind": info["kinds"]}), buf)
         storage.write_bytes(cfg.input.paths[0], buf.getvalue())
+        storage.write_json(join(out, "input", "corpus.json"), {**info, "port": int(base.rsplit(":", 1)[1])})
         run = RunDir(cfg.run_dir, storage)
         shards = plan(cfg.input, run)
         started = time.time()
