@@ -12,6 +12,7 @@ import json
 from curate.config import Config
 from curate.rundir import RunDir
 from curate.storage import join
+from manifests import ranks
 from manifests.schema import ALL, REASONS
 
 CARD = "README.md"
@@ -54,9 +55,9 @@ def render(cfg: Config, stats: dict, sources: list[str], shards_uri: str) -> str
              f"fate is in the run's parquet manifest (`manifest/`), with the reason of each drop.", "",
              f"> {LICENSE_WARNING}", "",
              *_models_warning(stats.get("models") or {}),
-             "## Funnel", "", *_funnel(stats["funnel"]), "",
+             "## Funnel", "", *_funnel(stats["funnel"]), *_spared(stats.get("before_download")), "",
              "## Shards and buckets", "", *_shards(cfg, stats), "",
-             "## Thresholds", "", *_thresholds(cfg), "",
+             "## Thresholds", "", *_thresholds(cfg, stats.get("thresholds") or {}), "",
              "## Models", "", *_models(stats.get("models") or {}), "",
              "## Sources", "", *[f"- `{s}`" for s in sources], "",
              "## Sample format", "", *_columns(cfg, stats), "",
@@ -88,6 +89,26 @@ def _funnel(funnel: dict) -> list[str]:
     return _table(["step", "rows", "share", "rule"], rows)
 
 
+def _spared(spared: dict | None) -> list[str]:
+    """What the rules before download saved: rows never requested, and the raw bytes they would have cost."""
+    if not spared or not spared["rows"]:
+        return []
+    reasons = ", ".join(f"`{r}` {n:,}" for r, n in spared["reasons"].items())
+    return ["", f"{spared['rows']:,} of these rows were never downloaded: rules that need no image dropped them "
+                f"before download ({reasons}), sparing about {spared_bytes(spared)} of raw images."]
+
+
+def spared_bytes(spared: dict) -> str:
+    """The estimated raw bytes as a person reads them ("unknown" before anything was downloaded)."""
+    n = spared.get("raw_bytes_estimate")
+    if n is None:
+        return "an unknown number of bytes"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def _shards(cfg: Config, stats: dict) -> list[str]:
     w = cfg.write
     layout = (f"each shard holds one bucket: `{w.prefix}-{{w}}x{{h}}-{{n:06d}}.tar`, numbered per bucket"
@@ -112,12 +133,19 @@ def _flat(prefix: str, value) -> list[tuple[str, object]]:
     return [(prefix, value)]
 
 
-def _thresholds(cfg: Config) -> list[str]:
+def _thresholds(cfg: Config, resolved: dict) -> list[str]:
+    """Every threshold as configured; a rank (pNN) with the value decide resolved it to over the run."""
     data = cfg.model_dump(mode="json")
     rows = [kv for section in THRESHOLD_SECTIONS for kv in _flat(section, data[section])]
     rows += [(f"text.{k}", v) for k, v in data["text"].items() if k.startswith(TEXT_RULE_PREFIXES)]
-    return _table(["key", "value"], [[f"`{k}`", "null (off)" if v is None else f"`{json.dumps(v, ensure_ascii=False)}`"]
-                                     for k, v in rows])
+
+    def shown(key: str, value) -> str:
+        if value is None:
+            return "null (off)"
+        text = f"`{json.dumps(value, ensure_ascii=False)}`"
+        return f"{text} = {ranks.describe(resolved[key])}" if key in resolved else text
+
+    return _table(["key", "value"], [[f"`{k}`", shown(k, v)] for k, v in rows])
 
 
 def _models_warning(models: dict) -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from curate import config as config_mod
 from curate.config import Config, ConfigError
 from curate.download import download_shard
-from curate.inputs import check_plan
+from curate.inputs import check_input, check_plan
 from curate.rundir import Lease, RunDir
 from curate.runtime import Progress, Window, init_ray, log
 from curate.storage import Storage
@@ -39,12 +39,16 @@ def open_run(cfg: Config) -> RunDir:
 def run_download(cfg: Config, run: RunDir) -> list[dict]:
     import ray
 
-    from curate.inputs import plan
+    from curate.inputs import cut
+    from curate.screen import run_screen
 
     if run.storage.exists(run.plan):   # run_phases has checked it against this config
         shards = run.shard_names()
-    else:  # the input streams through a worker, not the driver
-        shards = ray.get(ray.remote(num_cpus=0.5)(plan).remote(cfg.input, run))
+    else:  # the input streams through a worker, not the driver; the plan is written once screened
+        info = ray.get(ray.remote(num_cpus=0.5)(cut).remote(cfg.input, run))
+        info["before_download"] = run_screen(cfg, run, info["shards"], info["rows"])
+        run.storage.write_json(run.plan, info)
+        shards = info["shards"]
     done = run.done("download")
     todo = [s for s in shards if s not in done]
     if not todo:
@@ -106,6 +110,8 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
     """Run the given phases in order on one config, holding the run directory's lease."""
     models = check_models(cfg, skip_missing_models) if "score" in phases else None
     run = open_run(cfg)
+    if "download" in phases and not run.storage.exists(run.plan):   # a missing column, before Ray starts
+        check_input(cfg.input, run.storage)
     init_ray(cfg.ray)
     if dry_run:
         return _phases(cfg, run, phases, models, dry_run)

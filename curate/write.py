@@ -34,14 +34,15 @@ from curate.config import Config
 from curate.hosts import download_stats
 from curate.rundir import RunDir
 from curate.runtime import Progress, Window, log
+from curate.screen import spared
 from curate.storage import Storage
 from curate.tario import TarWriter, members
 from filters.buckets import bucket_name, nearest_buckets
 from manifests.inspect import funnel_of_counts
 from manifests.io import manifest_schema, shard_table
-from manifests.schema import ALL
+from manifests.schema import ALL, PLAN
 
-SAMPLE_EXCLUDE = {"keep", "reason", "dup_of", "out_shard"}
+SAMPLE_EXCLUDE = {"keep", "reason", "dup_of", "out_shard", *PLAN}   # the plan's columns: provenance, not data
 ROWS_PER_TASK = 50_000   # kept rows a task plans for (at least one output shard): few tasks, bounded memory
 COUNT_SHARDS = 256       # input shards per bucket-counting task
 UNBUCKETED = "unbucketed"   # the stream (and stats key) of kept rows whose size is unknown, when grouping
@@ -493,9 +494,12 @@ def finish(p: Plan, per_shard: dict[str, dict], failures: list[dict]) -> dict:
     names = p.names
     _delete_stale(run, p.job, names)
     stats = aggregate(per_shard, p.job)
-    stats["download"] = download_stats(run.markers("download", sorted(p.job.downloaded)))
+    markers = run.markers("download", sorted(p.job.downloaded))
+    stats["download"] = download_stats(markers)
+    stats["before_download"] = spared(run.storage.read_json(run.plan), markers)
     stats.update(shards={"count": len(names), "samples": p.total, "names": names},
-                 failures=failures, models=p.models, styles=p.decided.get("styles"))
+                 failures=failures, models=p.models, styles=p.decided.get("styles"),
+                 thresholds=p.decided.get("thresholds") or {})
     run.storage.write_json(run.stats, stats)
     return stats
 

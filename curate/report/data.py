@@ -92,6 +92,15 @@ def setting(config: dict, dotted: str):
     return node
 
 
+def threshold(run: Run, dotted: str) -> float | None:
+    """A threshold as decide applied it: a rank (pNN) as the value it resolved to (stats.json `thresholds`);
+    None when off, or when it differs per value of a column (pNN by COLUMN)."""
+    value = setting(run.config, dotted)
+    if isinstance(value, str):
+        value = (run.stats.get("thresholds") or {}).get(dotted, {}).get("value")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def metric_column(table: pa.Table, column: str) -> pa.Array | pa.ChunkedArray | None:
     """A metric's values in a batch (MIN_SIDE derived), or None when the manifest lacks it."""
     if column == MIN_SIDE:
@@ -168,10 +177,10 @@ class Histogram:
             self.removed[i] += int({"below": v < t, "above": v > t, "at_or_above": v >= t}[rule.drops].sum())
 
 
-def axis(metric: Metric, sample: np.ndarray, config: dict) -> Histogram:
+def axis(metric: Metric, sample: np.ndarray, run: Run) -> Histogram:
     """Bins over p1..p99 (of the sample) widened to show every threshold; rows beyond go to the end
     bins (long tails such as 4000:1 banners or 3000-character captions would otherwise squash the body)."""
-    rules = [(rule, float(t)) for rule in metric.rules if (t := setting(config, rule.key)) is not None]
+    rules = [(rule, t) for rule in metric.rules if (t := threshold(run, rule.key)) is not None]
     lo, hi = np.quantile(sample, [0.01, 0.99])
     lo, hi = min([lo, *(t for _, t in rules)]), max([hi, *(t for _, t in rules)])
     if hi - lo < 1e-9:
@@ -186,13 +195,13 @@ def axis(metric: Metric, sample: np.ndarray, config: dict) -> Histogram:
     return Histogram(metric, doc, edges, rules, np.zeros(len(edges) - 1, np.int64), [0] * len(rules))
 
 
-def axes(tally: Tally, config: dict) -> list[Histogram]:
+def axes(tally: Tally, run: Run) -> list[Histogram]:
     """One empty histogram per metric with at least one scored value, in METRICS order."""
     out = []
     for metric in METRICS:
         sample = tally.samplers[metric.column].values()
         if len(sample):
-            out.append(axis(metric, sample, config))
+            out.append(axis(metric, sample, run))
     return out
 
 

@@ -45,7 +45,8 @@ SCRIPT = """document.addEventListener('click', function (e) {
 def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, grids_html: str) -> str:
     title = f"Curation report: {base_name(run.root)}"
     parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run, funnel),
-             "<h2>Funnel</h2>", funnel_section(funnel), download_section(run.stats.get("download")),
+             "<h2>Funnel</h2>", funnel_section(funnel), spared_section(run.stats.get("before_download")),
+             download_section(run.stats.get("download")),
              "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score")),
              styles_section(styles), buckets_section(run.stats.get("buckets"), run.config), "<h2>Images</h2>", grids_html]
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
@@ -79,6 +80,18 @@ def funnel_section(funnel: dict) -> str:
                    for label, count in zip(labels, counts))
     return (f'<div id="funnel">{chart}<table class="funnel"><tr><th>step</th><th class="num">rows</th>'
             f'<th class="num">share of input</th><th>rule</th></tr>{rows}</table></div>')
+
+
+def spared_section(spared: dict | None) -> str:
+    """Rows the rules before download dropped: never requested, no raw bytes spent on them."""
+    if not spared or not spared["rows"]:
+        return ""
+    from curate.card import spared_bytes
+
+    reasons = ", ".join(f"{escape(r)} {n:,}" for r, n in spared["reasons"].items())
+    return (f'<p id="before-download">{spared["rows"]:,} rows were never downloaded: rules that need no image '
+            f'dropped them before download ({reasons}), sparing about {escape(spared_bytes(spared))} of raw '
+            f'images.</p>')
 
 
 def download_section(download: dict | None) -> str:

@@ -1,0 +1,200 @@
+"""The download plan's second half: every rule that needs no image runs before anything is fetched.
+
+After the cut (curate/inputs.py) the shards are screened by Ray tasks, with the driver holding
+shard names, object references and counts, never rows:
+
+1. rules   per group of input shards: the columns the `input` rules of manifests/rules.py read
+           (with input.caption_first the caption's, computed by filters/text.py exactly as the score
+           phase will), those rules applied through the rules table, and the (caption, URL) pairs of
+           the rows still in, hash-partitioned by caption;
+2. count   per partition: distinct URLs per normalised caption, as decide counts distinct images per
+           caption (before download an image is known only by its URL), routed back per group;
+3. finish  per group: caption_common (the rules table's `caption_urls` rule), then each input shard
+           is written again with the plan columns (manifests/schema.py PLAN) and `before_download`,
+           the rule that dropped the row. The download never requests such a row.
+
+decide applies the same rules to the same columns again (they come first in the table), so a row
+dropped here has the same reason it would have had after a download, and costs no request.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from curate.config import Config, ConfigError
+from curate.decide import CODES, NONE, ROWS_PER_PARTITION, _fan, groups_of, hash64, images_per_caption, reason_names, rule_codes
+from curate.dedupe import concat, partition_of, split
+from curate.rundir import RunDir, shard_index
+from curate.runtime import Window, log
+from curate.storage import Storage
+from filters.blocklists import UrlBlocklist
+from filters.text import TEXT_COLUMNS, caption_columns
+from manifests.rules import INPUT_RULES, URL_COUNT, Rule
+from manifests.schema import PLAN, build
+
+SCREENED = [c for c in PLAN if c != "where_excluded"]   # the columns this module writes (the cut writes the other)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every screening task needs; `rules` are the input rules applied before the caption count."""
+    cfg: Config
+    run: RunDir
+    partitions: int
+    rules: tuple[Rule, ...]
+    count: bool   # caption_common before download (input.caption_first)
+
+    @property
+    def on(self) -> frozenset[str]:
+        return frozenset(r.reason for r in self.rules if r.active(self.cfg))
+
+
+def input_rules(cfg: Config) -> tuple[Rule, ...]:
+    """The input rules the plan applies before the caption count: the caption's only with caption_first."""
+    caption = set(TEXT_COLUMNS)
+    return tuple(r for r in INPUT_RULES if r is not URL_COUNT and (cfg.input.caption_first or not set(r.columns) <= caption))
+
+
+def read_url_blocklist(cfg: Config) -> tuple[UrlBlocklist | None, dict | None]:
+    """input.url_blocklist, read from its URI (once per task), and what the plan records of it."""
+    uri = cfg.input.url_blocklist
+    if uri is None:
+        return None, None
+    data = Storage(cfg.storage).read_bytes(uri)
+    try:
+        blocklist = UrlBlocklist.parse(data.decode("utf-8"), uri)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"input.url_blocklist: {exc}") from None
+    return blocklist, {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(), "entries": len(blocklist)}
+
+
+def _columns(job: Job, t: pa.Table, blocklist: UrlBlocklist | None) -> pa.Table:
+    """The input shard with what its rules read beside it: the URL blocklist's verdict, and the caption's
+    columns with caption_first."""
+    blocked = blocklist.match_all(t.column("url").to_pylist()) if blocklist else [None] * t.num_rows
+    t = t.append_column("url_blocked_by", pa.array(blocked, pa.string()))
+    if job.cfg.input.caption_first:
+        for name, values in caption_columns(t.column("caption").to_pylist(), job.cfg.text).items():
+            t = t.append_column(name, build({name: values}).column(name))
+    return t
+
+
+def _fetchable(urls: pa.ChunkedArray) -> np.ndarray:
+    """Rows with a URL at all: a null or empty one is never requested, so it names no image."""
+    return np.array([bool(u) for u in urls.to_pylist()], bool)
+
+
+def screen_group(job: Job, shards: list[str]) -> list:
+    """Each shard's reason codes so far, and the (caption, URL, row) of rows still in, by caption partition."""
+    blocklist, listed = read_url_blocklist(job.cfg)
+    state, parts = {"url_blocklist": listed, "shards": {}}, []
+    for shard in shards:
+        t = job.run.storage.read_parquet(job.run.input_shard(shard))
+        t = t.drop_columns([c for c in SCREENED if c in t.column_names])   # a plan cut again
+        t = _columns(job, t, blocklist)
+        code = rule_codes(t, job.cfg, job.rules, job.on)
+        state["shards"][shard] = (code, t.column("url_blocked_by"))
+        if job.count:
+            alive = (code == NONE) & _fetchable(t.column("url"))
+            sub = t.filter(pa.array(alive))
+            parts.append({"caption": hash64(sub.column("caption_norm")), "image": hash64(sub.column("url")),
+                          "row": sub.column("row_id").to_numpy()})
+    empty = {"caption": np.empty(0, np.uint64), "image": np.empty(0, np.uint64), "row": np.empty(0, np.int64)}
+    cols = concat(tuple(parts)) if parts else empty
+    return [*split(partition_of(cols["caption"], job.partitions), job.partitions, **cols), state]
+
+
+def shared_captions(groups: int, bounds: np.ndarray, *parts: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(row, distinct URLs of its caption) of every row whose caption has more than one, per group."""
+    rows, count = images_per_caption(concat(parts))
+    rows, count = rows[count > 1], count[count > 1]
+    cuts = np.searchsorted(rows >> 32, bounds)
+    return [(rows[cuts[g]:cuts[g + 1]], count[cuts[g]:cuts[g + 1]]) for g in range(groups)]
+
+
+def finish_group(job: Job, state: dict, *shared: tuple[np.ndarray, np.ndarray]) -> dict:
+    """caption_common before download, then every input shard of the group written with its plan columns;
+    returns the rows dropped per reason of each shard, and the URL blocklist's record."""
+    rows = np.concatenate([s[0] for s in shared]) if shared else np.empty(0, np.int64)
+    counts = np.concatenate([s[1] for s in shared]) if shared else np.empty(0, np.int64)
+    order = np.argsort(rows)   # each partition's rows are sorted, not their concatenation
+    rows, counts = rows[order], counts[order]
+    out = {}
+    for shard, (code, blocked) in state["shards"].items():
+        run = job.run
+        t = run.storage.read_parquet(run.input_shard(shard))
+        t = t.drop_columns([c for c in SCREENED if c in t.column_names])
+        t = t.append_column("url_blocked_by", blocked)
+        code = code.copy()   # arrays from the object store are read-only
+        urls = None
+        if job.count:
+            row_id = t.column("row_id").to_numpy()
+            counted = (code == NONE) & _fetchable(t.column("url"))
+            urls = np.where(counted, 1, 0).astype(np.int32)
+            hit = np.isin(row_id, rows)
+            urls[hit] = counts[np.searchsorted(rows, row_id[hit])]
+            view = {"caption_urls": np.where(counted, urls, np.nan)}
+            code[counted & URL_COUNT.fails(view, job.cfg)] = CODES[URL_COUNT.reason]
+            urls = pa.array(urls, pa.int32(), mask=~counted)
+        t = t.append_column("caption_urls", urls if urls is not None else pa.nulls(t.num_rows, pa.int32()))
+        t = t.append_column("before_download", reason_names(code))
+        run.storage.write_parquet(t, run.input_shard(shard))
+        names = t.column("before_download")
+        out[shard] = dict(Counter(v for v in names.to_pylist() if v is not None))
+    return {"shards": out, "url_blocklist": state["url_blocklist"]}
+
+
+def run_screen(cfg: Config, run: RunDir, shards: list[str], rows: int) -> dict:
+    """Screen every input shard (module docstring); return what the plan records: rows dropped per reason."""
+    import ray
+
+    rules = input_rules(cfg)
+    count = cfg.input.caption_first
+    partitions = max(cfg.dedupe.partitions, math.ceil(rows / ROWS_PER_PARTITION)) if count else 1
+    job = ray.put(Job(cfg, run, partitions, rules, count))
+    groups = groups_of(shards, cfg.input.shard_rows)
+    bounds = np.array([shard_index(g[0]) for g in groups] + [shard_index(shards[-1]) + 1], np.int64)
+    G, P = len(groups), partitions
+    mapped = [_fan(screen_group, P + 1)(job, g) for g in groups]
+    shared = [_fan(shared_captions, G)(G, bounds, *[m[p] for m in mapped]) for p in range(P)] if count else []
+    finish = ray.remote(num_cpus=1)(finish_group)
+    dropped: Counter = Counter()
+    lists: list = []
+    window = Window()
+
+    def collect(results: dict) -> None:
+        for g, result in results.items():
+            if not isinstance(result, dict):
+                raise RuntimeError(f"plan: screening shards {groups[g][0]}..{groups[g][-1]} failed: {result}")
+            for reasons in result["shards"].values():
+                dropped.update(reasons)
+            lists.append(result["url_blocklist"])
+
+    for g in range(G):
+        collect(window.submit(finish.remote(job, mapped[g][P], *[s[g] for s in shared]), g))
+    collect(window.drain())
+    ordered = {r.reason: dropped[r.reason] for r in INPUT_RULES if dropped.get(r.reason)}
+    log.info("plan: %d of %d rows dropped before download (%s)", sum(ordered.values()), rows,
+             ", ".join(f"{r} {n:,}" for r, n in ordered.items()) or "none")
+    if any(entry != lists[0] for entry in lists):   # the file changed while the tasks read it
+        raise RuntimeError(f"plan: input.url_blocklist changed during the plan: {lists}")
+    return {"caption_first": count, "rows": sum(ordered.values()), "reasons": ordered,
+            "text": cfg.text.model_dump(mode="json") if count else None, "url_blocklist": lists[0]}
+
+
+def spared(plan: dict, download_markers: list[dict]) -> dict | None:
+    """stats.json's `before_download`: the rows never requested, per reason, and the raw-tar bytes they would
+    have cost at the bytes per requested row the download actually spent (an estimate: None before any)."""
+    screened = plan.get("before_download")
+    if screened is None:
+        return None
+    asked = sum(m["rows"] - m.get("not_requested", 0) for m in download_markers)
+    per_row = sum(m.get("tar_bytes", 0) for m in download_markers) / asked if asked else None
+    return {"rows": screened["rows"], "reasons": screened["reasons"],
+            "raw_bytes_per_requested_row": None if per_row is None else round(per_row),
+            "raw_bytes_estimate": None if per_row is None else round(per_row * screened["rows"])}
