@@ -30,7 +30,9 @@ RATIOS = ("download.ours_over_img2dataset", "download.many_hosts_ours_over_img2d
           "scale.sec_per_row_max_over_min", "scale.driver_peak_max_over_min", "scale.driver_peak_mb_at_max",
           "scale.write_samples_per_s_per_core", "ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model",
           "score_cpu.view_hashes_overhead", "near_dup.min_recall_crops_mirrors",
-          "near_dup.min_recall_others", "near_dup.precision", "near_dup.false_merges_50k", "graphic.accuracy")
+          "near_dup.min_recall_others", "near_dup.precision", "near_dup.false_merges_50k", "graphic.accuracy",
+          "caption_first.plan_rows_per_s", "caption_first.requests_over_passing",
+          "caption_first.img2dataset_requests_over_ours", "caption_first.img2dataset_raw_bytes_over_ours")
 
 
 def _models(mode: str) -> dict:
@@ -57,7 +59,8 @@ def _bench(name: str) -> Callable[[str], dict]:
     return module.run
 
 
-BENCHMARKS = ("download", "score_cpu", "score_stage", "models", "near_dup", "graphic", "scaling", "scale", "ocr", "score_gpu")
+BENCHMARKS = ("download", "score_cpu", "score_stage", "models", "near_dup", "graphic", "scaling", "scale", "ocr", "score_gpu",
+              "caption_first")
 
 
 def run_one(name: str, mode: str) -> dict:
@@ -177,6 +180,18 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     if "gpu_decode_pipeline_over_model_alone" in gpu:
         rows.append(("score_gpu", "pipeline with gpu_decode / model alone",
                      _fmt(gpu["gpu_decode_pipeline_over_model_alone"]), ""))
+    cf = results.get("caption_first", {})
+    if cf.get("sizes"):
+        rows.append(("caption_first", f"plan of {cf['sizes']['rows']:,} LAION-multi-like rows with the rules before "
+                                      f"download: rows/s ({cf['sizes']['ray_cpus']} CPUs)",
+                     _fmt(ratios["caption_first.plan_rows_per_s"]), ""))
+        rows.append(("caption_first", "share of the rows never requested", _fmt(cf.get("share_never_requested")), ""))
+    rows.append(("caption_first", "requests / rows passing every rule before download",
+                 _fmt(ratios["caption_first.requests_over_passing"]), "1.0"))
+    rows.append(("caption_first", "img2dataset requests / ours, same input",
+                 _fmt(ratios["caption_first.img2dataset_requests_over_ours"]), ""))
+    rows.append(("caption_first", "img2dataset raw bytes / ours, same input",
+                 _fmt(ratios["caption_first.img2dataset_raw_bytes_over_ours"]), ""))
     return rows
 
 

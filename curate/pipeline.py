@@ -117,7 +117,10 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
         return _phases(cfg, run, phases, models, dry_run)
     with Lease(run):
         if run.storage.exists(run.plan):   # refuse a changed input before config.yaml records it
+            from curate.screen import check_screen
+
             check_plan(cfg.input, run)
+            check_screen(cfg, run)
         run.storage.write_text(run.config, config_mod.dump(cfg))
         return _phases(cfg, run, phases, models, dry_run)
 

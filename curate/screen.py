@@ -198,3 +198,32 @@ def spared(plan: dict, download_markers: list[dict]) -> dict | None:
     return {"rows": screened["rows"], "reasons": screened["reasons"],
             "raw_bytes_per_requested_row": None if per_row is None else round(per_row),
             "raw_bytes_estimate": None if per_row is None else round(per_row * screened["rows"])}
+
+
+def check_screen(cfg: Config, run: RunDir) -> None:
+    """Refuse text settings that would admit rows the plan never requested: a loosened caption rule (or a
+    changed normaliser) on a caption-first run. Tightening is a plain re-decide; loosening needs the rows
+    it admits downloaded, which is not built: the error says so and how to go on."""
+    screened = run.storage.read_json(run.plan).get("before_download") or {}
+    planned = screened.get("text")
+    if not screened.get("caption_first") or not planned or not screened.get("rows"):
+        return
+    now = cfg.text.model_dump(mode="json")
+    sides = {r.threshold.removeprefix("text."): r.drops for r in INPUT_RULES
+             if r.threshold and r.threshold.startswith("text.")}
+    looser = []
+    for key, was in planned.items():
+        value = now.get(key)
+        if value == was:
+            continue
+        if key in sides:   # the rule's comparator says which way admits more
+            admits = value < was if sides[key] == "below" else value > was
+        else:              # keep_bilingual_share spares more as it grows; any other key changes the columns
+            admits = value > was if key == "keep_bilingual_share" else True
+        if admits:
+            looser.append(f"  - text.{key}: planned with {was!r}, now {value!r}")
+    if looser:
+        raise ConfigError(f"{run.root}: the plan dropped {screened['rows']:,} rows before download under other text "
+                          f"settings, and these would admit rows it never requested:\n" + "\n".join(looser) +
+                          "\ndownloading only the newly admitted rows is not built yet: start a new run_dir, or "
+                          "restore the settings (a tighter setting is a plain re-decide)")

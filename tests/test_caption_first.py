@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.config import validate
+from curate.config import ConfigError, validate
 from curate.demo_corpus import photo
 from curate.pipeline import run_phases
 from tests.servers import serve
@@ -138,3 +138,9 @@ def test_caption_first_requests_only_rows_that_pass_and_writes_the_same_shards(i
     assert f"{spared['rows']:,} of these rows were never downloaded" in card
     assert 'id="before-download"' in (tmp_path / "first" / "report.html").read_text()
     assert json.loads((tmp_path / "after" / "stats.json").read_text())["before_download"]["reasons"] == {"input_where": 4}
+
+    # a looser caption rule would admit rows never requested: refused, saying why (not built yet)
+    loose = _config(tmp_path / "first", source, True)
+    loose.text.min_zh_ratio = 0.0
+    with pytest.raises(ConfigError, match=r"text.min_zh_ratio: planned with 0.25, now 0.0"):
+        run_phases(loose)

@@ -78,7 +78,7 @@ def test_percentile_thresholds_drop_their_rank_and_redecide_reproduces_them(tmp_
     style = np.array(table.column("style").to_pylist(), object)
     for s in ("photo", "cartoon", "painting"):                     # a threshold per style
         assert abs(share("low_aesthetic", reach_aesthetic & (style == s)) - 0.25) <= 0.005, s
-    values = dict(decided["thresholds"]["filters.aesthetic_min"]["values"])
+    values = {g: found["value"] for g, found in decided["thresholds"]["filters.aesthetic_min"]["values"]}
     assert values["cartoon"] > values["photo"] + 0.5              # cartoons score a point higher here
     clip = decided["thresholds"]["filters.clip_min"]
     scores = table.column("clip_score").to_numpy().astype(np.float64)
