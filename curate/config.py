@@ -292,8 +292,24 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        lines = "\n".join(f"  - {_describe(e)}" for e in _ranks_merged(exc.errors()))
         raise ConfigError(f"{source} is not valid:\n{lines}") from None
+
+
+def _ranks_merged(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A threshold that is a number or a rank fails both branches: one line, the number's message, a rank's form."""
+    out, seen = [], set()
+    for err in errors:
+        loc = err["loc"]
+        if len(loc) == 3 and loc[0] == "filters" and isinstance(loc[2], str) and loc[2].startswith(
+                ("constrained-", "float", "int", "str")):
+            if loc[:2] in seen:
+                continue
+            seen.add(loc[:2])
+            numeric = next((e for e in errors if e["loc"][:2] == loc[:2] and "str" not in str(e["loc"][2])), err)
+            err = {**numeric, "loc": loc[:2], "msg": f"{numeric['msg']}, or a rank such as p30 or p30 by a column"}
+        out.append(err)
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

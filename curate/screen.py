@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import Config, ConfigError
-from curate.decide import CODES, NONE, ROWS_PER_PARTITION, _fan, groups_of, hash64, images_per_caption, reason_names, rule_codes
+from curate.decide import CODES, NONE, ROWS_PER_GROUP, ROWS_PER_PARTITION, _fan, hash64, images_per_caption, reason_names, rule_codes
 from curate.dedupe import concat, partition_of, split
 from curate.rundir import RunDir, shard_index
 from curate.runtime import Window, log
@@ -149,6 +149,14 @@ def finish_group(job: Job, state: dict, *shared: tuple[np.ndarray, np.ndarray]) 
     return {"shards": out, "url_blocklist": state["url_blocklist"]}
 
 
+def _groups(shards: list[str], shard_rows: int, rows: int, cpus: float) -> list[list[str]]:
+    """Groups of consecutive shards: the caption's columns cost far more per row than decide's rules, so a
+    small run is still cut into a few groups per CPU; a large one into groups of decide's size."""
+    per_group = max(shard_rows, min(ROWS_PER_GROUP, math.ceil(rows / (4 * max(cpus, 1.0)))))
+    per = max(1, per_group // max(shard_rows, 1))
+    return [shards[i:i + per] for i in range(0, len(shards), per)]
+
+
 def run_screen(cfg: Config, run: RunDir, shards: list[str], rows: int) -> dict:
     """Screen every input shard (module docstring); return what the plan records: rows dropped per reason."""
     import ray
@@ -157,7 +165,7 @@ def run_screen(cfg: Config, run: RunDir, shards: list[str], rows: int) -> dict:
     count = cfg.input.caption_first
     partitions = max(cfg.dedupe.partitions, math.ceil(rows / ROWS_PER_PARTITION)) if count else 1
     job = ray.put(Job(cfg, run, partitions, rules, count))
-    groups = groups_of(shards, cfg.input.shard_rows)
+    groups = _groups(shards, cfg.input.shard_rows, rows, ray.cluster_resources().get("CPU", 1.0))
     bounds = np.array([shard_index(g[0]) for g in groups] + [shard_index(shards[-1]) + 1], np.int64)
     G, P = len(groups), partitions
     mapped = [_fan(screen_group, P + 1)(job, g) for g in groups]
