@@ -59,6 +59,12 @@ IMAGE = _cols(*image.SCORER.columns)
 TEXT = _cols(*text.SCORER.columns)
 MODEL = _cols(*(c for s in MODEL_SCORERS for c in s.columns))
 
+# Columns decide derives as it reads a shard, for a rule to read; they are not stored in the manifest.
+DERIVED = _cols(
+    Column("image_blocked_by", pa.string(), "the filters.image_blocklist entry the image matches (its sha256, or a "
+                                            "pHash within filters.image_blocklist_distance bits), null if none"),
+)
+
 DECISION = _cols(
     Column("keep", pa.bool_(), "true when the row goes into the shards"),
     Column("reason", pa.string(), "first rule that dropped the row (see REASONS), null when kept"),

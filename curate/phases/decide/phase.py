@@ -189,7 +189,7 @@ def read_shard(job: Job, shard: str) -> pa.Table:
         for name in scores.column_names[1:]:
             table = table.append_column(name, scores.column(name))
         if job.image_blocklist is not None:
-            table = table.append_column("image_blocked_by", image_blocked(job, table))
+            table = table.append_column("image_blocked_by", image_blocked(job, table))   # schema.DERIVED
     row_id = (shard_index(shard) << 32) | np.arange(table.num_rows, dtype=np.int64)
     return table.append_column("row_id", pa.array(row_id))
 
