@@ -144,3 +144,34 @@ def test_caption_first_requests_only_rows_that_pass_and_writes_the_same_shards(i
     loose.text.min_zh_ratio = 0.0
     with pytest.raises(ConfigError, match=r"text.min_zh_ratio: planned with 0.25, now 0.0"):
         run_phases(loose)
+
+
+def test_caption_count_spans_shards_groups_and_partitions(tmp_path):
+    """caption_common before download counts distinct URLs over the whole run, however the rows are cut."""
+    from curate.inputs import cut
+    from curate.rundir import RunDir
+    from curate.screen import Job, finish_group, input_rules, screen_group, shared_captions
+
+    captions = [COMMON] * 9 + [f"{ZH[i % 12]}，{['清晨', '傍晚', '夜里'][i // 12]}" for i in range(30)] + ["两个网址共享的一句标题"] * 2
+    urls = [f"http://127.0.0.1/c{i}.jpg" for i in range(9)] + [f"http://127.0.0.1/u{i}.jpg" for i in range(32)]
+    urls[1] = urls[0]   # the same URL twice is one image
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": captions}), source)
+    cfg = validate({"run_dir": str(tmp_path / "run"), "input": {"paths": [str(source)], "url_col": "URL",
+                                                                "caption_col": "TEXT", "shard_rows": 5},
+                    "text": {"max_caption_images": 7}})
+    run = RunDir(cfg.run_dir)
+    shards = cut(cfg.input, run)["shards"]
+    groups = [shards[:3], shards[3:6], shards[6:]]
+    bounds = np.array([int(g[0]) for g in groups] + [int(shards[-1]) + 1])
+    job = Job(cfg, run, 5, input_rules(cfg), True)
+    mapped = [screen_group(job, g) for g in groups]
+    shared = [shared_captions(len(groups), bounds, *[m[p] for m in mapped]) for p in range(5)]
+    for g, m in enumerate(mapped):
+        finish_group(job, m[-1], *[s[g] for s in shared])
+    table = pa.concat_tables(pq.read_table(run.input_shard(s)) for s in shards)
+    got = {(c, u): (n, r) for c, u, n, r in zip(*(table.column(k).to_pylist()
+                                               for k in ("caption", "url", "caption_urls", "before_download")))}
+    assert {got[(COMMON, u)] for u in urls[:9]} == {(8, "caption_common")}   # 8 distinct URLs > 7
+    assert got[("两个网址共享的一句标题", urls[-1])] == (2, None)
+    assert got[(captions[9], urls[9])] == (1, None)
