@@ -175,3 +175,12 @@ def test_caption_count_spans_shards_groups_and_partitions(tmp_path):
     assert {got[(COMMON, u)] for u in urls[:9]} == {(8, "caption_common")}   # 8 distinct URLs > 7
     assert got[("两个网址共享的一句标题", urls[-1])] == (2, None)
     assert got[(captions[9], urls[9])] == (1, None)
+
+
+def test_the_plan_computes_the_caption_columns_the_score_phase_does():
+    from filters.text import TextOptions, caption_columns, plain_caption_columns, segmented_columns
+
+    captions = [*ZH, *EN, None, "", "IMG_1234.jpg", "色情网站截图", "<b>Apple</b> MacBook 笔记本 &amp; 配件"]
+    opts = TextOptions()
+    full, plain = caption_columns(captions, opts), plain_caption_columns(captions, opts)
+    assert {**plain, **segmented_columns(plain["caption_norm"], opts)} == full
