@@ -147,3 +147,45 @@ def test_caption_first_requests_only_rows_that_pass_and_writes_the_same_shards(i
     loose.text.min_zh_ratio = 0.0
     with pytest.raises(ConfigError, match=r"text.min_zh_ratio: planned with 0.25, now 0.0"):
         run_phases(loose)
+
+
+def test_caption_count_spans_shards_groups_and_partitions(tmp_path):
+    """caption_common before download counts distinct URLs over the whole run, however the rows are cut."""
+    from curate.phases.download.plan import cut
+    from curate.phases.download.screen import Job, finish_group, input_rules, screen_group, shared_captions
+    from curate.run.rundir import RunDir
+
+    captions = [COMMON] * 9 + [f"{ZH[i % 12]}，{['清晨', '傍晚', '夜里'][i // 12]}" for i in range(30)]
+    captions += ["两个网址共享的一句标题"] * 2
+    urls = [f"http://127.0.0.1/c{i}.jpg" for i in range(9)] + [f"http://127.0.0.1/u{i}.jpg" for i in range(32)]
+    urls[1] = urls[0]   # the same URL twice is one image
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": captions}), source)
+    cfg = validate({"run_dir": str(tmp_path / "run"), "input": {"paths": [str(source)], "url_col": "URL",
+                                                                "caption_col": "TEXT", "shard_rows": 5},
+                    "text": {"max_caption_images": 7}})
+    run = RunDir(cfg.run_dir)
+    shards = cut(cfg.input, run)["shards"]
+    groups = [shards[:3], shards[3:6], shards[6:]]
+    bounds = np.array([int(g[0]) for g in groups] + [int(shards[-1]) + 1])
+    job = Job(cfg, run, 5, input_rules(cfg), True, "test")
+    mapped = [screen_group(job, i, g) for i, g in enumerate(groups)]   # the shuffles go through storage
+    for p in range(5):
+        shared_captions(job, p, len(groups), bounds)
+    for g, m in enumerate(mapped):
+        finish_group(job, g, m[1])
+    table = pa.concat_tables(pq.read_table(run.input_shard(s)) for s in shards)
+    got = {(c, u): (n, r) for c, u, n, r in zip(*(table.column(k).to_pylist()
+                                               for k in ("caption", "url", "caption_urls", "before_download")))}
+    assert {got[(COMMON, u)] for u in urls[:9]} == {(8, "caption_common")}   # 8 distinct URLs > 7
+    assert got[("两个网址共享的一句标题", urls[-1])] == (2, None)
+    assert got[(captions[9], urls[9])] == (1, None)
+
+
+def test_the_plan_computes_the_caption_columns_the_score_phase_does():
+    from filters.text import TextOptions, caption_columns, plain_caption_columns, segmented_columns
+
+    captions = [*ZH, *EN, None, "", "IMG_1234.jpg", "色情网站截图", "<b>Apple</b> MacBook 笔记本 &amp; 配件"]
+    opts = TextOptions()
+    full, plain = caption_columns(captions, opts), plain_caption_columns(captions, opts)
+    assert {**plain, **segmented_columns(plain["caption_norm"], opts)} == full

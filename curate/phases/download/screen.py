@@ -47,7 +47,7 @@ from curate.run.rundir import RunDir, shard_index
 from curate.run.runtime import log, windowed
 from curate.run.storage import Storage
 from filters.blocklists import UrlBlocklist
-from filters.text import TEXT_COLUMNS, caption_columns
+from filters.text import SEGMENTED, TEXT_COLUMNS, plain_caption_columns, segmented_columns
 from manifests.rules import INPUT_RULES, URL_COUNT, Rule
 from manifests.schema import PLAN, build
 
@@ -93,14 +93,33 @@ def read_url_blocklist(cfg: Config) -> tuple[UrlBlocklist | None, dict | None]:
 
 
 def _columns(job: Job, t: pa.Table, blocklist: UrlBlocklist | None) -> pa.Table:
-    """The input shard with what its rules read beside it: the URL blocklist's verdict, and the caption's
-    columns with caption_first."""
+    """The input shard with what the cheaper rules read beside it: the URL blocklist's verdict, and with
+    caption_first the caption's columns but the segmented ones (see `_codes`)."""
     blocked = blocklist.match_all(t.column("url").to_pylist()) if blocklist else [None] * t.num_rows
     t = t.append_column("url_blocked_by", pa.array(blocked, pa.string()))
     if job.cfg.input.caption_first:
-        for name, values in caption_columns(t.column("caption").to_pylist(), job.cfg.text).items():
+        for name, values in plain_caption_columns(t.column("caption").to_pylist(), job.cfg.text).items():
             t = t.append_column(name, build({name: values}).column(name))
     return t
+
+
+def _codes(job: Job, t: pa.Table) -> np.ndarray:
+    """Reason codes of the input rules. Segmenting a caption (jieba) is most of its cost and only the rules
+    from the first that reads a segmented column on need it, so only the rows the rules before that leave in
+    are segmented: a row's reason is its first rule, so the others' segmented values cannot change it."""
+    cut = next((i for i, r in enumerate(job.rules) if set(r.columns) & set(SEGMENTED)), len(job.rules))
+    code = rule_codes(t, job.cfg, job.rules[:cut], job.on)
+    if cut == len(job.rules):
+        return code
+    alive = np.flatnonzero(code == NONE)
+    found = segmented_columns(t.column("caption_norm").take(pa.array(alive)).to_pylist(), job.cfg.text)
+    for name, values in found.items():
+        full = [None] * t.num_rows
+        for i, v in zip(alive.tolist(), values):
+            full[i] = v
+        t = t.append_column(name, build({name: full}).column(name))
+    rest = rule_codes(t, job.cfg, job.rules[cut:], job.on)
+    return np.where(code == NONE, rest, code).astype(np.int8)
 
 
 def _fetchable(urls: pa.ChunkedArray) -> np.ndarray:
@@ -117,7 +136,7 @@ def screen_group(job: Job, index: int, shards: list[str]) -> list:
         t = job.run.storage.read_parquet(job.run.input_shard(shard))
         t = t.drop_columns([c for c in SCREENED if c in t.column_names])   # a plan cut again
         t = _columns(job, t, blocklist)
-        code = rule_codes(t, job.cfg, job.rules, job.on)
+        code = _codes(job, t)
         state["shards"][shard] = (code, t.column("url_blocked_by"))
         if job.count:
             alive = (code == NONE) & _fetchable(t.column("url"))
