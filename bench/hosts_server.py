@@ -3,9 +3,9 @@
 `python -m bench.hosts_server FOLDER N [TARPITS [DRIP_BYTES]]` serves FOLDER on 127.0.1.1 ... 127.0.1.N
 (a thread per connection) and prints one base URL per line. The last TARPITS hosts are slow-drip
 tarpits: every request gets its headers at once, then DRIP_BYTES bytes one every DRIP_SECONDS. GET /_peak on a host
-answers its most
-concurrent connections since the last /_peak (JSON) and resets the count: the download benchmark
-reads it after each contender. Runs in its own process, like bench.common.served.
+answers its most concurrent connections and the requests it answered since the last /_peak (JSON) and resets both:
+the download and caption-first benchmarks read it after each contender. Runs in its own process, like
+bench.common.served.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 class _Counter:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.open = self.peak = 0
+        self.open = self.peak = self.requests = 0
 
 
 DRIP_BYTES = 40
@@ -58,7 +58,10 @@ class _Handler(BaseHTTPRequestHandler):
             with self.counter.lock:
                 # every contender opened at least one connection, so this lone one never set the peak
                 peak, self.counter.peak = self.counter.peak, 0
-            return self._send(200, json.dumps({"peak": peak}).encode())
+                requests, self.counter.requests = self.counter.requests, 0
+            return self._send(200, json.dumps({"peak": peak, "requests": requests}).encode())
+        with self.counter.lock:
+            self.counter.requests += 1
         if self.tarpit:
             return self._drip()
         path = self.folder / name

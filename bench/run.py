@@ -36,7 +36,9 @@ RATIOS = ("download.ours_over_img2dataset", "download.many_hosts_ours_over_img2d
           "scale1b.driver_peak_mb", "scale1b.object_store_peak_mb", "scale1b.skipped_hashes",
           "scale1b.components_bytes_per_edge_row", "scale1b.largest_group_over_planted",
           "scale1b.shuffle_bytes_per_survivor", "scale1b.plan_us_per_input_row", "scale1b.decide_us_per_row",
-          "scale1b.us_per_row")
+          "scale1b.us_per_row",
+          "caption_first.plan_rows_per_s", "caption_first.requests_over_passing",
+          "caption_first.img2dataset_requests_over_ours", "caption_first.img2dataset_raw_bytes_over_ours")
 
 
 def _models(mode: str) -> dict:
@@ -68,7 +70,7 @@ def _bench(name: str) -> Callable[[str], dict]:
 
 
 BENCHMARKS = ("download", "score_cpu", "score_stage", "models", "near_dup", "graphic", "scaling", "scale", "scale1b",
-              "ocr", "score_gpu", "rescore")
+              "ocr", "score_gpu", "rescore", "caption_first")
 
 
 def run_one(name: str, mode: str) -> dict:
@@ -209,6 +211,18 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     if "gpu_decode_pipeline_over_model_alone" in gpu:
         rows.append(("score_gpu", "pipeline with gpu_decode / model alone",
                      _fmt(gpu["gpu_decode_pipeline_over_model_alone"]), ""))
+    cf = results.get("caption_first", {})
+    if cf.get("sizes"):
+        rows.append(("caption_first", f"plan of {cf['sizes']['rows']:,} LAION-multi-like rows with the rules before "
+                                      f"download: rows/s ({cf['sizes']['ray_cpus']} CPUs)",
+                     _fmt(ratios["caption_first.plan_rows_per_s"]), ""))
+        rows.append(("caption_first", "share of the rows never requested", _fmt(cf.get("share_never_requested")), ""))
+    rows.append(("caption_first", "requests / rows passing every rule before download",
+                 _fmt(ratios["caption_first.requests_over_passing"]), "1.0"))
+    rows.append(("caption_first", "img2dataset requests / ours, same input",
+                 _fmt(ratios["caption_first.img2dataset_requests_over_ours"]), ""))
+    rows.append(("caption_first", "img2dataset raw bytes / ours, same input",
+                 _fmt(ratios["caption_first.img2dataset_raw_bytes_over_ours"]), ""))
     return rows
 
 

@@ -33,7 +33,7 @@ def _finish(outcome, run_dir: str) -> None:
 
     funnel = outcome.stats.get("funnel") or outcome.funnel
     if funnel:
-        console.print(funnel_table(funnel))
+        console.print(funnel_table(funnel, not_requested=(outcome.stats.get("before_download") or {}).get("rows", 0)))
     if outcome.stats:
         console.print(f"shards written: {outcome.stats['shards']['count']} "
                       f"({outcome.stats['shards']['samples']:,} samples)")

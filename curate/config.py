@@ -11,15 +11,16 @@ import os
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from curate.run.storage import Storage, StorageOptions, absolute, is_local
 from filters.buckets import SDXL_BUCKETS
 from filters.models import ModelOptions
 from filters.text import TextOptions
+from manifests.ranks import PATTERN as RANK_PATTERN
 
 
 def proxy_address(proxy: str) -> tuple[str, int]:
@@ -56,6 +57,32 @@ class InputConfig(_Section):
     shuffle: bool = Field(True, description=(
         "order rows by a stable hash of the URL when cutting shards, so one host's URLs spread over "
         "every shard and over the whole run instead of a few tasks (keys follow the shuffled order)"))
+    where: str | None = Field(None, description=(
+        "keep only the rows for which this expression over the input's own columns is true, before anything "
+        "is downloaded (the grammar of `curate inspect --where`, e.g. \"punsafe < 0.5 and pwatermark < 0.8\" on "
+        "LAION parquet); the columns it names are read even when not in extra_cols; other rows get the reason "
+        "input_where and are never requested"))
+    url_blocklist: str | None = Field(None, description=(
+        "file (any URI) of domains, URL prefixes and re: patterns (filters/blocklists.py has the format): a "
+        "matching URL is never contacted and its row gets the reason url_blocked; its digest is recorded in "
+        "the plan"))
+    caption_first: bool = Field(True, description=(
+        "apply the caption rules (text.*, caption_common counted by distinct URLs) while planning, before "
+        "anything is downloaded: the rows they drop are never requested (status not_requested) and keep "
+        "their reason in the manifest; false: every row is downloaded and decide applies them"))
+
+
+    @field_validator("where")
+    @classmethod
+    def _where_parses(cls, v: str | None) -> str | None:
+        from manifests.where import WhereError, columns, compile_where
+
+        if v is not None:   # the grammar here; the columns against the input files before Ray starts
+            try:
+                compile_where(v, columns(v))
+            except WhereError as exc:
+                raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("encoding")
     @classmethod
@@ -173,19 +200,37 @@ class ScoreConfig(_Section):
         "(bench/README.md, scaling)"))
 
 
+# Any numeric threshold of filters.* may be a rank instead of a value: pNN of the rows that reach its rule,
+# over the whole run, optionally per value of a column (manifests/ranks.py; decide resolves it).
+Rank = Annotated[str, StringConstraints(pattern=RANK_PATTERN)]
+
+
 class FiltersConfig(_Section):
-    min_side: int = Field(200, ge=0, description="drop when the original's shorter side is smaller (too_small)")
-    max_aspect_ratio: float = Field(3.0, ge=1.0, description="drop when max/min side exceeds this (bad_aspect)")
-    min_entropy: float = Field(1.0, ge=0.0, le=8.0,
-                               description="gray-level entropy floor, bits: blank and two-tone images (low_texture)")
-    min_edge_density: float = Field(0.0, ge=0.0, le=1.0, description="edge density floor (low_texture)")
-    nsfw_max: float = Field(0.5, ge=0.0, le=1.0, description="drop at or above this NSFW probability")
-    watermark_max: float = Field(0.8, ge=0.0, le=1.0, description="drop at or above this watermark probability")
-    text_area_max: float = Field(0.2, ge=0.0, le=1.0, description=(
+    min_side: Annotated[int, Field(ge=0)] | Rank = Field(
+        200, description="drop when the original's shorter side is smaller (too_small)")
+    max_aspect_ratio: Annotated[float, Field(ge=1.0)] | Rank = Field(
+        3.0, description="drop when max/min side exceeds this (bad_aspect)")
+    min_entropy: Annotated[float, Field(ge=0.0, le=8.0)] | Rank = Field(
+        1.0, description="gray-level entropy floor, bits: blank and two-tone images (low_texture)")
+    min_edge_density: Annotated[float, Field(ge=0.0, le=1.0)] | Rank = Field(
+        0.0, description="edge density floor (low_texture)")
+    nsfw_max: Annotated[float, Field(ge=0.0, le=1.0)] | Rank = Field(
+        0.5, description="drop at or above this NSFW probability")
+    watermark_max: Annotated[float, Field(ge=0.0, le=1.0)] | Rank = Field(
+        0.8, description="drop at or above this watermark probability")
+    text_area_max: Annotated[float, Field(ge=0.0, le=1.0)] | Rank = Field(0.2, description=(
         "drop when detected text covers more than this share of the image (text_heavy; needs the ocr scorer); "
         "measured: photos 0, stock-photo watermarks up to 0.15, screenshots and posters 0.34 and up"))
-    clip_min: float | None = Field(None, description="drop below this image-caption cosine; null disables")
-    aesthetic_min: float | None = Field(None, description="drop below this aesthetic score; null disables")
+    image_blocklist: str | None = Field(None, description=(
+        "file (any URI) of sha256 values and 16-hex-digit pHashes of known-bad images (filters/blocklists.py): "
+        "a match drops the row as image_blocked after download; null disables"))
+    image_blocklist_distance: int = Field(4, ge=0, le=16, description=(
+        "a pHash on filters.image_blocklist matches any of an image's view hashes (whole, mirror, crops) "
+        "within this many bits"))
+    clip_min: float | Rank | None = Field(
+        None, description="drop below this image-caption cosine; null disables")
+    aesthetic_min: float | Rank | None = Field(
+        None, description="drop below this aesthetic score; null disables")
 
 
 class DedupeConfig(_Section):
@@ -340,8 +385,24 @@ def validate(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        lines = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        lines = "\n".join(f"  - {_describe(e)}" for e in _ranks_merged(exc.errors()))
         raise ConfigError(f"{source} is not valid:\n{lines}") from None
+
+
+def _ranks_merged(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A threshold that is a number or a rank fails both branches: one line, the number's message, a rank's form."""
+    out, seen = [], set()
+    for err in errors:
+        loc = err["loc"]
+        if len(loc) == 3 and loc[0] == "filters" and isinstance(loc[2], str) and loc[2].startswith(
+                ("constrained-", "float", "int", "str")):
+            if loc[:2] in seen:
+                continue
+            seen.add(loc[:2])
+            numeric = next((e for e in errors if e["loc"][:2] == loc[:2] and "str" not in str(e["loc"][2])), err)
+            err = {**numeric, "loc": loc[:2], "msg": f"{numeric['msg']}, or a rank such as p30 or p30 by a column"}
+        out.append(err)
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -392,6 +453,9 @@ def resolve(cfg: Config) -> Config:
         refuse_relative_in_job(p, "input.paths")
     cfg.run_dir = absolute(cfg.run_dir)
     cfg.input.paths = [absolute(p) for p in cfg.input.paths]
+    for section, key in ((cfg.input, "url_blocklist"), (cfg.filters, "image_blocklist")):
+        if getattr(section, key) is not None:
+            setattr(section, key, absolute(getattr(section, key)))
     return cfg
 
 

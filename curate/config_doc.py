@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from curate.config import Config
+from curate.config import Config, Rank
 from manifests.rules import RULES, Rule
 
 REQUIRED = object()   # the default of a key that has none
@@ -62,6 +62,11 @@ class Key:
 def _type_name(tp: Any) -> str:
     """A field annotation in YAML words: int, list of str, one of a / b, map str -> ..., or null."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp == Rank:
+        return "rank (`pNN` or `pNN by COLUMN`)"
+    if origin is typing.Annotated:   # a union member with its own limits: float (≥ 0, ≤ 1)
+        limits = ", ".join(filter(None, (_limits(m) for m in args[1:] if isinstance(m, FieldInfo))))
+        return f"{_type_name(args[0])} ({limits})" if limits else _type_name(args[0])
     if tp is type(None):
         return "null"
     if tp is Any:

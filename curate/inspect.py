@@ -23,6 +23,7 @@ from curate.phases.write.record import numeric_columns
 from curate.run.storage import Storage, join
 from filters.declare import Scorer
 from filters.registry import SCORERS, shown
+from manifests import ranks
 from manifests.funnel import Funnel
 from manifests.where import WhereError, compile_where
 from manifests.where import columns as where_columns
@@ -219,10 +220,13 @@ def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 
     buckets: dict = {}
     picked = Reservoir(show, np.random.default_rng(seed))
     rows = 0
-    for i, positions, table in filtered(manifest, ["reason", "style", "bucket", *numeric], where):
+    statuses: dict = {}
+    for i, positions, table in filtered(manifest, ["reason", "status", "style", "bucket", *numeric], where):
         rows += table.num_rows
         if "reason" in table.column_names:
             value_counts(table.column("reason"), reasons)
+        if "status" in table.column_names:
+            value_counts(table.column("status"), statuses)
         if "style" in table.column_names:
             value_counts(table.column("style"), styles)
         if "bucket" in table.column_names:
@@ -231,11 +235,15 @@ def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 
             sampler.add(table.column(c))
         picked.add(i, positions)
     out: dict = {"path": manifest.label, "rows": rows, "where": where}
+    decided = join(target, "decisions", "_decided.json")
+    if (storage or Storage()).exists(decided):   # a run directory: the thresholds decide resolved from ranks
+        out["thresholds"] = (storage or Storage()).read_json(decided).get("thresholds") or {}
     clip = clip_source(manifest.schema)
     if clip:
         out["clip_score_from"] = clip
     if "reason" in manifest.schema.names:
         out["funnel"] = Funnel.of_counts(reasons).to_dict()
+        out["not_requested"] = statuses.get("not_requested", 0)
     out["quantiles"] = {c: q for c, q in ((c, s.quantiles()) for c, s in samplers.items()) if q}
     if "style" in manifest.schema.names:
         out["styles"] = {s: n for s, n in sorted(styles.items(), key=lambda kv: -kv[1]) if s is not None}
@@ -263,7 +271,9 @@ def render(summary: dict, console) -> None:
         console.print(f"clip_score from [bold]{clip['backend']}[/bold]: {clip['model']} (image side: {clip['image']}; "
                       f"weights {clip['weights']}); not comparable across backends", highlight=False)
     if "funnel" in summary:
-        console.print(funnel_table(summary["funnel"]))
+        console.print(funnel_table(summary["funnel"], not_requested=summary.get("not_requested", 0)))
+    for key, found in (summary.get("thresholds") or {}).items():
+        console.print(f"{key} = {found['rank']} resolved to {ranks.describe(found)}", highlight=False)
     if summary["quantiles"]:
         q = Table(title="Quantiles")
         q.add_column("column", no_wrap=True, overflow="ellipsis")
@@ -326,8 +336,9 @@ def _cell(value) -> str:
     return text if len(text) <= 80 else text[:79] + "…"
 
 
-def funnel_table(funnel: dict, title: str = "Funnel"):
-    """Rows in, dropped per reason in rule order, kept: counts, shares of the input and a bar."""
+def funnel_table(funnel: dict, title: str = "Funnel", not_requested: int = 0):
+    """Rows in, dropped per reason in rule order, kept: counts, shares of the input and a bar; beneath, the
+    rows never requested (a rule before download dropped them)."""
     from rich.table import Table
 
     total = max(funnel["rows_in"], 1)
@@ -345,4 +356,7 @@ def funnel_table(funnel: dict, title: str = "Funnel"):
         t.add_row(f"  dropped: {reason}", f"{count:,}", f"{100 * count / total:.1f}%", f"[red]{bar(count)}[/red]")
     t.add_row("[bold]kept[/bold]", f"[bold]{funnel['kept']:,}[/bold]", f"{100 * funnel['kept'] / total:.1f}%",
               f"[green]{bar(funnel['kept'])}[/green]")
+    if not_requested:
+        n = not_requested
+        t.caption = f"never downloaded (dropped before download): {n:,} rows, {100 * n / total:.1f}%"
     return t

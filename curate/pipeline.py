@@ -19,7 +19,7 @@ from curate import config as config_mod
 from curate.config import Config, ConfigError
 from curate.guards import check_paths_reach_every_node
 from curate.phases.download.phase import download_shard
-from curate.phases.download.plan import check_plan
+from curate.phases.download.plan import check_input, check_plan
 from curate.run import failures
 from curate.run.rundir import PHASES, Lease, RunBusy, RunDir
 from curate.run.runtime import Progress, error_text, init_ray, log, windowed
@@ -45,12 +45,16 @@ def run_download(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
     """Download every planned shard without a marker; (failures, rows downloaded)."""
     import ray
 
-    from curate.phases.download.plan import plan
+    from curate.phases.download.plan import cut
+    from curate.phases.download.screen import run_screen
 
     if run.storage.exists(run.plan):   # run_phases has checked it against this config
         shards = run.shard_names()
-    else:  # the input streams through a worker, not the driver
-        shards = ray.get(ray.remote(num_cpus=0.5)(plan).remote(cfg.input, run))
+    else:  # the input streams through a worker, not the driver; the plan is written once screened
+        info = ray.get(ray.remote(num_cpus=0.5)(cut).remote(cfg.input, run))
+        info["before_download"] = run_screen(cfg, run, info["shards"], info["rows"])
+        run.storage.write_json(run.plan, info)
+        shards = info["shards"]
     done = run.done("download")
     todo = [s for s in shards if s not in done]
     if not todo:
@@ -99,13 +103,18 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
     """Run the given phases in order on one config, holding the run directory's lease."""
     models = check_models(cfg, skip_missing_models) if "score" in phases else None
     run = open_run(cfg)
+    if "download" in phases and not run.storage.exists(run.plan):   # a missing column, before Ray starts
+        check_input(cfg.input, run.storage)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_paths_reach_every_node(cfg)
     if dry_run:
         return _phases(cfg, run, phases, models, dry_run)
     with Lease(run):
         if run.storage.exists(run.plan):   # refuse a changed input before config.yaml records it
+            from curate.phases.download.screen import check_screen
+
             check_plan(cfg.input, run)
+            check_screen(cfg, run)
         run.storage.write_text(run.config, config_mod.dump(cfg))
         return _phases(cfg, run, phases, models, dry_run)
 

@@ -402,24 +402,57 @@ def _repeat_ratio(text: str) -> float:
     return repeated / len(compact)
 
 
-def _caption_row(caption: str | None, opts: TextOptions) -> dict[str, Any]:
-    """All text columns for one caption."""
+# The columns that need the caption segmented (jieba), the costly part: the rest are cheap.
+SEGMENTED = ("n_words", "blocked_term")
+
+
+def _plain_row(caption: str | None, opts: TextOptions) -> dict[str, Any]:
+    """The text columns that need no segmentation, for one caption."""
     text, junk = _normalise(caption, opts)
-    blocklist_path = _resolve(opts.blocklist_file, DEFAULT_BLOCKLIST)
-    lowered = text.lower()
-    tokens = _tokenizer(blocklist_path).lcut(lowered) if text else []
     letters = len(_LETTER.findall(text))
     return {
         "caption_norm": text,
         "n_chars": len(text),
-        "n_words": sum(1 for t in tokens if _CONTENT.search(t)),
         "zh_ratio": _f32(len(_CJK_CHAR.findall(text)) / letters) if letters else 0.0,
         "latin_ratio": _f32(len(_LATIN.findall(text)) / letters) if letters else 0.0,
         "repeat_ratio": _f32(_repeat_ratio(text)),
         "n_sentences": sum(1 for part in _SENTENCE_END.split(text) if _CONTENT.search(part)),
         "caption_junk": junk,
-        "blocked_term": _blocklist(blocklist_path).find(tokens, lowered) if text else None,
     }
+
+
+def _segmented(text: str, opts: TextOptions) -> dict[str, Any]:
+    """n_words and blocked_term of a normalised caption."""
+    blocklist_path = _resolve(opts.blocklist_file, DEFAULT_BLOCKLIST)
+    lowered = text.lower()
+    tokens = _tokenizer(blocklist_path).lcut(lowered) if text else []
+    return {"n_words": sum(1 for t in tokens if _CONTENT.search(t)),
+            "blocked_term": _blocklist(blocklist_path).find(tokens, lowered) if text else None}
+
+
+def _caption_row(caption: str | None, opts: TextOptions) -> dict[str, Any]:
+    """All text columns for one caption."""
+    row = _plain_row(caption, opts)
+    return {**row, **_segmented(row["caption_norm"], opts)}
+
+
+def plain_caption_columns(captions: Sequence[str | None], opts: TextOptions) -> dict[str, list]:
+    """The text columns but SEGMENTED, the same values as caption_columns: for the download plan, which
+    segments only the captions its cheaper rules leave in (segmented_columns)."""
+    columns: dict[str, list] = {name: [] for name in TEXT_COLUMNS if name not in SEGMENTED}
+    for caption in captions:
+        for name, value in _plain_row(caption, opts).items():
+            columns[name].append(value)
+    return columns
+
+
+def segmented_columns(normalised: Sequence[str], opts: TextOptions) -> dict[str, list]:
+    """The SEGMENTED columns of normalised captions (caption_norm)."""
+    columns: dict[str, list] = {name: [] for name in SEGMENTED}
+    for text in normalised:
+        for name, value in _segmented(text, opts).items():
+            columns[name].append(value)
+    return columns
 
 
 def caption_columns(captions: Sequence[str | None], opts: TextOptions) -> dict[str, list]:

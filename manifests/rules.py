@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from filters.declare import lookup
-from filters.text import TextOptions, bilingual_spared, caption_row
+from filters.text import TEXT_COLUMNS, TextOptions, bilingual_spared, caption_row
 
 When = Literal["input", "download", "score", "run"]
 # below: x < t; above: x > t; at_or_above: x >= t; true: a flag column is set; present: a string column
@@ -49,8 +49,16 @@ class Rule:
         """Every config key that changes what this rule drops: its threshold, then its other keys."""
         return (*([self.threshold] if self.threshold else []), *self.keys)
 
-    def limit(self, cfg: Any) -> Any:
+    def limit(self, cfg: Any, resolved: Mapping[str, Any] | None = None) -> Any:
+        """The threshold: its resolved value where decide resolved a rank (manifests/ranks.py), else the config's."""
+        if resolved and self.threshold in resolved:
+            return resolved[self.threshold]
         return lookup(cfg, self.threshold) if self.threshold else None
+
+    @property
+    def numeric(self) -> bool:
+        """A threshold compared with a number: the kind a rank (pNN) may stand for."""
+        return self.drops in COMPARE
 
     def active(self, cfg: Any) -> bool:
         """A thresholded rule whose threshold is null is off; rules without a threshold always apply."""
@@ -62,10 +70,11 @@ class Rule:
             return np.asarray(columns[self.columns[0]], dtype=np.float64)
         return np.minimum.reduce([np.asarray(columns[c], dtype=np.float64) for c in self.columns])
 
-    def fails(self, columns: Mapping[str, np.ndarray], cfg: Any) -> np.ndarray:
+    def fails(self, columns: Mapping[str, np.ndarray], cfg: Any, limit: Any = None) -> np.ndarray:
         """Rows this rule drops. A row whose value is missing (NaN) fails only a `nan_drops` rule: the
         size and texture floors, where an unknown value is not shown to pass; a missing model score
-        never drops a row."""
+        never drops a row. `limit`: the threshold decide resolved (a number, or one per row), instead
+        of the config's; a row whose threshold is NaN is not dropped by it."""
         n = len(columns[self.columns[0]])
         if not self.active(cfg):
             return np.zeros(n, bool)
@@ -77,9 +86,12 @@ class Rule:
         elif self.drops == "not_success":
             out = np.array([v != "success" for v in columns[self.columns[0]]], bool)
         else:
-            x = self.value(columns)
+            t = self.limit(cfg) if limit is None else limit
+            if isinstance(t, str):
+                raise ValueError(f"{self.threshold} is the rank {t!r}: decide resolves it over the whole run")
+            x, t = self.value(columns), np.asarray(t, dtype=np.float64)
             with np.errstate(invalid="ignore"):
-                out = COMPARE[self.drops](x, float(self.limit(cfg)))
+                out = COMPARE[self.drops](x, t)
             if self.nan_drops:
                 out |= np.isnan(x)
         if self.spare is not None and out.any():
@@ -103,18 +115,12 @@ def _bilingual(columns: Mapping[str, np.ndarray], cfg: Any) -> np.ndarray:
 
 RULES: tuple[Rule, ...] = (
     Rule("shard_failed", "the row's shard could not be processed (failures.json names the error)", "run"),
-    Rule("download_failed", "the image could not be fetched (status is not success)", "download",
-         ("status",), drops="not_success"),
-    Rule("decode_error", "the fetched bytes could not be decoded as an image", "score", ("score_error",),
-         drops="present"),
-    Rule("too_small", "the original image's shorter side is below filters.min_side", "download",
-         ("original_width", "original_height"), "filters.min_side", "below", combine="min", nan_drops=True),
-    Rule("bad_aspect", "the aspect ratio exceeds filters.max_aspect_ratio", "score", ("aspect_ratio",),
-         "filters.max_aspect_ratio", "above", nan_drops=True),
-    Rule("low_texture", "gray-level entropy or edge density is below the texture floor", "score", ("entropy",),
-         "filters.min_entropy", "below", nan_drops=True),
-    Rule("low_texture", "gray-level entropy or edge density is below the texture floor", "score",
-         ("edge_density",), "filters.min_edge_density", "below", nan_drops=True),
+    # Before download (the plan applies these; the row is never requested): the URL, the input's own
+    # columns, the caption. decide applies them again from the same columns, so they come first.
+    Rule("url_blocked", "the URL matches an entry of input.url_blocklist (url_blocked_by names it)", "input",
+         ("url_blocked_by",), "input.url_blocklist", "present"),
+    Rule("input_where", "input.where is not true for the row's own input columns", "input", ("where_excluded",),
+         "input.where", "true"),
     Rule("caption_junk", "the caption is nothing but file-name junk or boilerplate", "input", ("caption_junk",),
          drops="true"),
     Rule("caption_short", "the normalised caption is shorter than text.min_chars", "input", ("n_chars",),
@@ -128,6 +134,25 @@ RULES: tuple[Rule, ...] = (
          ("repeat_ratio",), "text.max_repeat_ratio", "above"),
     Rule("caption_unsafe", "the caption matches the text-safety blocklist", "input", ("blocked_term",),
          drops="present"),
+    # Before download an image is known only by its URL: the plan counts distinct URLs (input.caption_first).
+    Rule("caption_common", "the caption is shared by more distinct images than text.max_caption_images "
+                           "(before download: by more distinct URLs, caption_urls)", "input", ("caption_urls",),
+         "text.max_caption_images", "above"),
+    Rule("download_failed", "the image could not be fetched (status is not success)", "download",
+         ("status",), drops="not_success"),
+    Rule("decode_error", "the fetched bytes could not be decoded as an image", "score", ("score_error",),
+         drops="present"),
+    Rule("image_blocked", "the image's sha256, or a pHash within filters.image_blocklist_distance bits, is on "
+                          "filters.image_blocklist", "score", ("image_blocked_by",), "filters.image_blocklist",
+         "present", keys=("filters.image_blocklist_distance",)),
+    Rule("too_small", "the original image's shorter side is below filters.min_side", "download",
+         ("original_width", "original_height"), "filters.min_side", "below", combine="min", nan_drops=True),
+    Rule("bad_aspect", "the aspect ratio exceeds filters.max_aspect_ratio", "score", ("aspect_ratio",),
+         "filters.max_aspect_ratio", "above", nan_drops=True),
+    Rule("low_texture", "gray-level entropy or edge density is below the texture floor", "score", ("entropy",),
+         "filters.min_entropy", "below", nan_drops=True),
+    Rule("low_texture", "gray-level entropy or edge density is below the texture floor", "score",
+         ("edge_density",), "filters.min_edge_density", "below", nan_drops=True),
     Rule("caption_common", "the caption is shared by more distinct images than text.max_caption_images", "run",
          ("caption_norm", "sha256"), "text.max_caption_images", "above"),
     Rule("nsfw", "NSFW probability is at or above filters.nsfw_max", "score", ("nsfw",), "filters.nsfw_max",
@@ -146,13 +171,21 @@ RULES: tuple[Rule, ...] = (
          keys=("rebalance",)),
 )
 
-# Reason -> meaning, in the order decide applies them: stats, inspect, the report and the card use it.
-REASONS: dict[str, str] = {r.reason: r.doc for r in RULES}
+# Reason -> meaning, in the order decide applies them (a reason of two rules sits at its first):
+# stats, inspect, the report and the card use it.
+REASONS: dict[str, str] = {}
+for _rule in RULES:
+    REASONS.setdefault(_rule.reason, _rule.doc)
 # Rules decide applies row by row; the `run` rules are its global steps.
 ROW_RULES: tuple[Rule, ...] = tuple(r for r in RULES if r.when != "run")
-BEFORE_COMMON = tuple(r for r in ROW_RULES if list(REASONS).index(r.reason) < list(REASONS).index("caption_common"))
-AFTER_COMMON = tuple(r for r in ROW_RULES if r not in BEFORE_COMMON)
+_COMMON = next(i for i, r in enumerate(RULES) if r.reason == "caption_common" and r.when == "run")
+BEFORE_COMMON = tuple(r for r in RULES[:_COMMON] if r.when != "run")   # caption_common counts their survivors
+AFTER_COMMON = tuple(r for r in RULES[_COMMON + 1:] if r.when != "run")
+# Rules that need no image: the download plan applies them, and the rows they drop are never requested.
 INPUT_RULES = tuple(r for r in ROW_RULES if r.when == "input")
+CAPTION_RULES = tuple(r for r in INPUT_RULES if set(r.columns) <= set(TEXT_COLUMNS))   # the caption's alone
+# The plan's caption count: distinct URLs per normalised caption among the rows every other input rule passes.
+URL_COUNT = next(r for r in INPUT_RULES if r.columns == ("caption_urls",))
 
 
 def rules_on(column: str, rules: tuple[Rule, ...] = ROW_RULES) -> tuple[Rule, ...]:
@@ -173,7 +206,7 @@ def first_reasons(columns: Mapping[str, np.ndarray], cfg: Any, rules: tuple[Rule
 
 def text_reasons(columns: Mapping[str, Any], opts: TextOptions) -> list[str | None]:
     """The first caption rule each row fails, under these text options alone."""
-    return first_reasons(columns, SimpleNamespace(text=opts), INPUT_RULES)
+    return first_reasons(columns, SimpleNamespace(text=opts), CAPTION_RULES)
 
 
 def text_reason(row: Mapping[str, Any], opts: TextOptions) -> str | None:

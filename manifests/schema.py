@@ -31,8 +31,20 @@ IDENTITY = _cols(
     Column("caption", pa.string(), "caption as given in the input (never modified)"),
 )
 
+# What the download plan found before anything was fetched (input.where, input.url_blocklist, the caption
+# rules with input.caption_first); the rules of manifests/rules.py with when="input" read these columns.
+PLAN = _cols(
+    Column("where_excluded", pa.bool_(), "input.where was not true (false or null) for the row's input columns"),
+    Column("url_blocked_by", pa.string(), "the input.url_blocklist entry the URL matches, null if none"),
+    Column("caption_urls", pa.int32(), "distinct URLs sharing the normalised caption among the rows the other "
+                                       "before-download rules pass (input.caption_first); null: not counted"),
+    Column("before_download", pa.string(), "the before-download rule that dropped the row, so it was never "
+                                           "requested (status not_requested); null: requested"),
+)
+
 DOWNLOAD = _cols(
-    Column("status", pa.string(), "download status: success, failed_to_download, failed_to_resize, rejected"),
+    Column("status", pa.string(), "download status: success, failed_to_download, failed_to_resize, rejected, "
+                                  "not_requested (a rule before download dropped it: before_download names it)"),
     Column("error", pa.string(), "download error message, null on success"),
     Column("error_kind", pa.string(), "coarse kind of the download error (see ERROR_KINDS), null on success"),
     Column("width", pa.int32(), "width of the stored image (after the download resize)"),
@@ -46,6 +58,12 @@ DOWNLOAD = _cols(
 IMAGE = _cols(*image.SCORER.columns)
 TEXT = _cols(*text.SCORER.columns)
 MODEL = _cols(*(c for s in MODEL_SCORERS for c in s.columns))
+
+# Columns decide derives as it reads a shard, for a rule to read; they are not stored in the manifest.
+DERIVED = _cols(
+    Column("image_blocked_by", pa.string(), "the filters.image_blocklist entry the image matches (its sha256, or a "
+                                            "pHash within filters.image_blocklist_distance bits), null if none"),
+)
 
 DECISION = _cols(
     Column("keep", pa.bool_(), "true when the row goes into the shards"),
@@ -68,7 +86,7 @@ OUTPUT = _cols(
 def declared(scorers: tuple[Scorer, ...] = SCORERS) -> dict[str, Column]:
     """Every manifest column, in manifest order, the score columns being those `scorers` declare; a column
     two declarations claim is an error naming both."""
-    out = {**IDENTITY, **DOWNLOAD}
+    out = {**IDENTITY, **PLAN, **DOWNLOAD}
     owner = {name: "manifests/schema.py" for name in (*out, *DECISION, *OUTPUT)}
     for scorer in scorers:
         for column in scorer.columns:

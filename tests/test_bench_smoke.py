@@ -25,6 +25,8 @@ OWN_RATIOS = {
                 "scale1b.largest_group_over_planted", "scale1b.shuffle_bytes_per_survivor"],
     "models": [],
     "ocr": ["ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model"],
+    "caption_first": ["caption_first.plan_rows_per_s", "caption_first.requests_over_passing",
+                      "caption_first.img2dataset_requests_over_ours"],
 }
 
 
@@ -76,6 +78,10 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
         assert result["own_ratios"]["near_dup.false_merges_50k"] is None
     if name == "graphic":
         assert result["own_ratios"]["graphic.accuracy"] > 0.9
+    if name == "caption_first":   # one request per row that passes, none for the rest; img2dataset asks for all
+        assert result["own_ratios"]["caption_first.requests_over_passing"] == 1.0
+        sample = result["sample"]
+        assert sample["requests"]["img2dataset"] == sample["rows_with_url"] > sample["requests"]["ours"]
     if name == "score_cpu":
         assert result["images_per_s_per_core"]["ours"] > 0 and result["images_per_s_per_core"]["careful_loop"] > 0
         assert result["own_ratios"]["score_cpu.ours_over_careful_loop"] > 0

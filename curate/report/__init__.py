@@ -37,7 +37,7 @@ def build_report(root: str, seed: int = 0, storage: Storage | None = None) -> st
     for file, rows, table in filtered(manifest, [*data.LIGHT, *PASS1], None):
         tally.add(table)
         picker.add(file, rows, table)
-    hists = data.axes(tally, info.config, info.rules_off)
+    hists = data.axes(tally, info)
     for file, rows, table in filtered(manifest, [*data.pass2_columns(hists), *PASS2], None):
         data.fill(hists, table)
         picker.add_groups(file, rows, table)
@@ -45,7 +45,7 @@ def build_report(root: str, seed: int = 0, storage: Storage | None = None) -> st
     positions = sorted({p for g in grids for p in g.rows})
     rows = _rows(manifest, positions)
     thumbs = thumbnails(run, {p: (rows[p]["shard"], rows[p]["key"]) for p in positions})
-    nsfw_max = data.setting(info.config, "filters.nsfw_max")
+    nsfw_max = data.threshold(info, "filters.nsfw_max")
     sections = []
     for grid in grids:
         cards = [page.card(rows[p], thumbs.get(p, ""), grid.marks.get(p), p in grid.group_starts,

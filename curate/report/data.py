@@ -144,6 +144,15 @@ def setting(config: dict, dotted: str, absent=None):
     return node
 
 
+def threshold(run: Run, dotted: str) -> float | None:
+    """A threshold as decide applied it: a rank (pNN) as the value it resolved to (stats.json `thresholds`);
+    None when off, or when it differs per value of a column (pNN by COLUMN)."""
+    value = setting(run.config, dotted)
+    if isinstance(value, str):
+        value = (run.stats.get("thresholds") or {}).get(dotted, {}).get("value")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def finite(column) -> np.ndarray:
     v = column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
     return v[np.isfinite(v)]
@@ -212,12 +221,12 @@ class Histogram:
             self.removed[i] += int(COMPARE[rule.drops](v, t).sum())
 
 
-def axis(metric: Metric, sample: np.ndarray, config: dict, off: dict[str, str] | None = None) -> Histogram:
-    """Bins over p1..p99 (of the sample) widened to show every threshold that applied (not in `off`, decide's
-    rules_off); rows beyond go to the end bins (long tails such as 4000:1 banners or 3000-character captions
-    would otherwise squash the body)."""
-    rules = [(rule, float(t)) for rule in metric.rules
-             if rule.reason not in (off or {}) and (t := setting(config, rule.threshold)) is not None]
+def axis(metric: Metric, sample: np.ndarray, run: Run) -> Histogram:
+    """Bins over p1..p99 (of the sample) widened to show every threshold that applied (not in decide's
+    rules_off; a rank as the value it resolved to); rows beyond go to the end bins (long tails such as
+    4000:1 banners or 3000-character captions would otherwise squash the body)."""
+    rules = [(rule, t) for rule in metric.rules
+             if rule.reason not in run.rules_off and (t := threshold(run, rule.threshold)) is not None]
     lo, hi = np.quantile(sample, [0.01, 0.99])
     lo, hi = min([lo, *(t for _, t in rules)]), max([hi, *(t for _, t in rules)])
     if hi - lo < 1e-9:
@@ -229,13 +238,13 @@ def axis(metric: Metric, sample: np.ndarray, config: dict, off: dict[str, str] |
     return Histogram(metric, metric.doc, edges, rules, np.zeros(len(edges) - 1, np.int64), [0] * len(rules))
 
 
-def axes(tally: Tally, config: dict, off: dict[str, str] | None = None) -> list[Histogram]:
+def axes(tally: Tally, run: Run) -> list[Histogram]:
     """One empty histogram per metric with at least one scored value, in METRICS order."""
     out = []
     for metric in METRICS:
         sample = tally.samplers[metric.column].values()
         if len(sample):
-            out.append(axis(metric, sample, config, off))
+            out.append(axis(metric, sample, run))
     return out
 
 

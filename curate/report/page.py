@@ -56,7 +56,8 @@ SCRIPT = """document.addEventListener('click', function (e) {
 def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, grids_html: str) -> str:
     title = f"Curation report: {base_name(run.root)}"
     parts = [f"<h1>{escape(title)}</h1><p>{escape(str(run.root))}</p>", alerts(run), run_section(run),
-             "<h2>Funnel</h2>", funnel_section(funnel), rules_section(run), download_section(run.stats.get("download")),
+             "<h2>Funnel</h2>", funnel_section(funnel), spared_section(run.stats.get("before_download")),
+             rules_section(run), download_section(run.stats.get("download")),
              "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score"), run),
              styles_section(styles), buckets_section(run.stats.get("buckets"),
                                                      run.config), "<h2>Images</h2>", grids_html]
@@ -105,6 +106,18 @@ def rules_section(run: Run) -> str:
                     f"<td>{escape(rule.doc)}</td>{state}</tr>")
     return (f'<details id="rules"><summary>Rules ({off} off)</summary><table><tr><th>reason</th><th>rule</th>'
             f'<th>meaning</th><th>applied</th></tr>{"".join(rows)}</table></details>')
+
+
+def spared_section(spared: dict | None) -> str:
+    """Rows the rules before download dropped: never requested, no raw bytes spent on them."""
+    if not spared or not spared["rows"]:
+        return ""
+    from curate.phases.write.card import spared_bytes
+
+    reasons = ", ".join(f"{escape(r)} {n:,}" for r, n in spared["reasons"].items())
+    return (f'<p id="before-download">{spared["rows"]:,} rows were never downloaded: rules that need no image '
+            f'dropped them before download ({reasons}), sparing about {escape(spared_bytes(spared))} of raw '
+            f'images.</p>')
 
 
 def download_section(download: dict | None) -> str:

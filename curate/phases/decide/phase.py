@@ -34,7 +34,7 @@ import io
 import json
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -69,12 +69,15 @@ from curate.phases.decide.rebalance import (
 from curate.run.exchange import Exchange
 from curate.run.rundir import RunDir, row_keys, shard_index
 from curate.run.runtime import log, windowed
+from curate.run.storage import Storage
+from filters.blocklists import ImageBlocklist
 from filters.registry import COLUMNS, PRODUCER
+from manifests import ranks
 from manifests.funnel import Funnel
 from manifests.rules import AFTER_COMMON, BEFORE_COMMON, REASONS, ROW_RULES, RULES, Rule
-from manifests.schema import conform
+from manifests.schema import ALL, PLAN, conform
 
-RAW_INPUTS = ["key", "status", "original_width", "original_height", "sha256"]
+RAW_INPUTS = ["key", "status", "original_width", "original_height", "sha256", *PLAN]
 REASONS_LIST = list(REASONS)
 CODES = {name: i for i, name in enumerate(REASONS)}
 NONE = -1
@@ -93,6 +96,8 @@ class Job:
     attempt: str
     max_bucket: int
     on: frozenset[str]
+    image_blocklist: str | None = None   # the sha256 of filters.image_blocklist, as the driver read it
+    resolved: dict = field(default_factory=dict)   # config key -> threshold resolved from a rank
 
     def exchange(self, name: str) -> Exchange:
         return Exchange(self.run, self.attempt, name)
@@ -102,9 +107,15 @@ class RuleError(ConfigError):
     """A rule cannot be applied to the scores on disk: the message names the scorer or key to change."""
 
 
+def rank_columns(cfg: Config) -> list[str]:
+    """The columns ranks are computed per value of (`pNN by COLUMN`)."""
+    found = (ranks.parse(r.limit(cfg)) for r in ROW_RULES if r.numeric and r.threshold)
+    return list(dict.fromkeys(rank.by for rank in found if rank and rank.by))
+
+
 def score_inputs(cfg: Config) -> list[str]:
-    """The score columns decide reads: every rule's, and the dedupe preference's (dedupe.keep_order)."""
-    wanted = [c for r in RULES for c in r.columns] + list(cfg.dedupe.keep_order)
+    """The score columns decide reads: every rule's, the dedupe preference's (dedupe.keep_order), the ranks'."""
+    wanted = [c for r in RULES for c in r.columns] + list(cfg.dedupe.keep_order) + rank_columns(cfg)
     return [c for c in dict.fromkeys(wanted) if c in COLUMNS]
 
 
@@ -167,15 +178,47 @@ def read_shard(job: Job, shard: str) -> pa.Table:
     downloaded = shard not in job.failed or storage.exists(run.marker("download", shard))
     style_column = [job.cfg.rebalance.style_column] if job.cfg.rebalance.style_source == "column" else []
     table = storage.read_parquet(run.raw_table(shard) if downloaded else run.input_shard(shard),
-                                 columns=RAW_INPUTS + style_column)
+                                 columns=RAW_INPUTS + style_column + rank_columns(job.cfg))
+    for name in PLAN:   # a plan from before a column existed did not apply its rule
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, ALL[name].type))
     if shard not in job.failed:
         scores = storage.read_parquet(run.scores(shard), columns=["key", *score_inputs(job.cfg)])
         if not scores.column("key").equals(table.column("key")):
             raise ValueError(f"scores/{shard}.parquet does not hold the rows of raw/{shard}.parquet")
         for name in scores.column_names[1:]:
             table = table.append_column(name, scores.column(name))
+        if job.image_blocklist is not None:
+            table = table.append_column("image_blocked_by", image_blocked(job, table))   # schema.DERIVED
     row_id = (shard_index(shard) << 32) | np.arange(table.num_rows, dtype=np.int64)
     return table.append_column("row_id", pa.array(row_id))
+
+
+def read_image_blocklist(cfg: Config, expect: str | None = None) -> tuple[ImageBlocklist, str]:
+    """filters.image_blocklist and its sha256, read from its URI; `expect`: the digest the driver saw."""
+    uri = cfg.filters.image_blocklist
+    data = Storage(cfg.storage).read_bytes(uri)
+    digest = hashlib.sha256(data).hexdigest()
+    if expect is not None and digest != expect:
+        raise RuntimeError(f"filters.image_blocklist {uri} changed during decide (sha256 {expect} -> {digest})")
+    try:
+        return ImageBlocklist.parse(data.decode("utf-8"), uri), digest
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"filters.image_blocklist: {exc}") from None
+
+
+_IMAGE_LISTS: dict[tuple[str, str], ImageBlocklist] = {}   # read once per worker process (and digest)
+
+
+def image_blocked(job: Job, t: pa.Table) -> pa.Array:
+    """Why each row's image is on filters.image_blocklist (sha256, or the pHash entry and distance), else null."""
+    key = (job.cfg.filters.image_blocklist, job.image_blocklist)
+    if key not in _IMAGE_LISTS:
+        _IMAGE_LISTS[key] = read_image_blocklist(job.cfg, job.image_blocklist)[0]
+    valid = pc.is_valid(t.column("phash")).to_numpy(False) if "phash" in t.column_names else np.zeros(t.num_rows, bool)
+    views = view_hash_matrix(t) if "phash" in t.column_names else np.zeros((t.num_rows, 0), np.uint64)
+    return pa.array(_IMAGE_LISTS[key].match(t.column("sha256").to_pylist(), views, valid,
+                                            job.cfg.filters.image_blocklist_distance), pa.string())
 
 
 def _num(t: pa.Table, name: str, fill: float = np.nan) -> np.ndarray:
@@ -189,36 +232,45 @@ def _apply(code: np.ndarray, name: str, fails: np.ndarray) -> None:
     code[(code == NONE) & fails] = CODES[name]
 
 
-def rule_codes(t: pa.Table, cfg: Config, rules: tuple[Rule, ...], on: frozenset[str]) -> np.ndarray:
-    """Reason codes of `rules` (the first that fires), each evaluated on the rows still in."""
+def rule_codes(t: pa.Table, cfg: Config, rules: tuple[Rule, ...], on: frozenset[str],
+               resolved: dict | None = None) -> np.ndarray:
+    """Reason codes of `rules` (the first that fires), each evaluated on the rows still in; `resolved`:
+    the thresholds decide resolved from ranks (manifests/ranks.py), by config key."""
     code = np.full(t.num_rows, NONE, np.int8)
     values: dict[str, np.ndarray] = {}
+
+    def column(c: str) -> np.ndarray:
+        if c not in values:
+            if c not in t.column_names:
+                raise RuleError(f"rule {rule.reason} reads {c}, which this shard's files lack")
+            values[c] = t.column(c).to_numpy(zero_copy_only=False)
+        return values[c]
+
     for rule in rules:
         if rule.reason not in on:
             continue
         alive = np.flatnonzero(code == NONE)
         if not len(alive):
             break
-        for c in rule.columns:
-            if c not in values:
-                if c not in t.column_names:
-                    raise RuleError(f"rule {rule.reason} reads {c}, which this shard's files lack")
-                values[c] = t.column(c).to_numpy(zero_copy_only=False)
-        fails = rule.fails({c: values[c][alive] for c in rule.columns}, cfg)
+        limit = rule.limit(cfg, resolved)
+        if isinstance(limit, dict):   # a rank per value of a column
+            limit = ranks.per_row(limit, column(limit["by"])[alive])
+        fails = rule.fails({c: column(c)[alive] for c in rule.columns}, cfg, limit)
         code[alive[fails]] = CODES[rule.reason]
     return code
 
 
 def early_codes(t: pa.Table, job: Job, failed: bool) -> np.ndarray:
     """Reason codes of the rules before caption_common (the ones it counts survivors of)."""
-    if failed:
-        return np.full(t.num_rows, CODES["shard_failed"], np.int8)
-    return rule_codes(t, job.cfg, BEFORE_COMMON, job.on)
+    if failed:   # rows the plan dropped were never going to be downloaded: they keep that reason
+        planned = t.column("before_download").to_numpy(zero_copy_only=False)
+        return np.array([CODES.get(r, CODES["shard_failed"]) for r in planned], np.int8)
+    return rule_codes(t, job.cfg, BEFORE_COMMON, job.on, job.resolved)
 
 
-def late_codes(t: pa.Table, job: Job) -> np.ndarray:
-    """Reason codes of the score rules after caption_common."""
-    return rule_codes(t, job.cfg, AFTER_COMMON, job.on)
+def late_codes(t: pa.Table, job: Job, rules: tuple[Rule, ...] = AFTER_COMMON) -> np.ndarray:
+    """Reason codes of the score rules after caption_common (or the first of them, `rules`)."""
+    return rule_codes(t, job.cfg, rules, job.on, job.resolved)
 
 
 def hash64(column: pa.ChunkedArray) -> np.ndarray:
@@ -244,19 +296,27 @@ def group_rules(job: Job, index: int, shards: list[str]) -> dict:
                                                                 job.partitions, **cols))}
 
 
-def common_rows(job: Job, p: int, groups: int, bounds: np.ndarray) -> dict:
-    """Rows whose caption is shared by more than text.max_caption_images distinct images, routed
-    back per group."""
-    cols = concat(job.exchange("rules").read(groups, p))
+def images_per_caption(cols: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(row, distinct images sharing the row's caption) for every row, in row order; an image is its
+    hash (of sha256 in decide, of the URL before download)."""
     order = np.lexsort((cols["image"], cols["caption"]))
     cap, img = cols["caption"][order], cols["image"][order]
     new_pair = np.r_[True, (cap[1:] != cap[:-1]) | (img[1:] != img[:-1])]
     new_cap = np.r_[True, cap[1:] != cap[:-1]]
     starts = np.flatnonzero(new_cap)
     distinct = np.add.reduceat(new_pair.astype(np.int64), starts) if len(cap) else np.empty(0, np.int64)
-    common = np.repeat(distinct > job.cfg.text.max_caption_images, np.diff(np.r_[starts, len(cap)]))
-    rows = np.sort(cols["row"][order][common])
-    return {"bytes": job.exchange("common").write(p, [{"row": r} for r in _route(rows, groups, bounds)])}
+    count = np.repeat(distinct, np.diff(np.r_[starts, len(cap)]))
+    rows = cols["row"][order]
+    by_row = np.argsort(rows, kind="stable")
+    return rows[by_row], count[by_row]
+
+
+def common_rows(job: Job, p: int, groups: int, bounds: np.ndarray) -> dict:
+    """Rows whose caption is shared by more than text.max_caption_images distinct images, routed
+    back per group."""
+    rows, count = images_per_caption(concat(job.exchange("rules").read(groups, p)))
+    common = rows[count > job.cfg.text.max_caption_images]
+    return {"bytes": job.exchange("common").write(p, [{"row": r} for r in _route(common, groups, bounds)])}
 
 
 def common_of(job: Job, index: int) -> np.ndarray:
@@ -268,6 +328,114 @@ def _route(rows: np.ndarray, groups: int, bounds: np.ndarray) -> list[np.ndarray
     """Sorted row ids cut by group (bounds: first shard index of each group, plus the end)."""
     cuts = np.searchsorted(rows >> 32, bounds)
     return [rows[cuts[g]:cuts[g + 1]] for g in range(groups)]
+
+
+# -- thresholds by rank (manifests/ranks.py) ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Ranked:
+    """A rule whose threshold is a rank: where it sits in RULES, the rank, the edges of its bins."""
+    position: int
+    rank: ranks.Rank
+    cuts: np.ndarray | None = None
+
+    @property
+    def rule(self) -> Rule:
+        return RULES[self.position]
+
+
+def ranked_rules(cfg: Config, on: frozenset[str]) -> list[Ranked]:
+    """The applied rules whose threshold is a rank, in rule order; a `by` column must exist in the run."""
+    out = []
+    for i, rule in enumerate(RULES):
+        if rule.when == "run" or not rule.numeric or rule.reason not in on:
+            continue
+        rank = ranks.parse(rule.limit(cfg))
+        if rank is None:
+            continue
+        if rank.by and rank.by not in cfg.input.extra_cols and rank.by not in COLUMNS:
+            raise RuleError(f"{rule.threshold}: {rank.text!r} ranks by {rank.by!r}, which is neither in "
+                            f"input.extra_cols nor a score column")
+        out.append(Ranked(i, rank))
+    return out
+
+
+def _reaching(job: Job, t: pa.Table, ranked: Ranked, common: np.ndarray) -> np.ndarray:
+    """Rows of a shard that reach a ranked rule: every row rule before it passes them."""
+    before = tuple(r for r in RULES[:ranked.position] if r.when != "run")
+    if ranked.rule not in AFTER_COMMON:
+        return rule_codes(t, job.cfg, before, job.on, job.resolved) == NONE
+    code = early_codes(t, job, False)
+    _apply(code, "caption_common", np.isin(t.column("row_id").to_numpy(), common))
+    return (code == NONE) & (late_codes(t, job, tuple(r for r in AFTER_COMMON if r in before)) == NONE)
+
+
+def _values(t: pa.Table, rule: Rule) -> np.ndarray:
+    return rule.value({c: t.column(c).to_numpy(zero_copy_only=False) for c in rule.columns})
+
+
+def rank_range(job: Job, shards: list[str], ranked: list[Ranked]) -> list[tuple[float, float, bool]]:
+    """(min, max, all integers) of each ranked rule's compared value over the scored rows of the group."""
+    lo, hi, integral = [np.inf] * len(ranked), [-np.inf] * len(ranked), [True] * len(ranked)
+    for shard in shards:
+        if shard in job.failed:
+            continue
+        t = read_shard(job, shard)
+        for k, r in enumerate(ranked):
+            v = _values(t, r.rule)
+            v = v[np.isfinite(v)]
+            if len(v):
+                lo[k], hi[k] = min(lo[k], float(v.min())), max(hi[k], float(v.max()))
+                integral[k] = integral[k] and bool(np.all(v == np.round(v)))
+    return list(zip(lo, hi, integral))
+
+
+def rank_counts(job: Job, index: int, shards: list[str], ranked: Ranked) -> dict:
+    """Bin counts of a ranked rule's compared value over group `index`'s rows that reach it, per `by` value
+    (a rule after caption_common reads the group's caption_common rows from the exchange)."""
+    common = common_of(job, index) if ranked.rule in AFTER_COMMON else np.empty(0, np.int64)
+    out: dict = {}
+    for shard in shards:
+        if shard in job.failed:
+            continue
+        t = read_shard(job, shard)
+        sub = t.filter(pa.array(_reaching(job, t, ranked, common)))
+        v = _values(sub, ranked.rule)
+        groups = sub.column(ranked.rank.by).to_pylist() if ranked.rank.by else [None] * sub.num_rows
+        for g in dict.fromkeys(groups):
+            mask = np.array([x == g for x in groups], bool) if ranked.rank.by else np.ones(len(v), bool)
+            part = ranks.counts(v[mask], ranked.cuts)
+            out[g] = out[g] + part if g in out else part
+    return out
+
+
+def _resolve_ranks(job_ref, base: Job, groups: list, ranked: list[tuple[int, Ranked]], ranges: list,
+                   resolved: dict, info: dict):
+    """Resolve each of `ranked` in order (each pass sees the thresholds resolved before it); returns the Job
+    (its reference) with them. The driver holds each rule's bin counts, never rows."""
+    import ray
+
+    for k, r in ranked:
+        lo, hi, integral = ranges[k]
+        r = replace(r, cuts=ranks.edges(lo, hi, integral) if np.isfinite(lo) else np.array([0.0, 1.0]))
+        merged: dict = {}
+        for part in _each(rank_counts, [(job_ref, i, g, r) for i, g in enumerate(groups)]):
+            for g, c in part.items():
+                merged[g] = merged[g] + c if g in merged else c
+        drops = r.rule.drops
+        if r.rank.by:
+            found = {g: ranks.resolve(c, r.cuts, r.rank, drops, integral) for g, c in merged.items()}
+            resolved[r.rule.threshold] = {"by": r.rank.by, "values": [[g, f["value"]] for g, f in found.items()]}
+            info[r.rule.threshold] = {"rank": r.rank.text, "by": r.rank.by,
+                                      "values": [[g, f] for g, f in found.items()]}
+        else:
+            found = ranks.resolve(merged.get(None, np.zeros(len(r.cuts) - 1, np.int64)), r.cuts, r.rank, drops,
+                                  integral)
+            resolved[r.rule.threshold] = found["value"]
+            info[r.rule.threshold] = found
+        log.info("decide: %s = %s resolved to %s", r.rule.threshold, r.rank.text, resolved[r.rule.threshold])
+        job_ref = ray.put(replace(base, resolved=dict(resolved)))
+    return job_ref
 
 
 # -- step 2: duplicate candidates -------------------------------------------------------------
@@ -450,12 +618,13 @@ def reason_names(code: np.ndarray) -> pa.Array:
 
 # -- the driver -------------------------------------------------------------------------------
 
-def fingerprint(cfg: Config, run: RunDir, failed: set[str]) -> str:
+def fingerprint(cfg: Config, run: RunDir, failed: set[str], image_list: str | None = None) -> str:
     """Everything a decision depends on: the rule settings, the models config, and the identity
     (name, size, time) of every score marker, so a re-score is never mistaken for the old one."""
     relevant = {k: cfg.model_dump(mode="json")[k] for k in ("filters", "text", "dedupe", "rebalance", "models")}
     relevant["scores"] = run.storage.stat_list(run.uri("_done", "score"))
     relevant["failed"] = sorted(failed)
+    relevant["image_blocklist"] = image_list   # the list's contents, not only its name
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -473,7 +642,8 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     failed = set(shards) - scored
     if not scored:
         raise FileNotFoundError(f"no shard of {run.root} has scores yet: run `curate score` first")
-    fp = fingerprint(cfg, run, failed)
+    image_list = read_image_blocklist(cfg)[1] if cfg.filters.image_blocklist else None
+    fp = fingerprint(cfg, run, failed, image_list)
     storage = run.storage
     if not dry_run and storage.exists(run.decided):
         previous = storage.read_json(run.decided)
@@ -489,12 +659,22 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     partitions = max(cfg.dedupe.partitions, math.ceil(plan["rows"] / ROWS_PER_PARTITION))
     attempt = uuid.uuid4().hex[:12]
     storage.delete_dir(Exchange.folder(run))   # what a killed attempt left (the lease keeps out live ones)
-    job = ray.put(Job(cfg, run, frozenset(failed), partitions, attempt, curate.phases.decide.dedupe.MAX_BUCKET, on))
+    base = Job(cfg, run, frozenset(failed), partitions, attempt, curate.phases.decide.dedupe.MAX_BUCKET, on,
+               image_list)
+    job = ray.put(base)
     groups = groups_of(shards, cfg.input.shard_rows)
     bounds = np.array([shard_index(g[0]) for g in groups] + [shard_index(shards[-1]) + 1], np.int64)
     G, P = len(groups), partitions
+    ranked = ranked_rules(cfg, on)
+    resolved: dict = {}
+    thresholds: dict = {}   # what _decided.json records of each rank
+    ranges = _merge_ranges(_each(rank_range, [(job, g, ranked) for g in groups])) if ranked else []
+    early = [(k, r) for k, r in enumerate(ranked) if r.rule not in AFTER_COMMON]
+    job = _resolve_ranks(job, base, groups, early, ranges, resolved, thresholds)
     shuffled = {"rules": _each(group_rules, [(job, i, g) for i, g in enumerate(groups)]),
                 "common": _each(common_rows, [(job, p, G, bounds) for p in range(P)])}
+    late = [(k, r) for k, r in enumerate(ranked) if r.rule in AFTER_COMMON]
+    job = _resolve_ranks(job, base, groups, late, ranges, resolved, thresholds)
     clusters = 0
     if cfg.dedupe.semantic_threshold is not None:
         (fitted,) = _each(fit_centroids, [(job, sorted(scored), plan["rows"])])
@@ -521,7 +701,7 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
     report = dedupe_report(shuffled, comp, sum(c["survivors"] for c in candidates))
     if not dry_run:
         storage.write_json(run.decided, {"fingerprint": fp, "attempt": attempt, "funnel": result, "styles": styles,
-                                         "rules_off": off, "dedupe": report})
+                                         "rules_off": off, "dedupe": report, "thresholds": thresholds})
     log.info("decide: %d rows, %d kept; %d duplicate groups, the largest of %d rows", result["rows_in"],
              result["kept"], report["groups"]["count"], report["groups"]["largest"])
     return result
@@ -550,6 +730,12 @@ def _each(f, calls: list[tuple]) -> list:
         if isinstance(result, str):
             raise RuntimeError(f"decide: {f.__name__} task {i} failed: {result}")
     return [out[i] for i in range(len(calls))]
+
+
+def _merge_ranges(parts: list[list[tuple[float, float, bool]]]) -> list[tuple[float, float, bool]]:
+    """Per ranked rule: the smallest min, the largest max, and whether every group saw integers only."""
+    return [(min(p[k][0] for p in parts), max(p[k][1] for p in parts), all(p[k][2] for p in parts))
+            for k in range(len(parts[0]))]
 
 
 def _fan(f, n: int):

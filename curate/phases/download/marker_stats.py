@@ -14,15 +14,18 @@ from curate.run.runtime import windowed
 
 CHUNK = 1_000              # markers one task reads
 PARTIAL_TOP_HOSTS = TOP_HOSTS * 4   # hosts a chunk's summary names; the rest are summed under the other hosts
+TOTALS = ("rows", "not_requested", "tar_bytes")   # marker counts summed over the run (screen.spared reads them)
 
 
 def chunk_summary(run: RunDir, shards: list[str]) -> dict:
-    """One chunk's download markers as one marker: error kinds and hosts merged, waits summed."""
+    """One chunk's download markers as one marker: error kinds and hosts merged, waits, rows, rows not
+    requested and raw-tar bytes summed."""
     markers = run.markers("download", shards)
     merged = download_stats(markers, top=PARTIAL_TOP_HOSTS)
     waits = [m.get("wait_s", 0.0) for m in markers]
     return {"error_kinds": merged["error_kinds"], "hosts": merged["top_hosts"],
-            "wait_total": sum(waits), "wait_max": max(waits, default=0.0)}
+            "wait_total": sum(waits), "wait_max": max(waits, default=0.0),
+            **{k: sum(m.get(k, 0) for m in markers) for k in TOTALS}}
 
 
 def download_summary(run: RunDir, shards: list[str], top: int = STATS_TOP_HOSTS) -> dict:
@@ -41,4 +44,5 @@ def download_summary(run: RunDir, shards: list[str], top: int = STATS_TOP_HOSTS)
     stats = download_stats(ordered, top=top)
     stats["wait_s"] = {"total": round(sum(p["wait_total"] for p in ordered), 3),
                        "max_shard": round(max((p["wait_max"] for p in ordered), default=0.0), 3)}
+    stats.update({k: sum(p[k] for p in ordered) for k in TOTALS})
     return stats

@@ -230,6 +230,16 @@ def _table(rows: pa.Table, results: list[Row], extra: list[str]) -> pa.Table:
     return conform(out, extra)
 
 
+def not_requested(rows: pa.Table) -> tuple[list[Row | None], list[int]]:
+    """The result of every row a before-download rule dropped (curate/phases/download/screen.py:
+    `before_download`), and the indices of the rows to fetch: the dropped ones are never requested."""
+    reasons = rows.column("before_download").to_pylist() if "before_download" in rows.column_names \
+        else [None] * rows.num_rows
+    skipped = [None if r is None else Row("not_requested", f"not requested: {r} (a rule before download)")
+               for r in reasons]
+    return skipped, [i for i, r in enumerate(reasons) if r is None]
+
+
 def download_shard(cfg: Config, shard: str) -> dict:
     """Fetch one input shard; write raw/{shard}.tar, raw/{shard}.parquet, then the done marker.
 
@@ -240,13 +250,18 @@ def download_shard(cfg: Config, shard: str) -> dict:
     run = RunDir(cfg.run_dir, Storage(cfg.storage))
     started = time.time()
     rows = run.storage.read_parquet(run.input_shard(shard))
+    skipped, asked = not_requested(rows)
     with tempfile.TemporaryDirectory(prefix=f"curate-download-{shard}-") as scratch:
         images = Path(scratch) / "images.tar"
         with open(images, "wb") as f:
             tar = TarWriter(f)
-            results, hosts, budget = fetch_rows(cfg.download, rows.column("url").to_pylist(),
-                                                rows.column("key").to_pylist(), tar, scratch)
+            urls, keys = rows.column("url").to_pylist(), rows.column("key").to_pylist()
+            fetched, hosts, budget = fetch_rows(cfg.download, [urls[i] for i in asked], [keys[i] for i in asked],
+                                                tar, scratch)
             tar.close()
+        results = list(skipped)
+        for i, row in zip(asked, fetched):
+            results[i] = row
         with open(images, "rb") as src, run.storage.open_output(run.raw_tar(shard)) as dest:
             shutil.copyfileobj(src, dest, 1 << 20)
         tar_bytes = images.stat().st_size
@@ -255,6 +270,7 @@ def download_shard(cfg: Config, shard: str) -> dict:
     ok = sum(r.status == "success" for r in results)
     kinds = Counter(r.error_kind for r in results if r.error_kind)
     run.mark("download", shard, {"rows": table.num_rows, "success": ok, "tar_bytes": tar_bytes,
+                                 "not_requested": table.num_rows - len(asked),
                                  "error_kinds": dict(kinds.most_common()), "wait_s": round(hosts.waited, 3),
                                  "bodies": {"peak_mb": round(budget.peak / 2**20, 1), "spilled": budget.spilled},
                                  "hosts": host_summary(hosts)})

@@ -15,7 +15,8 @@ position) and cut. Equal input gives equal shards on every run.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +29,10 @@ from curate.config import ConfigError, InputConfig
 from curate.phases.decide.rebalance import key_hashes
 from curate.run.rundir import RunDir, row_keys
 from curate.run.storage import Storage
+from filters.blocklists import UrlBlocklist
 from manifests.schema import ALL
+from manifests.where import columns as where_columns
+from manifests.where import compile_where
 
 MAX_SHARD_ROWS = 1_000_000  # keys carry the row index in six digits
 SHUFFLE_BUCKET_ROWS = 1_000_000   # rows of one hash bucket, sorted in memory when it is cut
@@ -80,11 +84,11 @@ def _first_bad_line(path: str, encoding: str, storage: Storage) -> int | None:
     return None
 
 
-def _text_batches(path: str, fmt: str, columns: list[str], encoding: str,
-                  storage: Storage) -> Iterator[pa.RecordBatch]:
+def _text_batches(path: str, fmt: str, columns: list[str], encoding: str, storage: Storage,
+                  typed: Collection[str] = ()) -> Iterator[pa.RecordBatch]:
     """_batches, with a text that is not valid `encoding` named by file, line and the setting to change."""
     try:
-        yield from _batches(path, fmt, columns, encoding, storage)
+        yield from _batches(path, fmt, columns, encoding, storage, typed)
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         if fmt == "parquet" or (isinstance(exc, pa.ArrowInvalid) and not any(
                 w in str(exc) for w in ("UTF8", "UTF-8", "utf8", "encoding"))):
@@ -97,21 +101,28 @@ def _text_batches(path: str, fmt: str, columns: list[str], encoding: str,
                           f"Chinese)") from None
 
 
-def _batches(path: str, fmt: str, columns: list[str], encoding: str, storage: Storage) -> Iterator[pa.RecordBatch]:
-    """Stream a file's batches with every wanted column read as text where the format allows."""
+def _csv(path: str, fmt: str, columns: list[str], encoding: str, storage: Storage, typed: Collection[str] = (),
+         block_size: int = 16 << 20) -> pacsv.CSVStreamingReader:
+    """A csv/tsv reader with the wanted columns as text, but those in `typed` (input.where's) as inferred."""
+    return pacsv.open_csv(
+        storage.open_input(path),
+        read_options=pacsv.ReadOptions(block_size=block_size, encoding=encoding),
+        parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in columns if c not in typed}, strings_can_be_null=True),
+    )
+
+
+def _batches(path: str, fmt: str, columns: list[str], encoding: str, storage: Storage,
+             typed: Collection[str] = ()) -> Iterator[pa.RecordBatch]:
+    """Stream a file's batches with every wanted column read as text where the format allows (but `typed`)."""
     if fmt == "parquet":
         pf = storage.parquet(path)
         _check_columns(path, pf.schema_arrow.names, columns)
         yield from pf.iter_batches(columns=columns, batch_size=65_536)
         return
     if fmt in ("csv", "tsv"):
-        reader = pacsv.open_csv(
-            storage.open_input(path),
-            read_options=pacsv.ReadOptions(block_size=16 << 20, encoding=encoding),
-            parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in columns}, strings_can_be_null=True),
-        )
+        reader = _csv(path, fmt, columns, encoding, storage, typed)
         _check_columns(path, reader.schema.names, columns)
         for batch in reader:
             yield batch.select(columns)
@@ -142,12 +153,76 @@ def _as_strings(batch: pa.RecordBatch, cfg: InputConfig) -> dict[str, pa.Array]:
     return cols
 
 
+def _carried(cfg: InputConfig) -> list[str]:
+    return [cfg.url_col, cfg.caption_col, *cfg.extra_cols]
+
+
+def _where_only(cfg: InputConfig) -> list[str]:
+    """Columns input.where reads that are not carried: read for it alone, with their own types."""
+    return [c for c in where_columns(cfg.where) if c not in _carried(cfg)] if cfg.where else []
+
+
 def _tables(files: list[str], cfg: InputConfig, storage: Storage) -> Iterator[pa.Table]:
-    """The input's rows in input order, as tables of url, caption and the extra columns."""
-    wanted = [cfg.url_col, cfg.caption_col, *cfg.extra_cols]
+    """The input's rows in input order, as tables of url, caption, the extra columns and `where_excluded`."""
+    wanted = list(dict.fromkeys([*_carried(cfg), *_where_only(cfg)]))
     for path in files:
-        for batch in _text_batches(path, _format(path, cfg.format), wanted, cfg.encoding, storage):
-            yield pa.table(_as_strings(batch, cfg))
+        for batch in _text_batches(path, _format(path, cfg.format), wanted, cfg.encoding, storage, _where_only(cfg)):
+            table = pa.table(_as_strings(batch, cfg))
+            yield table.append_column("where_excluded", pa.array(_excluded(batch, cfg, path)))
+
+
+def _excluded(batch: pa.RecordBatch, cfg: InputConfig, path: str) -> np.ndarray:
+    """Rows for which input.where is not true (false or null): the rule input_where drops them."""
+    if not cfg.where:
+        return np.zeros(batch.num_rows, bool)
+    table = pa.Table.from_batches([batch]).append_column("_row", pa.array(np.arange(batch.num_rows)))
+    try:
+        kept = table.filter(compile_where(cfg.where, table.column_names)).column("_row").to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise ConfigError(f"input.where {cfg.where!r} cannot be applied to {path}: {exc}") from None
+    out = np.ones(batch.num_rows, bool)
+    out[kept] = False
+    return out
+
+
+def _schema(path: str, fmt: str, cfg: InputConfig, storage: Storage) -> pa.Schema:
+    """The columns of an input file as the cut reads them (csv: the first block's inferred types)."""
+    if fmt == "parquet":
+        return storage.parquet(path).schema_arrow
+    if fmt in ("csv", "tsv"):
+        return _csv(path, fmt, _carried(cfg), cfg.encoding, storage, _where_only(cfg), block_size=1 << 20).schema
+    stream = storage.open_input(path)
+    if cfg.encoding != "utf-8":
+        stream = pa.transcoding_input_stream(stream, cfg.encoding, "utf-8")
+    return pajson.open_json(stream).schema
+
+
+def check_input(cfg: InputConfig, storage: Storage) -> None:
+    """Before Ray starts: every column the input settings name exists in every input file, and input.where
+    applies to their types; the error names the setting, the column and the columns there are."""
+    if cfg.url_blocklist is not None:   # its format too: a bad line is named before any work
+        if not storage.exists(cfg.url_blocklist):
+            raise ConfigError(f"input.url_blocklist: file not found: {cfg.url_blocklist}")
+        try:
+            UrlBlocklist.parse(storage.read_bytes(cfg.url_blocklist).decode("utf-8"), cfg.url_blocklist)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(f"input.url_blocklist: {exc}") from None
+    for path in expand(cfg.paths, storage):
+        schema = _schema(path, _format(path, cfg.format), cfg, storage)
+        names = schema.names
+        named = [("input.url_col", cfg.url_col), ("input.caption_col", cfg.caption_col),
+                 *(("input.extra_cols", c) for c in cfg.extra_cols),
+                 *(("input.where", c) for c in (where_columns(cfg.where) if cfg.where else []))]
+        for key, column in named:
+            if column not in names:
+                raise ConfigError(f"{key}: {path} has no column {column!r}; its columns are: {', '.join(names)}")
+        if cfg.where:
+            try:
+                schema.empty_table().filter(compile_where(cfg.where, names))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                types = ", ".join(f"{c}: {schema.field(c).type}" for c in where_columns(cfg.where))
+                raise ConfigError(f"input.where {cfg.where!r} does not apply to {path} ({types}): "
+                                  f"{str(exc).splitlines()[0]}") from None
 
 
 def _count(files: list[str], cfg: InputConfig, storage: Storage) -> int:
@@ -212,14 +287,26 @@ def signature(cfg: InputConfig) -> dict:
     """What an existing plan was cut from: changing any of it needs a new run directory."""
     return {"paths": list(cfg.paths), "shard_rows": cfg.shard_rows, "url_col": cfg.url_col,
             "caption_col": cfg.caption_col, "extra_cols": list(cfg.extra_cols), "shuffle": cfg.shuffle,
-            "encoding": cfg.encoding}
+            "encoding": cfg.encoding, "caption_first": cfg.caption_first, "where": cfg.where,
+            "url_blocklist": cfg.url_blocklist}
+
+
+# What a plan recorded before a setting existed was made with.
+_BEFORE = {"shuffle": False, "encoding": "utf-8", "caption_first": False}
 
 
 def check_plan(cfg: InputConfig, run: RunDir) -> None:
     """Refuse a config whose input differs from the one the run's shards were cut from
-    (a plan recorded before `shuffle` existed was cut in input order; one before `encoding`, from UTF-8)."""
-    recorded = {"shuffle": False, "encoding": "utf-8", **run.storage.read_json(run.plan).get("input", {})}
+    (a plan recorded before `shuffle` existed was cut in input order; one before `encoding`, from UTF-8;
+    one before `caption_first`, without it)."""
+    planned = run.storage.read_json(run.plan)
+    recorded = {**_BEFORE, **planned.get("input", {})}
     changed = {k: (recorded.get(k), v) for k, v in signature(cfg).items() if recorded.get(k) != v}
+    listed = (planned.get("before_download") or {}).get("url_blocklist")
+    if cfg.url_blocklist and "url_blocklist" not in changed and listed:   # the same file, but the same list?
+        digest = hashlib.sha256(run.storage.read_bytes(cfg.url_blocklist)).hexdigest()
+        if digest != listed["sha256"]:
+            changed["url_blocklist (contents, sha256)"] = (listed["sha256"], digest)
     if changed:
         lines = "\n".join(f"  - input.{k}: planned with {old!r}, now {new!r}" for k, (old, new) in changed.items())
         raise ConfigError(f"{run.root} was planned from a different input:\n{lines}\n"
@@ -230,12 +317,20 @@ def plan(cfg: InputConfig, run: RunDir) -> list[str]:
     """Write input_shards/{shard}.parquet for every shard, then the plan (the marker); return shard names.
 
     Idempotent: an existing plan is the record of a finished split and is reused, provided the
-    input settings are the ones it was cut from.
+    input settings are the ones it was cut from. (The pipeline runs `cut`, then the before-download
+    rules of curate/phases/download/screen.py on the shards, then writes the plan.)
     """
-    storage = run.storage
-    if storage.exists(run.plan):
+    if run.storage.exists(run.plan):
         check_plan(cfg, run)
         return run.shard_names()
+    info = cut(cfg, run)
+    run.storage.write_json(run.plan, info)
+    return info["shards"]
+
+
+def cut(cfg: InputConfig, run: RunDir) -> dict:
+    """Write input_shards/{shard}.parquet for every shard; return what the plan records (not written yet)."""
+    storage = run.storage
     if cfg.shard_rows > MAX_SHARD_ROWS:
         raise ConfigError(f"input.shard_rows: at most {MAX_SHARD_ROWS}, got {cfg.shard_rows}")
     clash = [c for c in cfg.extra_cols if c in ALL]
@@ -270,5 +365,4 @@ def plan(cfg: InputConfig, run: RunDir) -> list[str]:
         flush(n_pending)
     if not shards:
         raise ConfigError(f"input.paths: the input files hold no rows: {files}")
-    storage.write_json(run.plan, {"shards": shards, "rows": total, "sources": files, "input": signature(cfg)})
-    return shards
+    return {"shards": shards, "rows": total, "sources": files, "input": signature(cfg)}

@@ -14,6 +14,7 @@ from curate.config import Config
 from curate.phases.write.sample import SAMPLE_EXCLUDE, hex_in_json
 from curate.run.rundir import RunDir
 from curate.run.storage import join
+from manifests import ranks
 from manifests.funnel import Funnel
 from manifests.rules import REASONS, RULES
 from manifests.schema import ALL
@@ -57,9 +58,9 @@ def render(cfg: Config, stats: dict, sources: list[str], shards_uri: str) -> str
              f"> {LICENSE_WARNING}", "",
              *_failures_warning(stats),
              *_models_warning(stats.get("models") or {}),
-             "## Funnel", "", *_funnel(stats["funnel"]), "",
+             "## Funnel", "", *_funnel(stats["funnel"]), *_spared(stats.get("before_download")), "",
              "## Shards and buckets", "", *_shards(cfg, stats), "",
-             "## Thresholds", "", *_thresholds(cfg), "",
+             "## Thresholds", "", *_thresholds(cfg, stats.get("thresholds") or {}), "",
              "## Models", "", *_models(stats.get("models") or {}), "",
              "## Sources", "", *[f"- `{s}`" for s in sources], "",
              "## Sample format", "", *_columns(cfg, stats), "",
@@ -93,6 +94,26 @@ def _funnel(funnel: dict) -> list[str]:
     return _table(["step", "rows", "share", "rule"], rows)
 
 
+def _spared(spared: dict | None) -> list[str]:
+    """What the rules before download saved: rows never requested, and the raw bytes they would have cost."""
+    if not spared or not spared["rows"]:
+        return []
+    reasons = ", ".join(f"`{r}` {n:,}" for r, n in spared["reasons"].items())
+    return ["", f"{spared['rows']:,} of these rows were never downloaded: rules that need no image dropped them "
+                f"before download ({reasons}), sparing about {spared_bytes(spared)} of raw images."]
+
+
+def spared_bytes(spared: dict) -> str:
+    """The estimated raw bytes as a person reads them ("unknown" before anything was downloaded)."""
+    n = spared.get("raw_bytes_estimate")
+    if n is None:
+        return "an unknown number of bytes"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def _shards(cfg: Config, stats: dict) -> list[str]:
     w = cfg.write
     layout = (f"each shard holds one bucket: `{w.prefix}-{{w}}x{{h}}-{{n:06d}}.tar`, numbered per bucket"
@@ -117,9 +138,10 @@ def _flat(prefix: str, value) -> list[tuple[str, object]]:
     return [(prefix, value)]
 
 
-def _thresholds(cfg: Config) -> list[str]:
+def _thresholds(cfg: Config, resolved: dict) -> list[str]:
     """Every config key a rule of the table reads (its threshold and other keys, sections flattened), in
-    rule order, with the reasons of the rules that read it."""
+    rule order, with the reasons of the rules that read it; a rank (pNN) with the value decide resolved it
+    to over the run."""
     data = cfg.model_dump(mode="json")
     rows: dict[str, tuple[object, list[str]]] = {}
     for rule in RULES:
@@ -130,9 +152,15 @@ def _thresholds(cfg: Config) -> list[str]:
             for key, value in _flat(dotted, node):
                 reasons = rows.setdefault(key, (value, []))[1]
                 reasons += [] if rule.reason in reasons else [rule.reason]
+
+    def shown(key: str, value) -> str:
+        if value is None:
+            return "null (off)"
+        text = f"`{json.dumps(value, ensure_ascii=False)}`"
+        return f"{text} = {ranks.describe(resolved[key])}" if key in resolved else text
+
     return _table(["key", "value", "rule"],
-                  [[f"`{k}`", "null (off)" if v is None else f"`{json.dumps(v, ensure_ascii=False)}`",
-                    ", ".join(f"`{r}`" for r in reasons)] for k, (v, reasons) in rows.items()])
+                  [[f"`{k}`", shown(k, v), ", ".join(f"`{r}`" for r in reasons)] for k, (v, reasons) in rows.items()])
 
 
 def _failures_warning(stats: dict) -> list[str]:

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from curate.config import PREFIX, Config
 from curate.phases.download.marker_stats import download_summary
+from curate.phases.download.screen import spared
 from curate.phases.write.card import write_card
 from curate.phases.write.record import manifest_schema, shard_table
 from curate.phases.write.sample import sample_json
@@ -538,8 +539,10 @@ def finish(cfg: Config, p: Plan, per_shard: dict[str, dict], errors: list[dict])
     samples = p.samples
     stats = aggregate(per_shard, p.job)
     stats["download"] = download_summary(run, sorted(p.job.downloaded & run.done("download")))
+    stats["before_download"] = spared(run.storage.read_json(run.plan), stats["download"])
     stats.update(shards={"count": len(names), "samples": sum(samples[n] for n in names), "names": names},
-                 failures=record(run, errors), models=p.models, styles=p.decided.get("styles"))
+                 failures=record(run, errors), models=p.models, styles=p.decided.get("styles"),
+                 thresholds=p.decided.get("thresholds") or {})
     if len(names) < len(samples):
         stats["shards"]["not_written"] = [n for n in samples if n not in set(names)]
     run.storage.write_json(run.stats, stats)

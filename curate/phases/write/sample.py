@@ -11,7 +11,10 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SAMPLE_EXCLUDE = {"keep", "reason", "dup_of", "out_shard"}   # manifest-only columns: every sample is kept
+from manifests.schema import PLAN
+
+# Manifest-only columns: every sample is kept, and the plan's columns are provenance, not data.
+SAMPLE_EXCLUDE = {"keep", "reason", "dup_of", "out_shard", *PLAN}
 
 
 def hex_in_json(kind: pa.DataType) -> bool:
