@@ -132,16 +132,29 @@ def _dense(bucket: np.ndarray, levels: list) -> np.ndarray:
 
 
 BLOCK = 1 << 22   # hash comparisons computed at once when a bucket is compared pair by pair
+BIG = 2048        # buckets up to this size are compared all together; larger ones one block at a time
 
 
 def _pairs_within(members: np.ndarray, bucket: np.ndarray, hashes: np.ndarray, anchor: np.ndarray, k: int,
                   found: list) -> None:
-    """Every pair inside each bucket verified, in blocks of at most BLOCK comparisons."""
+    """Every pair inside each bucket verified, in blocks of at most about BLOCK comparisons."""
     order = np.argsort(bucket, kind="stable")
     members, bucket = members[order], bucket[order]
-    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
-    for a, b in zip(starts.tolist(), np.r_[starts[1:], len(bucket)].tolist()):
-        part = members[a:b]
+    run = np.cumsum(np.r_[True, bucket[1:] != bucket[:-1]]) - 1
+    size = np.bincount(run)[run]
+    small = np.flatnonzero(size <= BIG)           # sorted by bucket, so each bucket is contiguous
+    if small.size:
+        firsts = small[np.r_[True, run[small][1:] != run[small][:-1]]]
+        pairs = size[firsts] * (size[firsts] - 1) // 2
+        step = np.r_[0, np.cumsum(pairs)[:-1]] // BLOCK     # whole buckets, about BLOCK pairs per step
+        cuts = np.searchsorted(small, firsts[np.r_[True, step[1:] != step[:-1]]])
+        for a, b in zip(cuts.tolist(), np.r_[cuts[1:], small.size].tolist()):
+            chunk = small[a:b]
+            i, j = equal_key_pairs(run[chunk])
+            _verify(members[chunk[i]], members[chunk[j]], hashes, anchor, k, found)
+    small = size <= BIG
+    for r in np.unique(run[~small]).tolist():
+        part = members[run == r]
         step = max(1, BLOCK // len(part))
         for lo in range(0, len(part), step):
             rows = np.arange(lo, min(lo + step, len(part)))
