@@ -274,7 +274,7 @@ def make_shard(root: str, index: int, rows: int, total_shards: int, seed: int = 
         for j in rng.permutation(np.flatnonzero(ok)).tolist():
             tar.add(f"{names[j]}.jpg", image + names[j].encode())
         tar.close()
-    marker = {"rows": rows, "success": int(ok.sum()), "tar_bytes": 0}
+    marker = {"rows": rows, "success": int(ok.sum()), "tar_bytes": run.storage.size(run.raw_tar(shard))}
     if shape.hosts:
         marker.update(error_kinds={"http_404": int((~ok).sum())}, wait_s=0.0, hosts=host_table(rng, rows, ok))
     run.mark("download", shard, marker)
