@@ -61,7 +61,14 @@ def ray_session(request):
     if any("s3" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("s3")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        for attempt in range(3):   # a loaded machine can outlast Ray's own node start-up timeout once
+            try:
+                ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+                break
+            except Exception:
+                ray.shutdown()
+                if attempt == 2:
+                    raise
     yield ray
     ray.shutdown()
 
