@@ -35,6 +35,7 @@ TITLES: dict[str, str] = {
     "n_chars": "caption length, characters",
     "zh_ratio": "Chinese share of the caption",
     "repeat_ratio": "caption repetition",
+    "caption_urls": "distinct URLs sharing the caption (before download)",
     "clip_score": "CLIP image-caption score",
     "aesthetic": "aesthetic score",
     "nsfw": "NSFW probability",
