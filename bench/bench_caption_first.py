@@ -124,8 +124,10 @@ def plan_once(root: Path, source: Path, caption_first: bool, shard_rows: int) ->
             "dropped_before_download": screened["rows"], "reasons": screened["reasons"]}
 
 
-def _requests(bases: list[str]) -> int:
-    return sum(json.loads(urllib.request.urlopen(f"{b}/_peak", timeout=10).read())["requests"] for b in bases)
+def _requests(bases: list[str]) -> tuple[int, int]:
+    """(row requests, robots.txt requests) the hosts answered since they were last asked."""
+    counts = [json.loads(urllib.request.urlopen(f"{b}/_peak", timeout=10).read()) for b in bases]
+    return sum(c["requests"] for c in counts), sum(c["robots"] for c in counts)
 
 
 def _tar_bytes(folder: Path) -> int:
@@ -147,7 +149,7 @@ def requests_on_sample(root: Path, n: int, seed: int) -> dict:
         out = run_phases(cfg, ("download",))
         if not out.ok:
             raise RuntimeError(f"our download failed: {out.failures}")
-        ours = _requests(bases)
+        ours, ours_robots = _requests(bases)
         planned = pa.concat_tables(pq.read_table(p) for p in sorted((root / "ours" / "input_shards").glob("*.parquet")))
         passing = sum(r is None and bool(u) for r, u in zip(planned.column("before_download").to_pylist(),
                                                             planned.column("url").to_pylist()))
@@ -159,10 +161,11 @@ def requests_on_sample(root: Path, n: int, seed: int) -> dict:
                "--resize_only_if_bigger", "True", "--encode_format", "jpg", "--retries", "0",
                "--enable_wandb", "False", "--distributor", "multiprocessing"]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
-        theirs = _requests(bases)
+        theirs, _ = _requests(bases)
     return {"rows": n, "rows_with_url": sum(bool(u) for u in table.column("URL").to_pylist()),
             "passing_before_download": passing,
             "requests": {"ours": ours, "img2dataset": theirs},
+            "robots_txt_requests": {"ours": ours_robots, "hosts": len(bases)},
             "raw_bytes": {"ours": _tar_bytes(root / "ours" / "raw"), "img2dataset": _tar_bytes(i2d)}}
 
 
@@ -202,7 +205,8 @@ def run(mode: str, rows: int | None = None, sample: int | None = None) -> dict:
                                                                    / max(served["raw_bytes"]["ours"], 1), 3),
         },
         "note": ("requests are counted by the server (redirects and retries would add to them; this sample has "
-                 "none); img2dataset has no caption or metadata filter, so it requests every row with a URL "
+                 "none), robots.txt fetches apart (ours: once per host per task); img2dataset has no caption "
+                 "or metadata filter, so it requests every row with a URL "
                  f"({url_rows:,} of {rows:,} in the planned input)"),
     }
 

@@ -20,7 +20,7 @@ from pathlib import Path
 class _Counter:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.open = self.peak = self.requests = 0
+        self.open = self.peak = self.requests = self.robots = 0
 
 
 DRIP_BYTES = 40
@@ -59,9 +59,13 @@ class _Handler(BaseHTTPRequestHandler):
                 # every contender opened at least one connection, so this lone one never set the peak
                 peak, self.counter.peak = self.counter.peak, 0
                 requests, self.counter.requests = self.counter.requests, 0
-            return self._send(200, json.dumps({"peak": peak, "requests": requests}).encode())
-        with self.counter.lock:
-            self.counter.requests += 1
+                robots, self.counter.robots = self.counter.robots, 0
+            return self._send(200, json.dumps({"peak": peak, "requests": requests, "robots": robots}).encode())
+        with self.counter.lock:   # robots.txt is counted apart: it is not a request for a row
+            if name == "robots.txt":
+                self.counter.robots += 1
+            else:
+                self.counter.requests += 1
         if self.tarpit:
             return self._drip()
         path = self.folder / name

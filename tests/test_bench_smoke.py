@@ -25,6 +25,7 @@ OWN_RATIOS = {
                 "scale1b.largest_group_over_planted", "scale1b.shuffle_bytes_per_survivor"],
     "models": [],
     "ocr": ["ocr.stage_nsfw_ocr_over_nsfw", "ocr.stage_ocr_over_no_model"],
+    "rescore": ["rescore.add_ocr_over_full"],
     "caption_first": ["caption_first.plan_rows_per_s", "caption_first.requests_over_passing",
                       "caption_first.img2dataset_requests_over_ours"],
 }
@@ -82,6 +83,11 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
         assert result["own_ratios"]["caption_first.requests_over_passing"] == 1.0
         sample = result["sample"]
         assert sample["requests"]["img2dataset"] == sample["rows_with_url"] > sample["requests"]["ours"]
+        shards = -(-sample["rows"] // 250)   # robots.txt once per host per download task
+        assert 0 < sample["robots_txt_requests"]["ours"] <= shards * sample["robots_txt_requests"]["hosts"]
+    if name == "rescore":   # OCR added to a run scored with [nsfw]: the partial re-score ran and was timed
+        assert result["rows"] == 40 and all(t["median_s"] > 0 for t in result["timings"].values())
+        assert result["own_ratios"]["rescore.add_ocr_over_full"] > 0
     if name == "score_cpu":
         assert result["images_per_s_per_core"]["ours"] > 0 and result["images_per_s_per_core"]["careful_loop"] > 0
         assert result["own_ratios"]["score_cpu.ours_over_careful_loop"] > 0

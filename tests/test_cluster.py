@@ -222,7 +222,8 @@ def test_relative_paths_inside_a_ray_job_working_dir_are_refused(tmp_path, monke
 
 @pytest.mark.slow
 def test_weights_are_checked_on_the_nodes_themselves(ray_session, tmp_path):
-    from curate.run.runtime import alive_nodes, missing_weights_by_node
+    from curate.guards import missing_weights_by_node
+    from curate.run.runtime import alive_nodes
     from filters.models import ModelOptions
 
     nodes = [n["NodeManagerAddress"] for n in alive_nodes()]

@@ -95,8 +95,10 @@ def test_hostile_rows_end_with_reasons_in_bounded_memory(files, tmp_path, ray_se
             "strip": (f"{srv.base}/img/strip.png", CAPTION, "success", "too_small", None, None),
             "1mb_caption": (f"{srv.base}/img/photo2.jpg", (CAPTION * 40_000)[:MB // 3 + 1], "success",
                             "caption_long", None, None),
+            # The caption rules come first in the rules table, so the shell caption's reason wins over
+            # its failed fetch (this script skips the before-download screen, so the URL is requested).
             "shell": (f"{srv.base}/img/x;touch${{IFS}}{marker}", f"$(touch {marker})`touch {marker}`",
-                      "failed_to_download", "download_failed", "404", "http_404"),
+                      "failed_to_download", "not_chinese", "404", "http_404"),
         }
         cfg_path = write_config(tmp_path, [r[0] for r in rows.values()], [r[1] for r in rows.values()],
                                 allow_networks=["127.0.0.1/32"])
