@@ -93,8 +93,9 @@ class InputConfig(_Section):
             raise ValueError(f"unknown text encoding {v!r} (e.g. utf-8, gb18030, big5)") from None
 
 
-# Bytes per pixel the decode of one image may take at its peak (measured in tests/test_hostile.py:
-# an RGBA or 16-bit image decoded by PIL, composited on white, re-encoded for the resizer).
+# Bytes per pixel the decode of one image may take at its peak (measured in
+# tests/curate/phases/download/test_hostile.py: an RGBA or 16-bit image decoded by PIL, composited on
+# white, re-encoded for the resizer).
 DECODE_BYTES_PER_PIXEL = 20
 MIN_BODY_BUFFER_MB = 32
 

@@ -3,7 +3,7 @@ of rules from the rules table (manifests/rules.py).
 
 Keys, types, limits, defaults and descriptions are read from the pydantic fields of `Config`
 and the sections it embeds, and each rule's reason, test and meaning from its `Rule`, so the pages
-cannot say anything the code does not. tests/test_docs.py regenerates both and fails when a file
+cannot say anything the code does not. tests/curate/test_docs.py regenerates both and fails when a file
 differs: `python -m curate.config_doc --write` writes them again (`python -m curate.config_doc`, or
 `curate config-doc`, prints the config reference; `--rules` prints the rules table).
 """
@@ -33,7 +33,7 @@ HEADER = """\
 # Configuration reference
 
 <!-- Generated from the config model by `python -m curate.config_doc > docs/config.md`; do not edit by hand.
-     tests/test_docs.py fails when this file and the model differ. -->
+     tests/curate/test_docs.py fails when this file and the model differ. -->
 
 One YAML file drives every phase. [`jobs/demo.yaml`](../jobs/demo.yaml) is the demo's;
 [`jobs/zh_web.yaml`](../jobs/zh_web.yaml) is a realistic preset for a Chinese web crawl with published
@@ -186,7 +186,7 @@ def render(model: type[BaseModel] = Config) -> str:
 
 
 RULES_BEGIN = ("<!-- Generated from manifests/rules.py by `python -m curate.config_doc --write`; do not edit by hand. "
-               "tests/test_docs.py fails when this table and the rules differ. -->")
+               "tests/curate/test_docs.py fails when this table and the rules differ. -->")
 RULES_END = "<!-- End of the generated rules table. -->"
 WHEN = {"input": "before download: the caption's or the input's own columns",
         "download": "after download: what the download recorded",

@@ -1,5 +1,5 @@
 """Resume after SIGKILL, for any run directory URI (a local path or s3://): the shared half of
-tests/test_faults.py (local) and tests/test_s3.py (object storage).
+tests/curate/test_faults.py (local) and tests/curate/run/test_s3.py (object storage).
 
 A small corpus (N rows in SHARDS input shards of SHARD_ROWS) is served from 127.0.0.1 with a
 delay per image, so download lasts long enough to be interrupted; small output shards give

@@ -19,9 +19,10 @@ from curate.report.data import _attributes as attributes
 from curate.run.tario import members
 from manifests.rules import COMPARE, ROW_RULES, RULES
 from manifests.schema import REASONS
-from synthetic import CONFIG, RULES_OFF, WARNING, make_run
+from tests.procs import ROOT
+from tests.synthetic import CONFIG, RULES_OFF, WARNING, make_run
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
+ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
 def make_dataset_run(root: Path, n: int, shards: int) -> Path:
@@ -160,7 +161,7 @@ def test_tar_reader_matches_tarfile_and_stops_at_missing(small_run):
 @pytest.mark.slow
 @pytest.mark.timeout(1500)   # the chromium fixture may apt-get install it (600 s per step)
 def test_report_in_headless_chromium(small_run, chromium):
-    from cdp import Browser
+    from tests.cdp import Browser
 
     browser = Browser(chromium)
     try:

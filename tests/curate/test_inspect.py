@@ -13,7 +13,7 @@ from rich.console import Console
 from curate import inspect as insp
 from manifests.schema import REASONS, build
 from manifests.where import WhereError, columns, compile_where
-from synthetic import manifest_columns
+from tests.synthetic import manifest_columns
 
 N = 5000
 

@@ -6,8 +6,8 @@ import pyarrow as pa
 
 from curate.config import validate
 from curate.phases.decide.phase import components, preference
-from synthetic_run import decide_report, decide_table
-from synthetic_scores import scores_table
+from tests.synthetic_run import decide_report, decide_table
+from tests.synthetic_scores import scores_table
 
 
 def _cfg(**sections):

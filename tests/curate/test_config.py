@@ -62,7 +62,7 @@ def test_dump_round_trips(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    root = Path(__file__).resolve().parents[1] / "jobs"
+    root = Path(__file__).resolve().parents[2] / "jobs"
     for path in root.glob("*.yaml"):
         load(path)
 

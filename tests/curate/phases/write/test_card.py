@@ -15,7 +15,7 @@ from curate.phases.write.card import LICENSE_WARNING, size_category
 from curate.phases.write.phase import run_write
 from manifests.rules import REASONS, RULES
 from manifests.schema import ALL
-from synthetic_write import EXTRA, config, decided_run
+from tests.synthetic_write import EXTRA, config, decided_run
 
 ROWS = [23, 17, 30, 5, 26, 12, 9]
 

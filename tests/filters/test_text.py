@@ -16,7 +16,7 @@ from manifests.rules import explain, text_reason, text_reasons
 from manifests.schema import REASONS, TEXT
 
 DEFAULTS = TextOptions()
-TABLE = Path(__file__).parent / "data" / "captions_zh.tsv"
+TABLE = Path(__file__).resolve().parents[1] / "data" / "captions_zh.tsv"
 TEXT_RULES = ("caption_junk", "caption_short", "caption_long", "not_chinese",
               "caption_repetitive", "caption_unsafe")
 

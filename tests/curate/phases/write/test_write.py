@@ -20,7 +20,7 @@ from curate.phases.write.phase import DecisionsNotReady, finish, plan, run_write
 from curate.phases.write.sample import SAMPLE_EXCLUDE
 from curate.run.storage import Storage
 from manifests.schema import REASONS
-from synthetic_write import MODELS, config, decide, decided_run, image, reasons_of
+from tests.synthetic_write import MODELS, config, decide, decided_run, image, reasons_of
 
 ROWS = [23, 17, 30, 5, 26, 12, 9]
 SIZE = 7

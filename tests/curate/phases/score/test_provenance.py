@@ -13,8 +13,8 @@ from curate.config import load, validate
 from curate.phases.score import provenance
 from curate.phases.score.provenance import Work
 from curate.run.rundir import RunDir
-from synthetic_run import write_scored_run
-from synthetic_scores import scores_table
+from tests.synthetic_run import write_scored_run
+from tests.synthetic_scores import scores_table
 
 
 def _cfg(**models):

@@ -13,7 +13,7 @@ from curate.config_doc import LABEL, REQUIRED, RULES_BEGIN, RULES_END, keys, ren
 from manifests.rules import RULES
 from manifests.schema import REASONS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 MANUAL = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *MANUAL, ROOT / "bench" / "README.md", ROOT / "jobs" / "README.md"]

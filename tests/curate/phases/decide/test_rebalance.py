@@ -7,8 +7,8 @@ import pytest
 
 from curate.config import ConfigError, RebalanceConfig, validate
 from curate.phases.decide.rebalance import keep_counts, key_hashes, style_labels
-from synthetic_run import decide_table
-from synthetic_scores import scores_table
+from tests.synthetic_run import decide_table
+from tests.synthetic_scores import scores_table
 
 MIX = {"photo": 0.40, "cartoon": 0.35, "anime": 0.15, "illustration": 0.10}
 TARGETS = {"cartoon": {"max_share": 0.10}, "anime": {"max_share": 0.10}, "photo": {"min_share": 0.5}}

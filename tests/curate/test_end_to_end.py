@@ -202,7 +202,7 @@ def test_the_demo_writes_buckets_and_a_card(demo_run):
     import yaml
 
     from filters.models.weights import SHIPPED
-    from test_card import check_card
+    from tests.curate.phases.write.test_card import check_card
 
     stats = json.loads((demo_run / "stats.json").read_text())
     m = _manifest(demo_run)
