@@ -45,7 +45,8 @@ class Scorer:
     registry in filters/models/weights.py gives their digests); `files` the local files (word lists)
     whose contents change it; `tower` the image tower it shares
     with other scorers, if any. `optional` scorers run when named in models.enabled; the others
-    (the CPU metrics) always run.
+    (the CPU metrics) always run. `runs` names a model-stage scorer's builder, "module:function"
+    (filters/models/heads.py says what it is handed and returns), imported only where models load.
     """
 
     name: str
@@ -59,6 +60,7 @@ class Scorer:
     optional: bool = True
     resources: str = ""
     doc: str = ""
+    runs: str = ""
 
     @property
     def column_names(self) -> tuple[str, ...]:

@@ -1,8 +1,9 @@
 """The model scorers, each declared once: columns, inputs, shared tower, the settings and weights
 that change its output (filters/declare.py says what each field means).
 
-The order here is the order of the columns in the manifest. Adding a model scorer: its code (a head
-in heads.py, or a module of its own), one declaration here, and its test.
+The order here is the order of the columns in the manifest. Adding a model scorer: its code (a head and
+its builder in heads.py, or a module of its own), one declaration here naming the builder in `runs`,
+and its test.
 """
 from __future__ import annotations
 
@@ -58,27 +59,34 @@ def _embedding_keys(cfg: Any) -> tuple[str, ...]:
     return _clip_keys(cfg)
 
 
+_HEADS = "filters.models.heads:"   # the builders: imported by ModelScorer only, so this module needs no torch
+
 MODEL_SCORERS: tuple[Scorer, ...] = (
-    Scorer("clip_score", stage="model", reads=("view", "caption"), keys=_clip_keys, weights=_clip_weights,
+    Scorer("clip_score", stage="model", runs=_HEADS + "clip_score",
+           reads=("view", "caption"), keys=_clip_keys, weights=_clip_weights,
            tower=clip_tower, resources="the model actors (models.num_gpus each)",
            doc="cosine of image and caption embeddings on the Chinese CLIP backend (models.clip_backend)",
            columns=(Column("clip_score", pa.float32(), "cosine similarity of image and caption (Chinese-capable CLIP)",
                            shown=True),)),
-    Scorer("aesthetic", stage="model", reads=("embedding",), keys=(*_L14_KEYS, *_VIEW_KEYS),
+    Scorer("aesthetic", stage="model", runs=_HEADS + "aesthetic",
+           reads=("embedding",), keys=(*_L14_KEYS, *_VIEW_KEYS),
            weights=lambda cfg: ["aesthetic"], tower=lambda cfg: "l14", resources="the model actors",
            doc="LAION improved aesthetic predictor v2 on the ViT-L/14 embedding",
            columns=(Column("aesthetic", pa.float32(), "LAION aesthetic predictor v2 score (about 1..10)",
                            shown=True),)),
-    Scorer("nsfw", stage="model", reads=("view",), keys=_nsfw_keys,
+    Scorer("nsfw", stage="model", runs=_HEADS + "nsfw",
+           reads=("view",), keys=_nsfw_keys,
            weights=lambda cfg: ["laion_nsfw"] if cfg.models.nsfw_backend == "laion" else ["open_nsfw"],
            tower=lambda cfg: "l14" if cfg.models.nsfw_backend == "laion" else None, resources="the model actors",
            doc="P(NSFW): the LAION head on the ViT-L/14 embedding, or Yahoo open_nsfw (models.nsfw_backend)",
            columns=(Column("nsfw", pa.float32(), "probability the image is NSFW", shown=True),)),
-    Scorer("watermark", stage="model", reads=("view",), keys=("models.weights", *_VIEW_KEYS),
+    Scorer("watermark", stage="model", runs=_HEADS + "watermark",
+           reads=("view",), keys=("models.weights", *_VIEW_KEYS),
            weights=lambda cfg: ["watermark"], resources="the model actors",
            doc="LAION-5B watermark detector (efficientnet_b3) on a 256x256 squash of the view",
            columns=(Column("watermark", pa.float32(), "probability the image carries a watermark", shown=True),)),
-    Scorer("style", stage="model", reads=("embedding",), keys=lambda cfg: (*_clip_keys(cfg), "models.style_prompts"),
+    Scorer("style", stage="model", runs=_HEADS + "style",
+           reads=("embedding",), keys=lambda cfg: (*_clip_keys(cfg), "models.style_prompts"),
            weights=_clip_weights, tower=clip_tower, resources="the model actors",
            doc="zero-shot style over models.style_prompts on the CLIP backend's image and text embeddings",
            columns=(Column("style", pa.string(), "zero-shot style label (photo, cartoon, anime, ...)", shown=True),

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,12 +21,9 @@ from filters.models.weights import (
 )
 
 from .catalog import MODEL_SCORERS
-from .heads import AestheticHead, LaionNsfwHead, build_watermark_model, style_logits
-from .images import IMAGENET_MEAN, IMAGENET_STD, batch_tensor
+from .heads import Batch, Head
 from .options import ModelOptions
 from .towers import Tower
-
-WATERMARK_SIZE = 256
 
 
 def _autocast_dtype(opts: ModelOptions, device: str) -> torch.dtype | None:
@@ -59,32 +57,21 @@ class ModelScorer:
         enabled = set(opts.enabled)
 
         towers: dict[tuple[str, str], Tower] = {}
-        self._roles: dict[str, Tower] = {}
+        self.roles: dict[str, Tower] = {}
         for role, key in towers_needed(opts).items():
             if key not in towers:
                 towers[key] = Tower(key[0], key[1], str(open_clip_cache(opts)), self.device, random=self.random)
-            self._roles[role] = towers[key]
-        self._towers = list(towers.values())
-        self._clip_image, self._clip_text = self._clip_backend()
-        self._embedding_tower = self._clip_image or self._roles.get("l14")
+            self.roles[role] = towers[key]
+        self._towers: list = list(towers.values())
+        self.clip_image, self.clip_text = self._clip_backend()
+        self._embedding_tower = self.clip_image or self.roles.get("l14")
         self._keep_embeddings = opts.keep_embeddings and self._embedding_tower is not None
 
-        self._aesthetic = self._head(AestheticHead(self._roles["l14"].dim),
-                                     "aesthetic") if "aesthetic" in enabled else None
-        self._laion_nsfw = self._open_nsfw = None
-        if "nsfw" in enabled and opts.nsfw_backend == "laion":
-            self._laion_nsfw = self._head(LaionNsfwHead(self._roles["l14"].dim), "laion_nsfw")
-        elif "nsfw" in enabled:
-            from .open_nsfw import OpenNsfw
-
-            self._open_nsfw = OpenNsfw(self.device)
-        self._watermark = self._head(build_watermark_model(), "watermark") if "watermark" in enabled else None
-
-        self._style_labels = list(opts.style_prompts)
-        self._style_emb = self._style_embeddings() if "style" in enabled else None
-        declared = [c for s in MODEL_SCORERS if s.stage == "model" and s.name in enabled for c in s.columns]
-        self.columns = [c.name for c in declared]
-        self._float_columns = {c.name for c in declared if pa.types.is_floating(c.type)}
+        declared = [s for s in MODEL_SCORERS if s.stage == "model" and s.name in enabled]
+        self.heads: dict[str, Head] = {s.name: _builder(s.runs)(self) for s in declared}
+        columns = [c for s in declared for c in s.columns]
+        self.columns = [c.name for c in columns]
+        self._float_columns = {c.name for c in columns if pa.types.is_floating(c.type)}
 
     def _clip_backend(self) -> tuple[object | None, object | None]:
         """(image side, text encoder) of clip_score and style; (None, None) when neither is enabled."""
@@ -92,19 +79,19 @@ class ModelScorer:
         if not clip_image_needed(opts):
             return None, None
         if opts.clip_backend == "open_clip":
-            return self._roles["clip"], self._roles["clip"]
+            return self.roles["clip"], self.roles["clip"]
         vocab = shipped_path("bert_chinese_vocab") if chinese_text_needed(opts) else None
         if opts.clip_backend == "taiyi":
             if not clip_needed(opts):
-                return self._roles["l14"], None
+                return self.roles["l14"], None
             from .taiyi import TaiyiText
 
             weights = None if self.random else path_of("taiyi_clip", opts)
             text = TaiyiText(vocab, self.device, weights)
-            if text.dim != self._roles["l14"].dim:
+            if text.dim != self.roles["l14"].dim:
                 raise ValueError(f"clip_backend taiyi scores {text.dim}-d text embeddings against the L/14 tower, but "
-                                 f"models.l14_model {opts.l14_model!r} embeds in {self._roles['l14'].dim} dimensions")
-            return self._roles["l14"], text
+                                 f"models.l14_model {opts.l14_model!r} embeds in {self.roles['l14'].dim} dimensions")
+            return self.roles["l14"], text
         from .chinese_clip import ChineseClipTower
 
         weights = None if self.random else path_of(f"chinese_clip_{opts.chinese_clip_model}", opts)
@@ -112,17 +99,11 @@ class ModelScorer:
         self._towers.append(tower)
         return tower, tower
 
-    def _head(self, module: torch.nn.Module, weights_name: str) -> torch.nn.Module:
+    def load(self, module: torch.nn.Module, weights_name: str) -> torch.nn.Module:
+        """A head's module on the device, in eval mode, with its registry weights unless models.weights=random."""
         if not self.random:
             module.load_state_dict(load_state_dict(path_of(weights_name, self.opts)), strict=True)
         return module.to(self.device).eval()
-
-    def _style_embeddings(self) -> torch.Tensor:
-        """One text embedding per style: the mean of its prompts' normalised embeddings."""
-        tower = self._clip_text
-        with torch.inference_mode():
-            rows = [tower.encode_texts(self.opts.style_prompts[label]).mean(0) for label in self._style_labels]
-        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
     def _context(self) -> contextlib.AbstractContextManager:
         if self._autocast is None:
@@ -159,40 +140,31 @@ class ModelScorer:
         return self.forward(self.prepare(images), images, captions)
 
     def prepare(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        """The CPU side of a batch: each tower's (and the watermark model's) input tensor, on the device."""
+        """The CPU side of a batch: each tower's input tensor (by the tower's id) and each head's own, on the device."""
         with torch.inference_mode():
             inputs = {str(id(t)): t.images_to_tensor(images).to(self.device, non_blocking=True) for t in self._towers}
-            if self._watermark is not None:
-                x = batch_tensor(images, WATERMARK_SIZE, IMAGENET_MEAN, IMAGENET_STD, "squash", "bilinear")
-                inputs["watermark"] = x.to(self.device, non_blocking=True)
+            for name, head in self.heads.items():
+                if head.prepare is not None:
+                    inputs[name] = head.prepare(images).to(self.device, non_blocking=True)
         return inputs
 
     def forward(self, inputs: dict[str, torch.Tensor], images: list[np.ndarray],
                 captions: list[str | None]) -> dict[str, np.ndarray]:
-        """Every tower and head on prepared inputs (`images` only for open_nsfw, which runs on ONNX)."""
+        """Every tower once, then every enabled scorer's head, on prepared inputs."""
         result: dict[str, np.ndarray] = {}
         with torch.inference_mode(), self._context():
             embeddings = {id(t): t.encode_tensor(inputs[str(id(t))]) for t in self._towers}
-            image = embeddings[id(self._clip_image)] if self._clip_image is not None else None
-            if "clip_score" in self.columns:
-                texts = self._clip_text.encode_texts([c or "" for c in captions])
-                score = (image * texts).sum(-1).float().cpu().numpy()
-                score[[c is None for c in captions]] = np.nan
-                result["clip_score"] = score
-            if self._style_emb is not None:
-                probs = style_logits(image, self._style_emb).float().softmax(-1)
-                best, index = probs.max(-1)
-                result["style"] = np.array([self._style_labels[j] for j in index.tolist()], dtype=object)
-                result["style_prob"] = best.cpu().numpy()
-            if self._aesthetic is not None:
-                result["aesthetic"] = self._aesthetic(embeddings[id(self._roles["l14"])]).float().cpu().numpy()
-            if self._laion_nsfw is not None:
-                result["nsfw"] = self._laion_nsfw(embeddings[id(self._roles["l14"])]).float().cpu().numpy()
-            if self._open_nsfw is not None:
-                result["nsfw"] = self._open_nsfw(images)
-            if self._watermark is not None:
-                logits = self._watermark(inputs["watermark"]).float()
-                result["watermark"] = logits.softmax(-1)[:, 0].cpu().numpy()
+            batch = Batch(embeddings, inputs, images, captions)
+            for head in self.heads.values():
+                result.update(head.run(batch))
             if self._keep_embeddings:
                 result["image_embedding"] = embeddings[id(self._embedding_tower)].half().cpu().numpy()
         return result
+
+
+def _builder(runs: str) -> Callable[[ModelScorer], Head]:
+    """The builder a declaration names ("module:function")."""
+    module, _, name = runs.partition(":")
+    if not module or not name:
+        raise ValueError(f"a model scorer's `runs` must name 'module:function', not {runs!r}")
+    return getattr(importlib.import_module(module), name)

@@ -24,6 +24,7 @@ except ImportError:
 
 from filters.models import ModelOptions, ModelScorer, missing_weights, published, weights
 from filters.models import chinese_clip as cc
+from filters.models.heads import style_embeddings
 from filters.models.taiyi import build_text_model
 from filters.models.tokenize import ChineseTokenizer
 
@@ -156,7 +157,7 @@ def test_taiyi_clip_score_matches_an_independent_computation(tiny_l14, small_tai
         prompts = torch.cat([text_model(reference(p, return_tensors="pt")["input_ids"]).logits
                              for p in opts.style_prompts[label]])
     expected_style = F.normalize(F.normalize(prompts, dim=-1).mean(0), dim=-1)
-    got = scorer._style_emb[list(opts.style_prompts).index(label)]
+    got = style_embeddings(scorer.clip_text, opts.style_prompts)[list(opts.style_prompts).index(label)]
     np.testing.assert_allclose(got.numpy(), expected_style.numpy(), atol=1e-5)
 
 
@@ -166,7 +167,7 @@ def test_taiyi_runs_exactly_one_image_tower_per_image(tiny_l14, small_taiyi, tmp
                         l14_model=TINY_L14, l14_pretrained=str(tiny_l14))
     assert weights.towers_needed(opts) == {"l14": (TINY_L14, str(tiny_l14))}
     scorer = ModelScorer(opts)
-    assert len(scorer._towers) == 1 and scorer._clip_image is scorer._towers[0]
+    assert len(scorer._towers) == 1 and scorer.clip_image is scorer._towers[0]
     calls: list[int] = []
     model = scorer._towers[0].model
     original = model.encode_image

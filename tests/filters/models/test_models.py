@@ -17,7 +17,14 @@ from safetensors.torch import save_file
 from torchvision import transforms as T
 
 from filters.models import ModelOptions, ModelScorer, missing_weights, skipped_when_offline, to_rgb_array, weights
-from filters.models.heads import AestheticHead, LaionNsfwHead, build_watermark_model, style_logits
+from filters.models.heads import (
+    AestheticHead,
+    Head,
+    LaionNsfwHead,
+    build_watermark_model,
+    style_embeddings,
+    style_logits,
+)
 
 TINY_CLIP, TINY_L14 = "curate-tiny-clip", "curate-tiny-l14"
 
@@ -133,9 +140,10 @@ def test_style_picks_the_planted_class():
 def test_scorer_style_picks_class_whose_prompt_the_image_matches(tiny_configs, pretrained_dir):
     scorer = ModelScorer(_opts(pretrained_dir, enabled=["style"]))
     labels = list(scorer.opts.style_prompts)
+    styles = style_embeddings(scorer.clip_text, scorer.opts.style_prompts)   # as the style head builds them
     for k in (0, 4, 7):
-        image_emb = scorer._style_emb[k:k + 1] + 0.01 * torch.randn(1, scorer._style_emb.shape[1])
-        probs = style_logits(image_emb, scorer._style_emb).softmax(-1)
+        image_emb = styles[k:k + 1] + 0.01 * torch.randn(1, styles.shape[1])
+        probs = style_logits(image_emb, styles).softmax(-1)
         assert labels[int(probs.argmax())] == labels[k] and float(probs.max()) > 0.5
 
 
@@ -204,7 +212,7 @@ def test_towers_are_shared_and_run_once_per_image(tiny_configs, tmp_path, monkey
     """With the L/14 role pointed at the CLIP tower, one model serves clip_score, style and aesthetic."""
     opts = _opts(tmp_path, weights="random", enabled=["clip_score", "aesthetic", "style"], l14_model=TINY_CLIP)
     scorer = ModelScorer(opts.model_copy(update={"l14_pretrained": opts.clip_pretrained}))
-    assert len(scorer._towers) == 1 and scorer._aesthetic is not None
+    assert len(scorer._towers) == 1 and list(scorer.heads) == ["clip_score", "aesthetic", "style"]
     calls = []
     tower = scorer._towers[0]
     original = tower.model.encode_image
@@ -255,3 +263,26 @@ def test_options_reject_unknown_scorers_and_fields():
     with pytest.raises(ValueError):
         ModelOptions(enabled=[], extra_field=1)
     assert ModelOptions().enabled == [] and len(ModelOptions().style_prompts) == 8
+
+
+def brightness(m) -> Head:
+    """A model scorer made in this test: its declaration names this builder, and nothing else is edited."""
+    return Head(lambda b: {"brightness": b.inputs["brightness"].mean(dim=(1, 2, 3)).numpy()},
+                prepare=lambda views: torch.stack([torch.from_numpy(v).float() / 255 for v in views]))
+
+
+def test_a_new_model_scorer_runs_from_its_declaration_alone(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from filters.declare import Column, Scorer
+    from filters.models import scorer as scorer_module
+
+    new = Scorer("brightness", stage="model", reads=("view",), runs=f"{__name__}:brightness",
+                 columns=(Column("brightness", pa.float32(), "mean of the view, 0..1"),))
+    monkeypatch.setattr(scorer_module, "MODEL_SCORERS", (*scorer_module.MODEL_SCORERS, new))
+    opts = _opts(tmp_path, weights="random").model_copy(update={"enabled": ["brightness"]})
+    scorer = ModelScorer(opts)
+    assert scorer.columns == ["brightness"] and scorer._towers == []
+    views = [np.full((8, 8, 3), 51, np.uint8), None, np.full((8, 8, 3), 255, np.uint8)]
+    out = scorer(views, ["甲", None, "乙"])
+    np.testing.assert_allclose(out["brightness"], [0.2, np.nan, 1.0], rtol=1e-6)
