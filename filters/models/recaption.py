@@ -317,6 +317,9 @@ def device_for(opts: RecaptionOptions) -> str:
 def load_engine(opts: RecaptionOptions, models: ModelOptions, device: str | None = None) -> Engine:
     """The configured engine on this worker: random weights are built and saved first, then every model
     loads from its local directory."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # one bar per load and save would fill the workers' logs
     device = device or device_for(opts)
     if models.weights == "random":
         directory = Path(tempfile.mkdtemp(prefix="curate-recaption-random-"))
