@@ -204,14 +204,18 @@ class TransformersEngine:
             str(directory), dtype=torch_dtype(opts.dtype, device), use_safetensors=True).to(device).eval()
         return cls(processor, model, opts, device)
 
-    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
-        import torch
-
+    def inputs(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> Any:
+        """The model's inputs for a batch, on the device: one user turn per image (the image, then its prompt)."""
         texts = [self.processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
             tokenize=False, add_generation_prompt=True) for p in prompts]
-        inputs = self.processor(text=texts, images=[fit(im, self.opts.image_side) for im in images],
-                                padding=True, return_tensors="pt").to(self.device)
+        return self.processor(text=texts, images=[fit(im, self.opts.image_side) for im in images],
+                              padding=True, return_tensors="pt").to(self.device)
+
+    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[str]:
+        import torch
+
+        inputs = self.inputs(images, prompts)
         tok = self.processor.tokenizer
         extra = {"min_new_tokens": self.min_new_tokens} if self.min_new_tokens else {}
         with torch.inference_mode():

@@ -273,7 +273,9 @@ def run_recaption(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
         return [], 0
     kept = dict(zip(todo, (m["kept"] for m in run.markers("decide", todo))))
     downloaded, scored = run.done("download"), run.done("score")
-    run.storage.write_json(run.uri("recaption", "_model.json"), describe(cfg.recaption, cfg.models))
+    producer = run.uri("recaption", "_producers", f"{job.settings}.json")
+    if not run.storage.exists(producer):
+        run.storage.write_json(producer, describe(cfg.recaption, cfg.models))
     actor = ray.remote(num_cpus=cfg.recaption.num_cpus, num_gpus=cfg.recaption.num_gpus or None,
                        max_restarts=1)(Recaptioner)
     actors = [actor.remote(cfg.recaption, cfg.models) for _ in range(min(cfg.recaption.num_actors, len(todo)))]
@@ -307,3 +309,17 @@ def run_recaption(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
              "rules, %d failed", len(todo), progress.done, totals["generated"], totals["cached"], totals["rejected"],
              totals["failed"])
     return failed, progress.done
+
+
+def summary(run: RunDir, shards: list[str]) -> dict:
+    """What wrote the recaptions on disk, from the shards' markers and the producers they name (never the
+    config): the model and prompt per settings digest with its shard count, and the row counts."""
+    done = sorted(run.done("recaption") & set(shards))
+    markers = run.markers("recaption", done)
+    rows = {k: sum(m[k] for m in markers) for k in ("kept", "recaptioned", "rejected", "failed")}
+    producers = []
+    for settings in dict.fromkeys(m["settings"] for m in markers):
+        uri = run.uri("recaption", "_producers", f"{settings}.json")
+        described = run.storage.read_json(uri) if run.storage.exists(uri) else {}
+        producers.append({**described, "settings": settings, "shards": sum(m["settings"] == settings for m in markers)})
+    return {"shards": len(done), "rows": rows, "producers": producers}

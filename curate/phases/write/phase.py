@@ -49,6 +49,8 @@ from manifests.schema import ALL
 ROWS_PER_TASK = 50_000   # kept rows a task plans for (at least one output shard): few tasks, bounded memory
 COUNT_SHARDS = 256       # input shards per bucket-counting task
 UNBUCKETED = "unbucketed"   # the stream (and stats key) of kept rows whose size is unknown, when grouping
+EXAMPLES_PER_SHARD = 2   # recaption pairs a write marker carries; stats.json keeps the first EXAMPLES
+EXAMPLES = 8
 NOT_RECAPTIONED = "not recaptioned: the shard's recaption failed (failures.json)"
 
 
@@ -286,9 +288,15 @@ def shard_stats(job: Job, table: pa.Table, keep: np.ndarray, stream: np.ndarray,
                for n in range(-(-s // job.size), -(-(s + c) // job.size))]
     bucket = table.column("bucket").filter(pa.array(keep))
     buckets = {**counts(bucket), **({UNBUCKETED: bucket.null_count} if bucket.null_count else {})}
-    return {"attempt": job.attempt, "rows": table.num_rows, "kept": kept, "first_kept": starts,
+    info = {"attempt": job.attempt, "rows": table.num_rows, "kept": kept, "first_kept": starts,
             "reasons": counts(table.column("reason")), "status": counts(table.column("status")),
             "buckets": buckets if job.buckets is not None else None, "out_shards": started}
+    if job.recaption:   # a few pairs for the card and the report, side by side
+        pairs = table.filter(pc.and_(pa.array(keep), pc.is_valid(table.column("recaption"))))
+        info["recaption_examples"] = pairs.select([c for c in ("key", "caption_norm", "recaption")
+                                                   if c in pairs.column_names]).slice(
+            0, EXAMPLES_PER_SHARD).to_pylist()
+    return info
 
 
 def read_group(job: Job, task: Task) -> tuple[dict[tuple[int, int], _Out], dict[str, dict]]:
@@ -595,6 +603,12 @@ def finish(cfg: Config, p: Plan, per_shard: dict[str, dict], errors: list[dict])
                  thresholds=p.decided.get("thresholds") or {})
     if len(names) < len(samples):
         stats["shards"]["not_written"] = [n for n in samples if n not in set(names)]
+    if p.job.recaption:
+        from curate.phases.recaption.phase import summary
+
+        examples = [e for s in sorted(per_shard) for e in per_shard[s].get("recaption_examples", [])]
+        stats["recaption"] = {**summary(run, list(per_shard)), "caption": cfg.write.caption,
+                              "recaption_share": cfg.write.recaption_share, "examples": examples[:EXAMPLES]}
     run.storage.write_json(run.stats, stats)
     write_card(run, cfg, stats)
     return stats
