@@ -90,14 +90,14 @@ def measure(size: str, images: int, batch_sizes: tuple[int, ...], repeats: int, 
         timing = side_by_side({"engine": partial(engine_seconds, engine, chunks, device),
                                "generate_alone": partial(alone_seconds, model, processor, prepared, tokens, device)},
                               repeats)
-        per_batch[bs] = {"timing": timing, "images_per_s": {k: rate(images, t) for k, t in timing.items()}}
+        per_batch[str(bs)] = {"timing": timing, "images_per_s": {k: rate(images, t) for k, t in timing.items()}}
     best = max(per_batch, key=lambda b: per_batch[b]["images_per_s"]["engine"])
     rates = per_batch[best]["images_per_s"]
     return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "dtype": str(dtype).removeprefix("torch."), "model": size,
             "parameters": sum(p.numel() for p in model.parameters()), "images": images, "tokens_per_caption": tokens,
             "image_side": opts.image_side, "repeats": repeats, "build_s": round(build_s, 1),
-            "per_batch_size": per_batch, "best_batch_size": best, "images_per_s_per_gpu": rates["engine"],
+            "per_batch_size": per_batch, "best_batch_size": int(best), "images_per_s_per_gpu": rates["engine"],
             "engine_over_generate_alone": round(rates["engine"] / rates["generate_alone"], 3),
             "gpu_hours_per_100m": round(1e8 / rates["engine"] / 3600, 1)}
 

@@ -74,7 +74,7 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
         assert result["error"] == NOT_RUN and result["own_ratios"]["recaption.images_per_s_per_gpu"] is None
         check = result["cpu_check"]
         assert check["device"] == "cpu" and check["model"] == "tiny" and check["images"] == 4
-        assert set(check["per_batch_size"][2]["images_per_s"]) == {"engine", "generate_alone"}
+        assert set(check["per_batch_size"]["2"]["images_per_s"]) == {"engine", "generate_alone"}
         assert check["images_per_s_per_gpu"] > 0 and check["engine_over_generate_alone"] > 0
         return
     assert "error" not in result, result.get("traceback")

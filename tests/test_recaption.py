@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from curate.config import validate
+from curate.config import ConfigError, validate
 from curate.phases.download.plan import signature
 from curate.phases.recaption.phase import make_job, read_cache, run_recaption
 from curate.phases.write.phase import run_write, takes_recaption
@@ -53,7 +53,16 @@ def decided(tmp_path):
     return decided_run(str(tmp_path / "run"), [12, 10, 9])
 
 
-def test_captions_exactly_the_kept_rows_and_a_rerun_does_nothing(ray_session, decided):
+@pytest.fixture(params=["local", "s3"])
+def any_decided(request, tmp_path, s3):
+    """The decided run on local disk, or in a bucket of the session's S3 server."""
+    if request.param == "local":
+        return decided_run(str(tmp_path / "run"), [12, 10, 9])
+    return decided_run(f"s3://{s3.bucket('recaption')}/run", [12, 10, 9])
+
+
+def test_captions_exactly_the_kept_rows_and_a_rerun_does_nothing(ray_session, any_decided):
+    decided = any_decided
     cfg = _cfg(decided)
     failed, rows = run_recaption(cfg, decided)
     assert not failed
@@ -197,6 +206,8 @@ def test_write_refuses_recaptions_made_from_other_decisions(ray_session, decided
 
     with pytest.raises(DecisionsNotReady, match="curate recaption"):
         run_write(cfg, decided.shard_names())
+    with pytest.raises(ConfigError, match="recaption.num_gpus"):   # on this CPU cluster, before any actor waits
+        run_recaption(_cfg(decided, {"num_gpus": 1}), decided)
     with pytest.raises(ValueError, match="recaption.enabled"):
         validate({"run_dir": "x", "input": {"paths": ["y"]}, "write": {"caption": "mix"}})
 

@@ -36,10 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import Config
+from curate.config import Config, ConfigError
 from curate.run import failures
 from curate.run.rundir import RunDir
 from curate.run.runtime import Progress, log, windowed
+from curate.run.storage import join
 from curate.run.tario import members
 from filters.declare import digest
 from filters.models.options import ModelOptions
@@ -93,13 +94,16 @@ def make_job(cfg: Config, run: RunDir, attempt: str) -> Job:
 
 # -- one shard (inside an actor) ------------------------------------------------------------------
 
+def cache_parts(run: RunDir, shard: str) -> list[str]:
+    return [n for n in run.storage.list(run.recaption_cache(shard)) if n.endswith(".parquet")]
+
+
 def read_cache(run: RunDir, shard: str) -> tuple[dict[str, tuple[str | None, str | None]], list[str]]:
     """{cache_key: (output, error)} of every part of a shard's cache, and the parts' names."""
-    folder = run.recaption_cache(shard)
-    parts = [n for n in run.storage.list(folder) if n.endswith(".parquet")]
+    parts = cache_parts(run, shard)
     found: dict[str, tuple[str | None, str | None]] = {}
     for name in parts:
-        t = run.storage.read_parquet(f"{folder}/{name}")
+        t = run.storage.read_parquet(join(run.recaption_cache(shard), name))
         for k, o, e in zip(*(t.column(c).to_pylist() for c in CACHE_SCHEMA.names)):
             found[k] = (o, e)
     return found, parts
@@ -110,7 +114,7 @@ def write_part(run: RunDir, shard: str, entries: dict[str, tuple[str | None, str
     name = f"{uuid.uuid4().hex[:16]}.parquet"
     keys = list(entries)
     table = pa.table([keys, [entries[k][0] for k in keys], [entries[k][1] for k in keys]], schema=CACHE_SCHEMA)
-    run.storage.write_parquet(table, f"{run.recaption_cache(shard)}/{name}")
+    run.storage.write_parquet(table, join(run.recaption_cache(shard), name))
     return name
 
 
@@ -200,7 +204,7 @@ def compact(run: RunDir, shard: str, parts: list[str], cache: dict[str, tuple[st
     if len(parts) > 1:
         write_part(run, shard, cache)
         for name in parts:
-            run.storage.delete(f"{run.recaption_cache(shard)}/{name}")
+            run.storage.delete(join(run.recaption_cache(shard), name))
 
 
 def recaption_shard(job: Job, engine: Callable[[], Engine], shard: str, downloaded: bool, scored: bool) -> dict:
@@ -212,7 +216,7 @@ def recaption_shard(job: Job, engine: Callable[[], Engine], shard: str, download
     cache, _ = read_cache(run, shard)
     todo = {f"{k}.jpg": w for k, w in zip(kept_keys, wanted) if w[0] not in cache}
     generated = generate(job, engine(), shard, todo, cache) if todo else 0
-    compact(run, shard, read_cache(run, shard)[1], cache)
+    compact(run, shard, cache_parts(run, shard), cache)
     text: list[str | None] = [None] * len(keys)
     error: list[str | None] = [None] * len(keys)
     for r, (key, _) in zip(rows.tolist(), wanted):
@@ -271,6 +275,10 @@ def run_recaption(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
     if not todo:
         log.info("recaption: all %d shards up to date, nothing to do", len(shards))
         return [], 0
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.recaption.num_gpus > gpus:   # the actors would wait for a GPU forever
+        raise ConfigError(f"recaption.num_gpus={cfg.recaption.num_gpus:g} per actor but the cluster has {gpus:g} "
+                          f"GPUs: set recaption.num_gpus=0 to recaption on CPU")
     kept = dict(zip(todo, (m["kept"] for m in run.markers("decide", todo))))
     downloaded, scored = run.done("download"), run.done("score")
     producer = run.uri("recaption", "_producers", f"{job.settings}.json")
