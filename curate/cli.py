@@ -230,7 +230,12 @@ def models_list(config: str | None = CONFIG_OPT,
     console.print(scorers)
     console.print(f"style labels for rebalance: rebalance.style_source = {cfg.rebalance.style_source} "
                   f"({type(cfg.rebalance).model_fields['style_source'].description})", highlight=False)
-    _weights_table(weights.list_weights(opts, verify=verify), f"weights in {weights.models_dir(opts)}")
+    from filters.models import recaption
+
+    rows = weights.list_weights(opts, verify=verify)
+    if cfg.recaption.enabled and opts.weights != "random":
+        rows.append(recaption.status(cfg.recaption, opts, verify))
+    _weights_table(rows, f"weights in {weights.models_dir(opts)}")
 
 
 @models_app.command("pull")
@@ -249,9 +254,12 @@ def models_pull(config: str | None = CONFIG_OPT) -> None:
 @models_app.command("check")
 def models_check(config: str | None = CONFIG_OPT) -> None:
     """Verify the checksum of every weights file present; exit 1 on a mismatch."""
-    from filters.models import weights
+    from filters.models import recaption, weights
 
-    rows = weights.check(_options(config).models)
+    cfg = _options(config)
+    rows = weights.check(cfg.models)
+    if cfg.recaption.enabled and recaption.status(cfg.recaption, cfg.models)["present"]:
+        rows.append(recaption.status(cfg.recaption, cfg.models, verify_files=True))
     _weights_table(rows, "checksums")
     if any(r.get("checksum") == "mismatch" for r in rows):
         raise typer.Exit(1)

@@ -150,10 +150,12 @@ def test_a_pulled_model_is_verified_against_the_digests_recorded_at_pull(tmp_pat
     assert pins["hf/Org--Tiny-VL/model.safetensors"] == weights.sha256_file(rc.hub_dir(opts, models) /
                                                                              "model.safetensors")
     assert rc.load_engine(opts, models).generate(_images()[:1], ["p"])
+    assert rc.status(opts, models, verify_files=True)["checksum"] == "ok"
     config = rc.hub_dir(opts, models) / "generation_config.json"
     config.write_text(config.read_text() + " ")
     with pytest.raises(ValueError, match="recorded at pull"):
         rc.verify(opts, models)
+    assert rc.status(opts, models, verify_files=True)["checksum"] == "mismatch"
 
 
 def test_a_local_directory_loads_unpinned(saved):

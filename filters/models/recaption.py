@@ -301,6 +301,22 @@ def pull(opts: RecaptionOptions, models: ModelOptions, log: Callable[[str], None
     return []
 
 
+def status(opts: RecaptionOptions, models: ModelOptions, verify_files: bool = False) -> dict[str, Any]:
+    """The `models list` / `models check` row of the recaption model (checksum: ok or mismatch when verified)."""
+    where = local_dir(opts)
+    directory = where or hub_dir(opts, models)
+    row = {"name": opts.model, "scorer": "recaption", "file": str(directory),
+           "source": "local directory (unpinned)" if where else f"huggingface.co/{opts.model}@{opts.revision}",
+           "present": (directory / "config.json").is_file(), "checksum": None}
+    if verify_files and row["present"] and not where:
+        try:
+            verify(opts, models)
+            row["checksum"] = "ok"
+        except ValueError:
+            row["checksum"] = "mismatch"
+    return row
+
+
 def describe(opts: RecaptionOptions, models: ModelOptions) -> dict[str, Any]:
     """Which model writes the captions, as models.json, the card and the report say it."""
     where = local_dir(opts)
