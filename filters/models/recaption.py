@@ -41,6 +41,7 @@ DEFAULT_PROMPT = (
 DEFAULT_OCR_HINT = "提示：文字识别在图中读到了以下文字（可能有误，请以图片为准）：{ocr_text}"
 HUB_FOLDER = "hf"   # hub models live under <models_dir>/hf/<org>--<name>
 ENGINES = ("transformers",)
+MODEL_ERROR = "model:"   # how a row's error starts when the engine raised on it (maybe transient: never cached)
 
 
 class RecaptionOptions(BaseModel):
@@ -153,7 +154,7 @@ def caption(engine: Engine, images: Sequence[Image.Image | None], prompts: Seque
             try:
                 out[i] = Caption(engine.generate([images[i]], [prompts[i]])[0])
             except Exception as exc:   # the model rejects this image: the row keeps its original caption
-                out[i] = Caption(None, f"model: {type(exc).__name__}: {str(exc)[:200]}")
+                out[i] = Caption(None, f"{MODEL_ERROR} {type(exc).__name__}: {str(exc)[:200]}")
     for c in out:
         if c.text is not None:
             c.text = c.text.strip()

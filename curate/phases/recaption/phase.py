@@ -45,6 +45,7 @@ from curate.run.tario import members
 from filters.declare import digest
 from filters.models.options import ModelOptions
 from filters.models.recaption import (
+    MODEL_ERROR,
     Engine,
     RecaptionOptions,
     cache_key,
@@ -69,7 +70,6 @@ class Job:
     run: RunDir
     opts: RecaptionOptions
     text: TextOptions
-    weights: str
     attempt: str          # the decide attempt whose decisions are captioned
     settings: str         # digest of the generation settings: part of every cache key
     fingerprint: str      # settings + the caption rules that check the output: the marker's
@@ -88,7 +88,7 @@ class Job:
 def make_job(cfg: Config, run: RunDir, attempt: str) -> Job:
     settings = settings_digest(generation_settings(cfg.recaption, cfg.models.weights))
     checks = {"max_chars": cfg.recaption.max_chars, "text": cfg.text.model_dump(mode="json")}
-    return Job(run, cfg.recaption, cfg.text, cfg.models.weights, attempt, settings,
+    return Job(run, cfg.recaption, cfg.text, attempt, settings,
                digest({"settings": settings, "checks": checks}))
 
 
@@ -160,11 +160,20 @@ def generate(job: Job, engine: Engine, shard: str, todo: dict[str, tuple[str, st
              cache: dict[str, tuple[str | None, str | None]]) -> int:
     """Caption the rows `todo` ({member name: (cache_key, prompt)}) from the shard's raw tar in tar order,
     in batches of recaption.batch_size, adding them to `cache` and writing a part every flush_rows; returns
-    how many were generated."""
+    how many were generated. A model error (an out-of-memory, say) may not recur: it is kept for this
+    result only, never written to the cache, so the next run tries the row again."""
     run, opts = job.run, job.opts
     pending: dict[str, tuple[str | None, str | None]] = {}
     batch: list[tuple[str, str, Any, str | None]] = []
     done = 0
+
+    def flush(at_least: int) -> None:
+        lasting = {k: v for k, v in pending.items() if not (v[1] or "").startswith(MODEL_ERROR)}
+        if lasting and len(pending) >= at_least:
+            write_part(run, shard, lasting)
+        if len(pending) >= at_least:
+            cache.update(pending)
+            pending.clear()
 
     def run_batch() -> None:
         nonlocal done
@@ -173,10 +182,7 @@ def generate(job: Job, engine: Engine, shard: str, todo: dict[str, tuple[str, st
             pending[key] = (c.text, c.error)
         done += len(batch)
         batch.clear()
-        if len(pending) >= opts.flush_rows:
-            write_part(run, shard, pending)
-            cache.update(pending)
-            pending.clear()
+        flush(opts.flush_rows)
 
     left = set(todo)
     with run.storage.open_input(run.raw_tar(shard)) as f:
@@ -189,20 +195,17 @@ def generate(job: Job, engine: Engine, shard: str, todo: dict[str, tuple[str, st
             if len(batch) >= opts.batch_size:
                 run_batch()
     for member in sorted(left):   # kept but not in the tar: the download phase recorded otherwise
-        key, _ = todo[member]
-        pending[key] = (None, "image missing from the raw tar")
+        pending[todo[member][0]] = (None, "image missing from the raw tar")
     if batch:
         run_batch()
-    if pending:
-        write_part(run, shard, pending)
-        cache.update(pending)
+    flush(1)
     return done
 
 
 def compact(run: RunDir, shard: str, parts: list[str], cache: dict[str, tuple[str | None, str | None]]) -> None:
     """Many parts into one: the new one is written before the old ones go, so a kill loses nothing."""
     if len(parts) > 1:
-        write_part(run, shard, cache)
+        write_part(run, shard, {k: v for k, v in cache.items() if not (v[1] or "").startswith(MODEL_ERROR)})
         for name in parts:
             run.storage.delete(join(run.recaption_cache(shard), name))
 
