@@ -238,3 +238,36 @@ def test_resumes_after_sigkill_reusing_what_the_killed_run_cached(ray_session, t
     assert all((t is None) != (e is None) for keep, t, e in results.values() if keep)
     # Every kept row was generated once, over both attempts: the killed run's cache parts were reused.
     assert _generated(run) == kept - reused
+
+
+class _Failing:
+    """An engine that raises on every image (an out-of-memory, say), then, when healed, answers."""
+
+    name = "failing"
+
+    def __init__(self):
+        self.healed = False
+
+    def generate(self, images, prompts):
+        if not self.healed:
+            raise RuntimeError("CUDA out of memory")
+        return ["一只橘色的猫趴在窗台上晒太阳"] * len(images)
+
+
+def test_a_model_error_keeps_the_original_and_is_retried_by_the_next_run_not_cached(decided):
+    from curate.phases.recaption.phase import recaption_shard
+
+    shard = decided.shard_names()[0]
+    job = make_job(_cfg(decided), decided, decided.storage.read_json(decided.decided)["attempt"])
+    engine = _Failing()
+    first = recaption_shard(job, lambda: engine, shard, True, True)
+    assert first["kept"] > 0 and first["failed"] == first["kept"] == first["generated"]
+    rows = decided.storage.read_parquet(decided.recaption(shard)).to_pylist()
+    assert all(r["recaption"] is None for r in rows)
+    assert sum(bool(r["recaption_error"]) and r["recaption_error"].startswith("model: RuntimeError") for r in rows) \
+        == first["kept"]
+    assert read_cache(decided, shard)[0] == {}
+    engine.healed = True
+    second = recaption_shard(job, lambda: engine, shard, True, True)
+    assert second["generated"] == second["recaptioned"] == first["kept"]
+    assert recaption_shard(job, lambda: None, shard, True, True)["generated"] == 0   # all cached: no engine asked
