@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from html import escape
 from importlib import metadata
 
@@ -202,6 +203,9 @@ def buckets_section(buckets: dict | None, config: dict) -> str:
             f'<th class="num">kept rows</th><th class="num">share</th></tr>{rows}</table></div>')
 
 
+CODE = re.compile(r"`([^`]*)`")   # the card's markdown code spans, as HTML
+
+
 def recaption_section(info: dict | None) -> str:
     """Who wrote the recaptions and with which prompt (the card's words), and sample pairs side by side."""
     if not info:
@@ -210,7 +214,7 @@ def recaption_section(info: dict | None) -> str:
 
     random = any(p.get("weights") == "random" for p in info["producers"])
     alert = '<div class="alert danger">recaptions from RANDOM weights: they are meaningless</div>' if random else ""
-    text = "".join(f"<p>{escape(line)}</p>" for line in recaption_lines(info))
+    text = "".join("<p>" + CODE.sub(r"<code>\1</code>", escape(line)) + "</p>" for line in recaption_lines(info))
     pairs = "".join(f'<tr><td>{escape(e["key"])}</td><td>{escape(e.get("caption_norm") or "")}</td>'
                     f'<td>{escape(e["recaption"])}</td></tr>' for e in info["examples"])
     return (f'<h2>Recaptions</h2><div id="recaptions">{alert}{text}<table><tr><th>key</th><th>original '
