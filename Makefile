@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 export RAY_USAGE_STATS_ENABLED := 0
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test demo bench bench-gpu clean
+.PHONY: install test demo bench bench-gpu bench-recaption clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(STAMP)
 # records bench/results/score_gpu.json and the table; on a machine without CUDA it records why not.
 bench-gpu: $(STAMP)
 	$(PY) -m bench.run --only score_gpu
+
+# The recaption benchmark (bench/bench_recaption.py): Qwen2-VL-2B at its real size with random weights,
+# images/s per GPU; on a machine without CUDA it records why not.
+bench-recaption: $(STAMP)
+	$(PY) -m bench.run --only recaption
 
 clean:
 	rm -rf runs .pytest_cache

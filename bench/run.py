@@ -38,7 +38,8 @@ RATIOS = ("download.ours_over_img2dataset", "download.many_hosts_ours_over_img2d
           "scale1b.shuffle_bytes_per_survivor", "scale1b.plan_us_per_input_row", "scale1b.decide_us_per_row",
           "scale1b.us_per_row",
           "caption_first.plan_rows_per_s", "caption_first.requests_over_passing",
-          "caption_first.img2dataset_requests_over_ours", "caption_first.img2dataset_raw_bytes_over_ours")
+          "caption_first.img2dataset_requests_over_ours", "caption_first.img2dataset_raw_bytes_over_ours",
+          "recaption.engine_over_generate_alone", "recaption.images_per_s_per_gpu", "recaption.gpu_hours_per_100m")
 
 
 def _models(mode: str) -> dict:
@@ -70,7 +71,7 @@ def _bench(name: str) -> Callable[[str], dict]:
 
 
 BENCHMARKS = ("download", "score_cpu", "score_stage", "models", "near_dup", "graphic", "scaling", "scale", "scale1b",
-              "ocr", "score_gpu", "rescore", "caption_first")
+              "ocr", "score_gpu", "rescore", "caption_first", "recaption")
 
 
 def run_one(name: str, mode: str) -> dict:
@@ -211,6 +212,13 @@ def table_rows(results: dict[str, dict], ratios: dict) -> list[tuple[str, str, s
     if "gpu_decode_pipeline_over_model_alone" in gpu:
         rows.append(("score_gpu", "pipeline with gpu_decode / model alone",
                      _fmt(gpu["gpu_decode_pipeline_over_model_alone"]), ""))
+    rc = results.get("recaption", {})
+    where = f"recaption ({rc.get('device')}, {rc.get('dtype')})" if "device" in rc else "recaption"
+    rows.append((where, f"Qwen2-VL-2B images/s per GPU (batch {rc.get('best_batch_size', '—')}, "
+                        f"{rc.get('tokens_per_caption', '—')} tokens)",
+                 _fmt(ratios["recaption.images_per_s_per_gpu"]), ""))
+    rows.append((where, "GPU hours per 100M kept rows", _fmt(ratios["recaption.gpu_hours_per_100m"]), ""))
+    rows.append((where, "engine / generate alone", _fmt(ratios["recaption.engine_over_generate_alone"]), "≥ 0.8"))
     cf = results.get("caption_first", {})
     if cf.get("sizes"):
         rows.append(("caption_first", f"plan of {cf['sizes']['rows']:,} LAION-multi-like rows with the rules before "

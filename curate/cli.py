@@ -67,8 +67,10 @@ def _phases(config: str, overrides: list[str], phases: tuple[str, ...], dry_run:
 
 @app.command()
 def run(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
-    """Run all four phases; each skips the shards it has already done."""
-    _phases(config, overrides, ("download", "score", "decide", "write"))
+    """Run every phase (recaption only with recaption.enabled); each skips the shards it has already done."""
+    from curate.run.rundir import PHASES
+
+    _phases(config, overrides, PHASES)
 
 
 @app.command()
@@ -88,6 +90,12 @@ def decide(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--
            dry_run: bool = typer.Option(False, "--dry-run", help="Print the funnel; write nothing.")) -> None:
     """Phase 3: keep or drop every row from the scores; reads no image, loads no model."""
     _phases(config, overrides, ("decide",), dry_run=dry_run)
+
+
+@app.command()
+def recaption(config: str = CONFIG_ARG, overrides: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+    """Recaption the kept rows with the vision-language model (recaption.*); cached per image and settings."""
+    _phases(config, overrides, ("recaption",))
 
 
 @app.command()
@@ -142,9 +150,11 @@ def _options(config: str | None):
     if config is not None:
         return _load(config, [])
     from filters.models import SCORERS, ModelOptions
+    from filters.models.recaption import RecaptionOptions
     from filters.text import TextOptions
 
-    return config_mod.Config.model_construct(models=ModelOptions(enabled=list(SCORERS)), text=TextOptions())
+    return config_mod.Config.model_construct(models=ModelOptions(enabled=list(SCORERS)), text=TextOptions(),
+                                             recaption=RecaptionOptions())
 
 
 CONFIG_OPT = typer.Option(None, "--config", help="Config whose settings to use (default: built-in defaults).")
@@ -220,15 +230,22 @@ def models_list(config: str | None = CONFIG_OPT,
     console.print(scorers)
     console.print(f"style labels for rebalance: rebalance.style_source = {cfg.rebalance.style_source} "
                   f"({type(cfg.rebalance).model_fields['style_source'].description})", highlight=False)
-    _weights_table(weights.list_weights(opts, verify=verify), f"weights in {weights.models_dir(opts)}")
+    from filters.models import recaption
+
+    rows = weights.list_weights(opts, verify=verify)
+    if cfg.recaption.enabled and opts.weights != "random":
+        rows.append(recaption.status(cfg.recaption, opts, verify))
+    _weights_table(rows, f"weights in {weights.models_dir(opts)}")
 
 
 @models_app.command("pull")
 def models_pull(config: str | None = CONFIG_OPT) -> None:
     """Download (and convert) the weights the enabled scorers lack. Needs internet."""
-    from filters.models import weights
+    from filters.models import recaption, weights
 
-    undone = weights.pull(_options(config).models, log=lambda line: console.print(line, highlight=False))
+    cfg = _options(config)
+    say = lambda line: console.print(line, highlight=False)  # noqa: E731
+    undone = weights.pull(cfg.models, log=say) + recaption.pull(cfg.recaption, cfg.models, log=say)
     for line in undone:
         console.print(f"[yellow]not done:[/yellow] {line}", highlight=False)
     raise typer.Exit(1 if undone else 0)
@@ -237,9 +254,12 @@ def models_pull(config: str | None = CONFIG_OPT) -> None:
 @models_app.command("check")
 def models_check(config: str | None = CONFIG_OPT) -> None:
     """Verify the checksum of every weights file present; exit 1 on a mismatch."""
-    from filters.models import weights
+    from filters.models import recaption, weights
 
-    rows = weights.check(_options(config).models)
+    cfg = _options(config)
+    rows = weights.check(cfg.models)
+    if cfg.recaption.enabled and recaption.status(cfg.recaption, cfg.models)["present"]:
+        rows.append(recaption.status(cfg.recaption, cfg.models, verify_files=True))
     _weights_table(rows, "checksums")
     if any(r.get("checksum") == "mismatch" for r in rows):
         raise typer.Exit(1)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from curate.run.storage import Storage, StorageOptions, absolute, is_local
 from filters.buckets import SDXL_BUCKETS
 from filters.models import ModelOptions
+from filters.models.recaption import RecaptionOptions
 from filters.text import TextOptions
 from manifests.ranks import PATTERN as RANK_PATTERN
 
@@ -305,6 +306,13 @@ class WriteConfig(_Section):
         "null turns bucketing off"))
     group_by_bucket: bool = Field(False, description=(
         "each shard holds one bucket only, named {prefix}-{w}x{h}-{n:06d}.tar and numbered per bucket"))
+    caption: Literal["original", "recaption", "mix"] = Field("original", description=(
+        "what each sample's .txt holds: original (the normalised caption, with write.ocr_caption), recaption "
+        "(the recaption phase's caption where it has one, else the original), or mix (the recaption for a "
+        "write.recaption_share of the rows, chosen by a stable hash of the key, so a re-run gives the same mix); "
+        "recaption and mix need recaption.enabled"))
+    recaption_share: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "write.caption mix: the share of rows whose .txt is the recaption (rows without one keep the original)"))
 
     @field_validator("buckets")
     @classmethod
@@ -358,6 +366,7 @@ class Config(_Section):
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
     rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
+    recaption: RecaptionOptions = Field(default_factory=RecaptionOptions)
     write: WriteConfig = Field(default_factory=WriteConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -366,6 +375,12 @@ class Config(_Section):
         column = self.rebalance.style_column
         if self.rebalance.style_source == "column" and column not in self.input.extra_cols:
             raise ValueError(f"rebalance.style_column {column!r} must be listed in input.extra_cols")
+        return self
+
+    @model_validator(mode="after")
+    def _recaption_for_captions(self) -> Config:
+        if self.write.caption != "original" and not self.recaption.enabled:
+            raise ValueError(f"write.caption {self.write.caption!r} needs recaption.enabled: true")
         return self
 
 

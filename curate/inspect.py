@@ -30,7 +30,7 @@ from manifests.where import columns as where_columns
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 # The sample rows' identity, decision and output columns; the scores shown are the declarations' (`shown`).
-SAMPLE_IDENTITY = ("key", "caption", "keep", "reason", "width", "height", "bucket")
+SAMPLE_IDENTITY = ("key", "caption", "recaption", "keep", "reason", "width", "height", "bucket")
 SAMPLE = 200_000      # values per column kept for quantiles: rank error about 1/sqrt(SAMPLE) beyond
 BATCH_ROWS = 65_536
 
@@ -221,8 +221,12 @@ def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 
     picked = Reservoir(show, np.random.default_rng(seed))
     rows = 0
     statuses: dict = {}
-    for i, positions, table in filtered(manifest, ["reason", "status", "style", "bucket", *numeric], where):
+    lengths = CaptionLengths(rate, seed) if "recaption" in manifest.schema.names else None
+    for i, positions, table in filtered(manifest, ["reason", "status", "style", "bucket", *numeric,
+                                                   *(CaptionLengths.COLUMNS if lengths else ())], where):
         rows += table.num_rows
+        if lengths:
+            lengths.add(table)
         if "reason" in table.column_names:
             value_counts(table.column("reason"), reasons)
         if "status" in table.column_names:
@@ -249,9 +253,37 @@ def summarize(target: str, where: str | None = None, show: int = 0, seed: int = 
         out["styles"] = {s: n for s, n in sorted(styles.items(), key=lambda kv: -kv[1]) if s is not None}
     if "bucket" in manifest.schema.names:
         out["buckets"] = {b: n for b, n in sorted(buckets.items(), key=lambda kv: -kv[1]) if b is not None}
+    if lengths:
+        out["caption_lengths"] = lengths.summary()
     if show and rows:
         out["sample"] = manifest.rows(picked.positions(), list(sample_columns(scorers))).to_pylist()
     return out
+
+
+class CaptionLengths:
+    """Caption lengths before and after recaptioning, over the rows that have a recaption (the same rows
+    on both sides), and why the other kept rows have none."""
+
+    COLUMNS = ("keep", "caption_norm", "recaption", "recaption_error")
+
+    def __init__(self, rate: float, seed: int = 0):
+        self.before, self.after = Sampler(rate, seed), Sampler(rate, seed)
+        self.errors: dict = {}
+        self.kept = 0
+
+    def add(self, table: pa.Table) -> None:
+        kept = table.filter(pc.fill_null(table.column("keep"), False))
+        self.kept += kept.num_rows
+        has = kept.filter(pc.is_valid(kept.column("recaption")))
+        self.before.add(pc.utf8_length(pc.fill_null(has.column("caption_norm"), "")))
+        self.after.add(pc.utf8_length(has.column("recaption")))
+        kinds = pc.list_element(pc.split_pattern(kept.column("recaption_error"), ":", max_splits=1), 0)   # before ':'
+        value_counts(pc.drop_null(kinds), self.errors)
+
+    def summary(self) -> dict:
+        return {"kept": self.kept, "recaptioned": self.after.count, "original": self.before.quantiles(),
+                "recaption": self.after.quantiles(),
+                "without": dict(sorted(self.errors.items(), key=lambda kv: -kv[1]))}
 
 
 def clip_source(schema: pa.Schema) -> dict | None:
@@ -301,6 +333,19 @@ def render(summary: dict, console) -> None:
         for bucket, count in summary["buckets"].items():
             b.add_row(bucket, f"{count:,}", f"{100 * count / total:.1f}%")
         console.print(b)
+    lengths = summary.get("caption_lengths")
+    if lengths:
+        t = Table(title=f"Caption lengths in characters: {lengths['recaptioned']:,} of {lengths['kept']:,} kept rows "
+                        f"have a recaption")
+        t.add_column("caption", no_wrap=True)
+        for name in (f"p{round(x * 100)}" for x in QUANTILES):
+            t.add_column(name, justify="right", min_width=5)
+        for side in ("original", "recaption"):
+            if lengths[side]:
+                t.add_row(side, *[_short(v) for k, v in lengths[side].items() if k != "count"])
+        console.print(t)
+        for kind, count in lengths["without"].items():
+            console.print(f"  no recaption: {kind}: {count:,}", highlight=False)
     if summary.get("sample"):
         rows = summary["sample"]
         t = Table(title="Sample rows (one column each)")   # one row per field: a dozen shown scores still fit

@@ -1,4 +1,5 @@
-"""The four phases in order, each skipping the shards whose done marker exists.
+"""The five phases in order (recaption only with recaption.enabled), each skipping the shards whose done
+marker exists.
 
 A shard that fails in any phase (after Ray's retries), whatever the exception, is recorded in
 failures.json (curate/run/failures.py) and, from score on, in the manifest (`shard_failed`); the
@@ -102,6 +103,11 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
                skip_missing_models: bool = False) -> Outcome:
     """Run the given phases in order on one config, holding the run directory's lease."""
     models = check_models(cfg, skip_missing_models) if "score" in phases else None
+    if "recaption" in phases:
+        from filters.models.recaption import missing
+
+        if missing(cfg.recaption, cfg.models):
+            raise ConfigError(missing(cfg.recaption, cfg.models))
     run = open_run(cfg)
     if "download" in phases and not run.storage.exists(run.plan):   # a missing column, before Ray starts
         check_input(cfg.input, run.storage)
@@ -136,12 +142,12 @@ def _phases(cfg: Config, run: RunDir, phases: tuple[str, ...], models: dict | No
             log.exception("%s failed", phase)
             out.failures = [failures.failure(phase, None, error_text(exc))]
             if not dry_run:
-                out.failures = failures.record(run, out.failures)
+                out.failures = failures.record(run, out.failures, skip=failures.skipped(cfg))
             break
         if dry_run:
             out.failures += new
             continue
-        out.failures = failures.record(run, new, finished=(phase,))
+        out.failures = failures.record(run, new, finished=(phase,), skip=failures.skipped(cfg))
         if rows:   # a phase that had nothing to do keeps the timing of its last real run
             timings[phase] = {"seconds": round(time.time() - started, 3), "rows": rows}
     if dry_run:
@@ -174,6 +180,10 @@ def _run_phase(phase: str, cfg: Config, run: RunDir, out: Outcome, models: dict 
         before = _read_json(run, run.decided, {}).get("attempt")
         out.funnel = run_decide(cfg, run, dry_run=dry_run)   # up to date: the same attempt, nothing done
         return [], out.funnel["rows_in"] if _read_json(run, run.decided, {}).get("attempt") != before else 0
+    if phase == "recaption":
+        from curate.phases.recaption.phase import run_recaption
+
+        return ([], 0) if dry_run else run_recaption(cfg, run)
     if phase == "write":
         from curate.phases.write.phase import run_write
 

@@ -75,6 +75,16 @@ DECISION = _cols(
                                        "null: unlabelled"),
 )
 
+# Written by the recaption phase (curate/phases/recaption/) when recaption.enabled; absent otherwise.
+RECAPTION = _cols(
+    Column("recaption", pa.string(), "caption a vision-language model wrote for the kept row (recaption.*), "
+                                     "normalised and passed by the caption rules; null: dropped row, or no usable "
+                                     "caption (recaption_error says why)"),
+    Column("recaption_error", pa.string(), "why a kept row has no recaption: the model failed on it, its output was "
+                                           "empty or garbled, a caption rule rejected it (rejected: REASON), or its "
+                                           "shard's recaption failed; null otherwise"),
+)
+
 OUTPUT = _cols(
     Column("out_shard", pa.string(), "name of the WebDataset shard holding the row, null if dropped"),
     Column("bucket", pa.string(), "training resolution WxH (write.buckets) nearest the stored image's aspect ratio; "
@@ -87,14 +97,14 @@ def declared(scorers: tuple[Scorer, ...] = SCORERS) -> dict[str, Column]:
     """Every manifest column, in manifest order, the score columns being those `scorers` declare; a column
     two declarations claim is an error naming both."""
     out = {**IDENTITY, **PLAN, **DOWNLOAD}
-    owner = {name: "manifests/schema.py" for name in (*out, *DECISION, *OUTPUT)}
+    owner = {name: "manifests/schema.py" for name in (*out, *DECISION, *RECAPTION, *OUTPUT)}
     for scorer in scorers:
         for column in scorer.columns:
             if column.name in owner:
                 raise ValueError(f"column {column.name!r} is declared by both {owner[column.name]} and scorer "
                                  f"{scorer.name}")
             out[column.name], owner[column.name] = column, f"scorer {scorer.name}"
-    return {**out, **DECISION, **OUTPUT}
+    return {**out, **DECISION, **RECAPTION, **OUTPUT}
 
 
 ALL: dict[str, Column] = declared()

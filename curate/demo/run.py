@@ -1,4 +1,5 @@
-"""`curate demo`: a synthetic nasty corpus, served on 127.0.0.1, through all four phases.
+"""`curate demo`: a synthetic nasty corpus, served on 127.0.0.1, through every phase (recaption too with
+`--set recaption.enabled=true --set models.weights=random`: the tiny random model).
 
 The run directory may be local or an object store (`--out s3://bucket/demo`). The images play
 the part of the web: they live in a local folder the throw-away server reads (inside a local
@@ -62,7 +63,7 @@ def make_corpus(out: str, n: int, seed: int, storage: Storage) -> dict:
 
 
 def run_demo(out: str | Path, n: int = 2000, seed: int = 0, overrides: list[str] = (),
-             later: tuple[str, ...] = ("score", "decide", "write")) -> Outcome:
+             later: tuple[str, ...] = ("score", "decide", "recaption", "write")) -> Outcome:
     """Generate, serve, and curate the demo corpus; the server lives only while download runs.
 
     `later` are the phases after download (none: download only, as benchmarks of score need)."""

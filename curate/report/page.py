@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import re
 from html import escape
 from importlib import metadata
 
@@ -59,8 +60,8 @@ def page(run: Run, funnel: dict, hists: list[Histogram], styles: dict | None, gr
              "<h2>Funnel</h2>", funnel_section(funnel), spared_section(run.stats.get("before_download")),
              rules_section(run), download_section(run.stats.get("download")),
              "<h2>Score distributions</h2>", histogram_section(hists, run.models.get("clip_score"), run),
-             styles_section(styles), buckets_section(run.stats.get("buckets"),
-                                                     run.config), "<h2>Images</h2>", grids_html]
+             styles_section(styles), buckets_section(run.stats.get("buckets"), run.config),
+             recaption_section(run.stats.get("recaption")), "<h2>Images</h2>", grids_html]
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{CSS}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script></body></html>")
@@ -200,6 +201,24 @@ def buckets_section(buckets: dict | None, config: dict) -> str:
             f"{'each shard holds one bucket' if grouped else 'shards mix buckets'}. The images are stored as "
             f'downloaded: the trainer resizes to the bucket.</p><div id="buckets">{chart}<table><tr><th>bucket</th>'
             f'<th class="num">kept rows</th><th class="num">share</th></tr>{rows}</table></div>')
+
+
+CODE = re.compile(r"`([^`]*)`")   # the card's markdown code spans, as HTML
+
+
+def recaption_section(info: dict | None) -> str:
+    """Who wrote the recaptions and with which prompt (the card's words), and sample pairs side by side."""
+    if not info:
+        return ""
+    from curate.phases.write.card import recaption_lines
+
+    random = any(p.get("weights") == "random" for p in info["producers"])
+    alert = '<div class="alert danger">recaptions from RANDOM weights: they are meaningless</div>' if random else ""
+    text = "".join("<p>" + CODE.sub(r"<code>\1</code>", escape(line)) + "</p>" for line in recaption_lines(info))
+    pairs = "".join(f'<tr><td>{escape(e["key"])}</td><td>{escape(e.get("caption_norm") or "")}</td>'
+                    f'<td>{escape(e["recaption"])}</td></tr>' for e in info["examples"])
+    return (f'<h2>Recaptions</h2><div id="recaptions">{alert}{text}<table><tr><th>key</th><th>original '
+            f'(caption_norm)</th><th>recaption</th></tr>{pairs}</table></div>')
 
 
 def grid_section(grid: Grid, cards: list[str]) -> str:

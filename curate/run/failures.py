@@ -9,6 +9,8 @@ as decide's duplicate search; `shard` is null) stands until that phase next comp
 """
 from __future__ import annotations
 
+from typing import Any
+
 from curate.run.rundir import PHASES, RunDir
 
 FILE = "failures.json"
@@ -23,17 +25,25 @@ def read(run: RunDir) -> list[dict]:
     return run.storage.read_json(uri) if run.storage.exists(uri) else []
 
 
-def record(run: RunDir, new: list[dict], finished: tuple[str, ...] = ()) -> list[dict]:
+def skipped(cfg: Any) -> tuple[str, ...]:
+    """The optional phases this config does not run (recaption, unless recaption.enabled): no shard needs
+    their markers."""
+    return () if cfg.recaption.enabled else ("recaption",)
+
+
+def record(run: RunDir, new: list[dict], finished: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> list[dict]:
     """Merge `new` failures into failures.json, drop those that no longer stand, write it, return it.
 
-    `finished`: phases that have just completed, so their whole-phase failures are over."""
+    `finished`: phases that have just completed, so their whole-phase failures are over; `skip`: phases the
+    run does not use (`skipped`), whose missing markers stand in no shard's way."""
     known = {(f["phase"], f["shard"]): f for f in read(run) if not (f["shard"] is None and f["phase"] in finished)}
     known.update({(f["phase"], f["shard"]): f for f in new})
     shards = set(run.shard_names()) if run.storage.exists(run.plan) else set()
     lacking: dict[str, set[str]] = {}
     missing: set[str] = set()
     for phase in PHASES:   # a shard lacking a phase's marker lacks every later phase's result too
-        missing |= shards - run.done(phase)
+        if phase not in skip:
+            missing |= shards - run.done(phase)
         lacking[phase] = set(missing)
     still = [f for (phase, shard), f in sorted(known.items(), key=_order)
              if shard is None or shard in lacking.get(phase, set())]

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from curate.run.storage import Storage, absolute, join
 
-PHASES = ("download", "score", "decide", "write")
+PHASES = ("download", "score", "decide", "recaption", "write")
 LEASE_SECONDS = 120.0   # a lease not renewed for this long belongs to a dead run
 MARKER_READERS = 32     # parallel small reads when gathering per-shard markers
 log = logging.getLogger("curate")
@@ -78,6 +78,14 @@ class RunDir:
 
     def decisions(self, shard: str) -> str:
         return self.uri("decisions", f"{shard}.parquet")
+
+    def recaption(self, shard: str) -> str:
+        """The recaption phase's result: every row of the shard, recaption and recaption_error (null where dropped)."""
+        return self.uri("recaption", f"{shard}.parquet")
+
+    def recaption_cache(self, shard: str) -> str:
+        """A folder of cache parts (cache_key, output, error), each written once; the phase compacts them."""
+        return self.uri("recaption", "_cache", shard)
 
     def manifest(self, shard: str) -> str:
         return self.uri("manifest", f"{shard}.parquet")

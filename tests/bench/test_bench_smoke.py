@@ -28,6 +28,8 @@ OWN_RATIOS = {
     "rescore": ["rescore.add_ocr_over_full"],
     "caption_first": ["caption_first.plan_rows_per_s", "caption_first.requests_over_passing",
                       "caption_first.img2dataset_requests_over_ours"],
+    "recaption": ["recaption.engine_over_generate_alone", "recaption.images_per_s_per_gpu",
+                  "recaption.gpu_hours_per_100m"],
 }
 
 
@@ -66,6 +68,15 @@ def test_benchmark_smoke(name, ray_session):   # the session's Ray: some benchma
         assert all(v > 0 for v in check["images_per_s_per_gpu"].values())
         assert check["cpu_stage_images_per_s_per_core"] > 0 and 0 < check["pipeline_over_model_alone"]
         assert len(check["timing"]["pipeline"]["runs_s"]) == check["repeats"]
+        return
+    if name == "recaption" and not common.gpu():   # no GPU: says so; the tiny random model ran the same code
+        from bench.bench_recaption import NOT_RUN
+
+        assert result["error"] == NOT_RUN and result["own_ratios"]["recaption.images_per_s_per_gpu"] is None
+        check = result["cpu_check"]
+        assert check["device"] == "cpu" and check["model"] == "tiny" and check["images"] == 4
+        assert set(check["per_batch_size"]["2"]["images_per_s"]) == {"engine", "generate_alone"}
+        assert check["images_per_s_per_gpu"] > 0 and check["engine_over_generate_alone"] > 0
         return
     assert "error" not in result, result.get("traceback")
     if name == "download":

@@ -1,1 +1,1 @@
-"""Phase 4, write: WebDataset shards, the manifest, stats and the dataset card."""
+"""Phase 5, write: WebDataset shards, the manifest, stats and the dataset card."""

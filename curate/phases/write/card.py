@@ -62,6 +62,7 @@ def render(cfg: Config, stats: dict, sources: list[str], shards_uri: str) -> str
              "## Shards and buckets", "", *_shards(cfg, stats), "",
              "## Thresholds", "", *_thresholds(cfg, stats.get("thresholds") or {}), "",
              "## Models", "", *_models(stats.get("models") or {}), "",
+             *_recaptions(stats.get("recaption")),
              "## Sources", "", *[f"- `{s}`" for s in sources], "",
              "## Sample format", "", *_columns(cfg, stats), "",
              "## Loading", "", *_loading(cfg, stats, shards_uri), ""]
@@ -196,6 +197,41 @@ def _models(models: dict) -> list[str]:
                               [[f["name"], f"`{f['file']}`", f"`{f['sha256']}`" if f["sha256"] else "-", f["pin"]]
                                for f in files])]
     return lines
+
+
+def recaption_lines(info: dict) -> list[str]:
+    """Which model and prompt wrote the recaptions (per settings, from the recaption markers), how many rows
+    have one, and what the .txt holds: the card's and the report's words."""
+    rows = info["rows"]
+    lines = [f"{rows['recaptioned']:,} of {rows['kept']:,} kept rows have a `recaption`; {rows['rejected']:,} "
+             f"were rejected by the caption rules and {rows['failed']:,} failed (`recaption_error` says why; those "
+             f"rows keep their original caption)."]
+    for p in info["producers"]:
+        lines.append(f"Written by `{p.get('model', '?')}`" + (f" at `{p['revision']}`" if p.get("revision") else "")
+                     + f" ({p.get('engine', '?')}, weights {p.get('weights', '?')}: {p.get('source', '?')}; image "
+                       f"side {p.get('image_side', '?')}, at most {p.get('max_new_tokens', '?')} new tokens) on "
+                       f"{p['shards']} shard(s), with the prompt: {p.get('prompt', '?')}"
+                     + (f" (OCR hint: {p['ocr_hint']})" if p.get("ocr_hint") else ""))
+    share = f", {100 * info['recaption_share']:.0f}% of rows by a stable hash of the key" \
+        if info["caption"] == "mix" else ""
+    lines.append(f"The `.txt` holds: {CAPTION_CHOICE[info['caption']]}{share} (`write.caption: {info['caption']}`).")
+    return lines
+
+
+CAPTION_CHOICE = {"original": "the normalised original caption",
+                  "recaption": "the recaption where there is one, else the normalised original",
+                  "mix": "the recaption (where there is one) or the normalised original"}
+
+
+def _recaptions(info: dict | None) -> list[str]:
+    if not info:
+        return []
+    warn = ["> **The recaptions come from RANDOM weights: they are meaningless.**", ""] \
+        if any(p.get("weights") == "random" for p in info["producers"]) else []
+    pairs = _table(["key", "original (caption_norm)", "recaption"],
+                   [[f"`{e['key']}`", e.get("caption_norm") or "", e["recaption"]] for e in info["examples"]])
+    return ["## Recaptions", "", *warn, *(f"{line}\n" for line in recaption_lines(info)),
+            *(pairs if info["examples"] else []), ""]
 
 
 def _columns(cfg: Config, stats: dict) -> list[str]:

@@ -1,4 +1,4 @@
-"""Phase 4, write: kept samples into WebDataset shards, the manifest dataset, the stats and the card.
+"""Phase 5, write: kept samples into WebDataset shards, the manifest dataset, the stats and the card.
 
 Each kept row gets a `bucket` (write.buckets): the training resolution whose aspect ratio is
 nearest that of the stored image, i.e. the bytes in the shard (download keeps the ratio, so it
@@ -37,7 +37,7 @@ from curate.phases.download.screen import spared
 from curate.phases.write.card import write_card
 from curate.phases.write.record import manifest_schema, shard_table
 from curate.phases.write.sample import sample_json
-from curate.run.failures import failure, record
+from curate.run.failures import failure, record, skipped
 from curate.run.rundir import RunDir
 from curate.run.runtime import Progress, log, windowed
 from curate.run.storage import Storage
@@ -49,6 +49,9 @@ from manifests.schema import ALL
 ROWS_PER_TASK = 50_000   # kept rows a task plans for (at least one output shard): few tasks, bounded memory
 COUNT_SHARDS = 256       # input shards per bucket-counting task
 UNBUCKETED = "unbucketed"   # the stream (and stats key) of kept rows whose size is unknown, when grouping
+EXAMPLES_PER_SHARD = 2   # recaption pairs a write marker carries; stats.json keeps the first EXAMPLES
+EXAMPLES = 8
+NOT_RECAPTIONED = "not recaptioned: the shard's recaption failed (failures.json)"
 
 
 class DecisionsNotReady(FileNotFoundError):
@@ -71,6 +74,10 @@ class Job:
     ocr_caption: str | None = None   # write.ocr_caption
     buckets: tuple[tuple[int, int], ...] | None = None   # write.buckets
     streams: tuple[str, ...] = ("",)
+    recaption: bool = False                      # recaption.enabled: the manifest has the recaption columns
+    recaptioned: frozenset[str] = frozenset()    # shards whose recaption result is current
+    caption: str = "original"                    # write.caption
+    recaption_share: float = 0.5                 # write.recaption_share
 
     @property
     def grouped(self) -> bool:
@@ -172,6 +179,24 @@ def check_decisions(run: RunDir, shards: list[str]) -> tuple[dict, list[dict]]:
     return decided, markers
 
 
+def check_recaptions(cfg: Config, run: RunDir, shards: list[str], decided: dict) -> set[str]:
+    """The shards whose recaption result is current (made from these decisions under this config); refuse
+    when another shard is not, unless its recaption failed (failures.json): its rows then keep the original."""
+    from curate.phases.recaption.phase import make_job, up_to_date
+    from curate.run.failures import read
+
+    job = make_job(cfg, run, decided["attempt"])
+    done = sorted(run.done("recaption") & set(shards))
+    current = {s for s, m in zip(done, run.markers("recaption", done)) if up_to_date(job, m)}
+    failed = {f["shard"] for f in read(run) if f["phase"] == "recaption"}
+    stale = [s for s in shards if s not in current and s not in failed]
+    if stale:
+        raise DecisionsNotReady(f"{len(stale)} shard(s) have no recaption made from these decisions and settings "
+                                f"({run.marker('recaption', stale[0])}{', ...' if len(stale) > 1 else ''}): run "
+                                f"`curate recaption` first")
+    return current
+
+
 def plan_tasks(shards: list[str], kept, size: int, rows_per_task: int) -> list[Task]:
     """Groups of consecutive shards with at least max(size, rows_per_task) kept rows (the last may
     have fewer), each owning, per stream, the output shards that start in it.
@@ -263,9 +288,15 @@ def shard_stats(job: Job, table: pa.Table, keep: np.ndarray, stream: np.ndarray,
                for n in range(-(-s // job.size), -(-(s + c) // job.size))]
     bucket = table.column("bucket").filter(pa.array(keep))
     buckets = {**counts(bucket), **({UNBUCKETED: bucket.null_count} if bucket.null_count else {})}
-    return {"attempt": job.attempt, "rows": table.num_rows, "kept": kept, "first_kept": starts,
+    info = {"attempt": job.attempt, "rows": table.num_rows, "kept": kept, "first_kept": starts,
             "reasons": counts(table.column("reason")), "status": counts(table.column("status")),
             "buckets": buckets if job.buckets is not None else None, "out_shards": started}
+    if job.recaption:   # a few pairs for the card and the report, side by side
+        pairs = table.filter(pc.and_(pa.array(keep), pc.is_valid(table.column("recaption"))))
+        info["recaption_examples"] = pairs.select([c for c in ("key", "caption_norm", "recaption")
+                                                   if c in pairs.column_names]).slice(
+            0, EXAMPLES_PER_SHARD).to_pylist()
+    return info
 
 
 def read_group(job: Job, task: Task) -> tuple[dict[tuple[int, int], _Out], dict[str, dict]]:
@@ -276,8 +307,12 @@ def read_group(job: Job, task: Task) -> tuple[dict[tuple[int, int], _Out], dict[
     markers = {}
     own = set(task.shards)
     for shard in task.shards + task.tail:
-        table = shard_table(run, shard, shard in job.downloaded, shard in job.scored, job.schema)
+        table = shard_table(run, shard, shard in job.downloaded, shard in job.scored, job.schema,
+                            shard in job.recaptioned)
         keep = pc.fill_null(table.column("keep"), False).to_numpy(zero_copy_only=False)
+        if job.recaption and shard not in job.recaptioned:
+            table = table.set_column(table.schema.get_field_index("recaption_error"), "recaption_error", pa.array(
+                np.where(keep, NOT_RECAPTIONED, None).tolist(), pa.string()))
         bucket = job.buckets_of(table)
         table = table.set_column(table.schema.get_field_index("bucket"), "bucket", job.bucket_column(bucket))
         stream = job.streams_of(bucket)
@@ -292,20 +327,40 @@ def read_group(job: Job, task: Task) -> tuple[dict[tuple[int, int], _Out], dict[
             continue
         rows = np.flatnonzero(mine)
         kept = table.take(pa.array(rows))
-        for key, text, meta, k, out in zip(kept.column("key").to_pylist(), captions(kept, job.ocr_caption),
+        for key, text, meta, k, out in zip(kept.column("key").to_pylist(), captions(kept, job),
                                            sample_json(kept), stream[rows].tolist(), n[rows].tolist()):
             outs[k, out].samples.append((shard, Sample(key, text.encode("utf-8"), meta)))
     return outs, markers
 
 
-def captions(kept: pa.Table, template: str | None) -> list[str]:
-    """Each sample's .txt: the normalised caption, or `write.ocr_caption` filled in where OCR read text."""
+def originals(kept: pa.Table, template: str | None) -> list[str]:
+    """The normalised captions, or `write.ocr_caption` filled in where OCR read text."""
     n = kept.num_rows
     txt = kept.column("caption_norm").fill_null("").to_pylist() if "caption_norm" in kept.column_names else [""] * n
     if template is None or "ocr_text" not in kept.column_names:
         return txt
     return [template.format(caption=c, ocr_text=o) if o else c
             for c, o in zip(txt, kept.column("ocr_text").to_pylist())]
+
+
+def takes_recaption(key: str, share: float) -> bool:
+    """write.caption mix: whether a row's .txt is its recaption, by a stable hash of its key (the same on
+    every run), true for about `share` of the rows."""
+    h = int.from_bytes(hashlib.sha256(f"write.caption:{key}".encode()).digest()[:8], "big")
+    return h < share * 2.0 ** 64
+
+
+def captions(kept: pa.Table, job: Job) -> list[str]:
+    """Each sample's .txt as write.caption says: the original (originals), the recaption, or a stable mix;
+    a row without a recaption (recaption_error says why) keeps its original."""
+    txt = originals(kept, job.ocr_caption)
+    if job.caption == "original" or "recaption" not in kept.column_names:
+        return txt
+    recaptions = kept.column("recaption").to_pylist()
+    if job.caption == "recaption":
+        return [r or o for r, o in zip(recaptions, txt)]
+    return [r if r and takes_recaption(k, job.recaption_share) else o
+            for k, r, o in zip(kept.column("key").to_pylist(), recaptions, txt)]
 
 
 def digest(samples: list[tuple[str, Sample]]) -> str:
@@ -476,13 +531,16 @@ def plan(cfg: Config, shards: list[str],
     downloaded, scored = run.done("download"), run.done("score")
     models_uri = run.file("models.json")
     models = storage.read_json(models_uri) if storage.exists(models_uri) else {}
-    schema = manifest_schema(run, shards, downloaded, scored, cfg.input.extra_cols).with_metadata(
+    recaptioned = check_recaptions(cfg, run, shards, decided) if cfg.recaption.enabled else set()
+    schema = manifest_schema(run, shards, downloaded, scored, cfg.input.extra_cols,
+                             cfg.recaption.enabled).with_metadata(
         {"curate.models": json.dumps(models, ensure_ascii=False)})
     buckets = None if cfg.write.buckets is None else tuple(tuple(b) for b in cfg.write.buckets)
     streams = ("",) if not cfg.write.group_by_bucket else \
         (*(f"{bucket_name(*b)}-" for b in buckets), f"{UNBUCKETED}-")
     job = Job(run, cfg.write.samples_per_shard, cfg.write.prefix, decided["attempt"], schema,
-              frozenset(downloaded), frozenset(scored), cfg.write.ocr_caption, buckets, streams)
+              frozenset(downloaded), frozenset(scored), cfg.write.ocr_caption, buckets, streams,
+              cfg.recaption.enabled, frozenset(recaptioned), cfg.write.caption, cfg.write.recaption_share)
     kept = np.array([m["kept"] for m in decide_markers], np.int64).reshape(-1, 1)
     if job.grouped:
         per_stream = np.array(count(job, shards), np.int64).reshape(len(shards), len(streams))
@@ -541,10 +599,16 @@ def finish(cfg: Config, p: Plan, per_shard: dict[str, dict], errors: list[dict])
     stats["download"] = download_summary(run, sorted(p.job.downloaded & run.done("download")))
     stats["before_download"] = spared(run.storage.read_json(run.plan), stats["download"])
     stats.update(shards={"count": len(names), "samples": sum(samples[n] for n in names), "names": names},
-                 failures=record(run, errors), models=p.models, styles=p.decided.get("styles"),
+                 failures=record(run, errors, skip=skipped(cfg)), models=p.models, styles=p.decided.get("styles"),
                  thresholds=p.decided.get("thresholds") or {})
     if len(names) < len(samples):
         stats["shards"]["not_written"] = [n for n in samples if n not in set(names)]
+    if p.job.recaption:
+        from curate.phases.recaption.phase import summary
+
+        examples = [e for s in sorted(per_shard) for e in per_shard[s].get("recaption_examples", [])]
+        stats["recaption"] = {**summary(run, list(per_shard)), "caption": cfg.write.caption,
+                              "recaption_share": cfg.write.recaption_share, "examples": examples[:EXAMPLES]}
     run.storage.write_json(run.stats, stats)
     write_card(run, cfg, stats)
     return stats

@@ -9,14 +9,15 @@ from __future__ import annotations
 import pyarrow as pa
 
 from curate.run.rundir import RunDir
-from manifests.schema import ALL, DECISION, DOWNLOAD, OUTPUT
+from manifests.schema import ALL, DECISION, DOWNLOAD, OUTPUT, RECAPTION
 
 
 def shard_table(run: RunDir, shard: str, downloaded: bool, scored: bool,
-                schema: pa.Schema | None = None) -> pa.Table:
-    """Input (or raw) rows, scores and decisions of one shard.
+                schema: pa.Schema | None = None, recaptioned: bool = False) -> pa.Table:
+    """Input (or raw) rows, scores, decisions and recaptions of one shard.
 
-    `downloaded`/`scored` say whether that phase's marker exists (the caller lists markers once);
+    `downloaded`/`scored`/`recaptioned` say whether that phase's result is there and current (the
+    caller lists markers once);
     a missing phase contributes no columns, or null columns where `schema` names them, and the
     result then has exactly `schema`'s columns, in its order.
     """
@@ -25,6 +26,8 @@ def shard_table(run: RunDir, shard: str, downloaded: bool, scored: bool,
     base = storage.read_parquet(base_uri)
     parts = [(run.scores(shard), None)] if scored else []
     parts.append((run.decisions(shard), ["key", *DECISION]))
+    if recaptioned:
+        parts.append((run.recaption(shard), ["key", *RECAPTION]))
     for uri, columns in parts:
         part = storage.read_parquet(uri, columns=columns)
         if not part.column("key").equals(base.column("key")):
@@ -42,9 +45,10 @@ def shard_table(run: RunDir, shard: str, downloaded: bool, scored: bool,
 
 
 def manifest_schema(run: RunDir, shards: list[str], downloaded: set[str], scored: set[str],
-                    extra: list[str]) -> pa.Schema:
+                    extra: list[str], recaption: bool = False) -> pa.Schema:
     """The manifest's columns, the same in every manifest/{shard}.parquet: input and download columns,
-    the score columns (from one scored shard's footer), decisions, the output columns (out_shard, bucket)."""
+    the score columns (from one scored shard's footer), decisions, the recaption columns when the run
+    recaptions, the output columns (out_shard, bucket)."""
     storage = run.storage
     first = next((s for s in shards if s in downloaded), None)
     base = storage.parquet(run.raw_table(first) if first else run.input_shard(shards[0])).schema_arrow
@@ -52,7 +56,7 @@ def manifest_schema(run: RunDir, shards: list[str], downloaded: set[str], scored
     first_scored = next((s for s in shards if s in scored), None)
     if first_scored:
         names += [c for c in storage.parquet(run.scores(first_scored)).schema_arrow.names if c not in names]
-    names += [*DECISION, *OUTPUT]
+    names += [*DECISION, *(RECAPTION if recaption else ()), *OUTPUT]
     fields = []
     for name in names:
         if name in ALL:
