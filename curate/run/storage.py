@@ -198,6 +198,12 @@ class Storage:
         with self.open_output(uri) as f:
             pq.write_table(table, f, compression="zstd")
 
+    def move(self, src: str, dst: str) -> None:
+        """Rename a file (on an object store: a copy, then a delete of the source)."""
+        fs, src_path = self.resolve(src)
+        _, dst_path = self.resolve(dst)
+        fs.move(src_path, dst_path)
+
     def delete(self, uri: str) -> None:
         """Remove a file if it exists."""
         fs, path = self.resolve(uri)

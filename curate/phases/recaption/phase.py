@@ -109,13 +109,25 @@ def read_cache(run: RunDir, shard: str) -> tuple[dict[str, tuple[str | None, str
     return found, parts
 
 
+PARTIAL = ".partial"   # a part being written: renamed to .parquet once whole, so a kill never leaves half a part
+
+
 def write_part(run: RunDir, shard: str, entries: dict[str, tuple[str | None, str | None]]) -> str:
-    """One new cache part under its final name; returns the name."""
+    """One new cache part, written under a temporary name and then renamed; returns the name."""
     name = f"{uuid.uuid4().hex[:16]}.parquet"
     keys = list(entries)
     table = pa.table([keys, [entries[k][0] for k in keys], [entries[k][1] for k in keys]], schema=CACHE_SCHEMA)
-    run.storage.write_parquet(table, join(run.recaption_cache(shard), name))
+    final = join(run.recaption_cache(shard), name)
+    run.storage.write_parquet(table, final + PARTIAL)
+    run.storage.move(final + PARTIAL, final)
     return name
+
+
+def sweep_partial(run: RunDir, shard: str) -> None:
+    """Parts a killed task left half-written (the shard's task is the only writer of its cache)."""
+    for name in run.storage.list(run.recaption_cache(shard)):
+        if name.endswith(PARTIAL):
+            run.storage.delete(join(run.recaption_cache(shard), name))
 
 
 def kept_rows(job: Job, shard: str, downloaded: bool,
@@ -215,6 +227,7 @@ def recaption_shard(job: Job, engine: Callable[[], Engine], shard: str, download
     gives the engine when a row needs it: a shard whose rows are all cached loads no model."""
     run = job.run
     run.unmark("recaption", shard)   # first: a task that dies leaves no stale marker
+    sweep_partial(run, shard)
     keys, rows, kept_keys, wanted = kept_rows(job, shard, downloaded, scored)
     cache, _ = read_cache(run, shard)
     todo = {f"{k}.jpg": w for k, w in zip(kept_keys, wanted) if w[0] not in cache}
