@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def startup(out: Path, root: Path, overrides: list[str], stop_at_first_rows: boo
             if marker in line and name not in seen:
                 seen[name] = round(time.perf_counter() - launched, 2)
         if stop_at_first_rows and "first_rows_scored" in seen and not interrupted:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT)   # Ray shuts down on the way out; killed if it has not in a minute
+            threading.Timer(60, proc.kill).start()
             interrupted = True
     proc.wait()
     total = round(time.perf_counter() - launched, 2)
