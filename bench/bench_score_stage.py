@@ -143,9 +143,12 @@ def startup(out: Path, root: Path, overrides: list[str], stop_at_first_rows: boo
                 seen[name] = round(time.perf_counter() - launched, 2)
         if stop_at_first_rows and "first_rows_scored" in seen and not interrupted:
             proc.send_signal(signal.SIGINT)   # Ray shuts down on the way out; killed if it has not in a minute
-            threading.Timer(60, proc.kill).start()
+            watchdog = threading.Timer(60, proc.kill)
+            watchdog.start()
             interrupted = True
     proc.wait()
+    if interrupted:
+        watchdog.cancel()
     total = round(time.perf_counter() - launched, 2)
     if "first_rows_scored" not in seen or (proc.returncode and not interrupted):
         raise RuntimeError(f"curate run exited {proc.returncode} without a '{FIRST_ROWS}' line: " + "\n".join(tail))
