@@ -363,7 +363,7 @@ def score_cpu_shard(run: RunDir, cfg: Config, shard: str, expected: int, work: W
             return
         tables.append(table.select([c for c in columns if c in table.column_names]))
         yield {"rows": table.num_rows}
-    table = pa.concat_tables(tables).sort_by("key") if tables else None
+    table = pa.concat_tables(tables).sort_by("key") if tables else build({c: [] for c in columns})   # no rows
     yield {"rows": 0, "error": store_shard(run, shard, table, expected, work, wanted), "done": True}
 
 
