@@ -14,7 +14,8 @@ parts, from /proc/PID/smaps_rollup): the driver (the run's process) and its desc
 daemons and workers). Shared-memory pages are the object store's: a worker that maps a block
 has its pages counted in its own PSS. At the end of the score phase the run itself records
 what Ray says (`ray memory --stats-only`, the workers from ray.util.state with psutil's USS and
-PSS for each). The A/B pair at the largest size runs once more without score.object_store_mb_per_cpu.
+PSS for each). Models off, the score phase runs plain tasks, not the Ray Data stream, so the
+stream's object-store cap (score.object_store_mb_per_cpu) has nothing to bound here and is not A/B'd.
 
 Smoke mode runs the same measurement in this process on the Ray already running (the test
 session's), at tens of rows, so it takes seconds: it checks the code, not the figures.
@@ -38,7 +39,6 @@ from bench.common import ROOT, PeakMemory, _children, served
 # (tiny run, measured sizes): the tiny run's time is the fixed cost subtracted at every size.
 SIZES = {"smoke": (10, [30, 60]), "quick": (50, [1_000, 10_000]), "full": (50, [10_000, 100_000])}
 OVERRIDES = ["models.enabled=[]"]   # the pipeline's own cost: no model (bench_models and bench_ocr time those)
-UNCAPPED = ["score.object_store_mb_per_cpu=null"]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "curate-bench"
 SEED = 0
 
@@ -126,7 +126,8 @@ def _kind(pid: int) -> str:
 
 class Breakdown(PeakMemory):
     """PeakMemory plus the peaks of the descendants' shared-memory (object store) and anonymous PSS,
-    and the peak PSS of each kind of process (raylet, gcs_server, workers, other)."""
+    the peak PSS of each kind of process (raylet, gcs_server, workers, other) and the most Ray worker
+    processes alive at once."""
 
     def __init__(self, pid: int | None = None, every: float = 0.5):
         super().__init__(pid, every)
@@ -139,13 +140,14 @@ class Breakdown(PeakMemory):
             pid = todo.pop()
             tree.append(pid)
             todo += _children(pid)
-        sums: dict[str, float] = {"workers_shmem_mb": 0.0, "workers_anon_mb": 0.0}
+        sums: dict[str, float] = {"workers_shmem_mb": 0.0, "workers_anon_mb": 0.0, "worker_processes": 0}
         for pid in tree:
             roll = _rollup(pid)
             sums["workers_shmem_mb"] += roll["Pss_Shmem"]
             sums["workers_anon_mb"] += roll["Pss_Anon"]
-            key = f"{_kind(pid)}_mb"
-            sums[key] = sums.get(key, 0.0) + roll["Pss"]
+            kind = _kind(pid)
+            sums[f"{kind}_mb"] = sums.get(f"{kind}_mb", 0.0) + roll["Pss"]
+            sums["worker_processes"] += kind == "worker"   # each Ray worker costs its own imports
         sums["driver_shmem_mb"] = _rollup(self.pid)["Pss_Shmem"]
         for key, value in sums.items():
             self.peaks[key] = max(self.peaks.get(key, 0.0), value)
@@ -230,8 +232,8 @@ def _point(run: dict, tiny: dict) -> dict:
 
 
 def run(mode: str) -> dict:
-    """A tiny run twice (a warm-up, then the fixed cost), each size once, then the largest again without
-    the object store cap (the A/B of the memory fix), each in a fresh process (in this one in smoke mode)."""
+    """A tiny run twice (a warm-up, then the fixed cost), then each size once, each in a fresh process (in
+    this one in smoke mode)."""
     tiny_rows, sizes = SIZES[mode]
     launch = in_process_run if mode == "smoke" else one_run
     folder = corpus(max(sizes))
@@ -245,7 +247,6 @@ def run(mode: str) -> dict:
         go(tiny_rows)   # warm-up, discarded: the first run pays cold caches (imports, the served files)
         tiny = go(tiny_rows)
         per_size = {str(n): _point(go(n), tiny) for n in sizes}
-        uncapped = _point(go(sizes[-1], UNCAPPED), tiny) if mode != "smoke" else None
     points = list(per_size.values())
     per_1k = [s["sec_per_1k"] for s in points]
     peak = {who: [s["peak_mb"][who] for s in points] for who in ("driver_mb", "workers_mb")}
@@ -263,12 +264,4 @@ def run(mode: str) -> dict:
                  "object store's share of it; peak_mem_max_over_min is the larger of the driver's and the "
                  "workers' ratios",
     }
-    if uncapped is not None:
-        capped = per_size[str(sizes[-1])]
-        out["object_store_cap_ab"] = {
-            "rows": sizes[-1], "capped": {k: capped[k] for k in ("seconds", "sec_per_1k", "peak_mb")},
-            "uncapped": {k: uncapped[k] for k in ("seconds", "sec_per_1k", "peak_mb", "ray_memory")},
-            "uncapped_over_capped_seconds": round(uncapped["seconds"] / capped["seconds"], 3),
-            "uncapped_over_capped_workers_peak": round(uncapped["peak_mb"]["workers_mb"]
-                                                       / capped["peak_mb"]["workers_mb"], 3)}
     return out

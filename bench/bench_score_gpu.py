@@ -14,8 +14,9 @@ Then, taking turns on those batches:
   tower and head's forward pass and nothing else (the captions' tokenisation, small, in both).
 
 `score_gpu.pipeline_over_model_alone` = pipeline images/s over model_alone images/s (goal >= 0.8).
-Also the CPU stage's images/s per core on the same images, so the JSON says how many cores keep one
-GPU fed. Without CUDA the JSON says "not run: no CUDA" and carries no rate; the smoke mode then runs
+Also the CPU stage's images/s per core on the same images, on this machine's CPUs, so the JSON says
+how many cores keep one GPU fed: `score_gpu.cores_per_gpu` (goal: at most the machine's cores per GPU).
+Without CUDA the JSON says "not run: no CUDA" and carries no rate (null ratios); the smoke mode then runs
 the same functions on CPU with a small tower (ViT-B-32, fp32) under `cpu_check`, never as a GPU figure.
 
     make bench-gpu        # installs the project, runs this through bench/run.py, records the table
@@ -177,7 +178,7 @@ def run(mode: str) -> dict:
              "scheduling not included); both tokenise the captions; random weights (speed does not depend on them)")
     if not torch.cuda.is_available():
         result: dict = {"error": NOT_RUN, "notes": notes,
-                        "ratios": {"score_gpu.pipeline_over_model_alone": None}}
+                        "ratios": {"score_gpu.pipeline_over_model_alone": None, "score_gpu.cores_per_gpu": None}}
         if mode == "smoke":
             with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
                 result["cpu_check"] = {
@@ -186,8 +187,12 @@ def run(mode: str) -> dict:
         return result
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         figures = measure(production_models(batch_size), images, batch_size, REPEATS[mode], "cuda", Path(tmp))
-    return {**figures, "notes": notes,
+    goal = round((os.cpu_count() or 1) / torch.cuda.device_count(), 1)
+    return {**figures, "notes": notes, "cores_per_gpu_goal": goal,
+            "cores_per_gpu": "the model stage's images/s per GPU over the CPU stage's images/s per core, both "
+                             f"measured on this machine; goal: at most its cores per GPU ({goal})",
             "ratios": {"score_gpu.pipeline_over_model_alone": figures["pipeline_over_model_alone"],
+                       "score_gpu.cores_per_gpu": figures["cpu_cores_to_feed_one_gpu"],
                        "score_gpu.gpu_decode_pipeline_over_model_alone":
                            figures["gpu_decode_pipeline_over_model_alone"]}}
 

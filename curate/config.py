@@ -196,7 +196,7 @@ class ScoreConfig(_Section):
         "read a 256 px gray thumbnail, so more only costs time"))
     num_cpus: float = Field(1.0, gt=0, description="CPUs per CPU scoring task")
     object_store_mb_per_cpu: int | None = Field(256, ge=16, description=(
-        "object-store budget of the score stream (blocks between reading, the CPU stage, the actors and the "
+        "object-store budget of the score stream with models (blocks between the CPU stage, the actors and the "
         "part writers) per cluster CPU; null: Ray Data's default, half the object store. Shared-memory pages "
         "a run has touched stay resident and count in its workers' memory, so this bounds them "
         "(bench/README.md, scaling)"))

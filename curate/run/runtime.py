@@ -44,8 +44,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         log.info("starting a local Ray (%s CPUs)", num_cpus or os.cpu_count())
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}})
+        # No runtime_env: the workers inherit this process's environment (set above), and a runtime_env
+        # sends every worker through Ray's set-up process first, a second import of Ray each (seconds here).
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def alive_nodes() -> list[dict]:

@@ -1,17 +1,21 @@
-"""Phase 2, score: a Ray Data stream over the raw shards that computes every score column.
+"""Phase 2, score: every score column of every downloaded shard, written per shard with its marker.
 
-CPU stage (one task per shard: stream its parquet + tar a batch at a time, decode once: image
-metrics, caption metrics, model view) -> model actors (when view scorers are enabled) -> OCR
-actors (when ocr is enabled); the last of these writes each batch's score columns to storage as
-a part of its shard and returns only (shard, rows, error).
+Without a model scorer to run, the CPU stage is the whole stage: one plain Ray task per shard
+(score_cpu_shard) streams its parquet + tar a batch at a time, decodes once (image metrics,
+caption metrics), keeps the score columns (small) and writes scores/{shard}.parquet and the
+marker itself. With model scorers, a Ray Data stream: the same CPU stage (read fused in, plus the
+model view) -> model actors (when view scorers are enabled) -> OCR actors (when ocr is enabled);
+the last of these writes each batch's score columns to storage as a part of its shard and
+returns only (shard, rows, error), and when a shard is complete a small task merges its parts
+into scores/{shard}.parquet (sorted by key) and writes the shard's marker.
 OCR is its own actor pool, sized apart from the model actors, and it is handed the stored JPEG
 bytes rather than a decoded view: it needs a larger view (models.ocr_side) than the models, and
 bytes are about a tenth of that view's pixels in the object store; its decode is cheap next to
 its detection (see bench/bench_ocr.py).
-The driver counts rows per shard; when a shard is complete a small task merges its parts into
-scores/{shard}.parquet (sorted by key) and writes the shard's marker. No score row ever
-reaches the driver, and a worker holds one batch, never a shard.
+No score row ever reaches the driver, and a worker holds one batch of images, never a shard's.
 Scoring never decides anything; per-row failures become `score_error`, never exceptions.
+Where the stage's time goes, and why the CPU-only stage is not a Ray Data stream: bench/README.md,
+"Score stage breakdown".
 """
 from __future__ import annotations
 
@@ -24,14 +28,13 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from ray.data.extensions import ArrowTensorArray
 
 from curate.config import Config, ConfigError
 from curate.guards import check_weights_where_actors_run
 from curate.phases.score import provenance
 from curate.phases.score.provenance import Producer, Work
 from curate.run.rundir import RunDir
-from curate.run.runtime import Progress, Window, log, windowed
+from curate.run.runtime import Progress, Window, error_text, log, windowed
 from curate.run.storage import join
 from filters.image import aspect_ratio, decode, image_columns, model_views
 from filters.models.options import ModelOptions
@@ -45,6 +48,7 @@ KEPT_INPUTS = ["caption_norm", "score_error"]
 # CPUs each actor reserves: shares, so the CPU tasks always find room beside the pools; an OCR
 # actor runs one onnxruntime thread, so more cores want more models.ocr_actors.
 MODEL_ACTOR_CPUS, OCR_ACTOR_CPUS = 0.5, 0.25
+STREAM_BLOCK_BYTES = 8 * 2**20   # the model stream's block size: about one CPU batch of views (64 x 224^2 x 3)
 
 
 def written_columns(names: frozenset[str]) -> list[str]:
@@ -116,19 +120,18 @@ def _failed_batch(keys: list, shards: list, exc: BaseException, stage: str) -> p
 
 
 def read_and_score_cpu(batch: dict[str, np.ndarray], run: RunDir, cfg: Config, model_side: int | None,
-                       keep_image: bool, columns: list[str] | None,
-                       scorers: frozenset[str] = frozenset({"image", "caption"})) -> Iterator[pa.Table]:
-    """The CPU stage, reading fused in: each shard streamed a batch at a time and scored in the same task.
+                       keep_image: bool, scorers: frozenset[str] = frozenset({"image", "caption"})
+                       ) -> Iterator[pa.Table]:
+    """The model stream's CPU stage, reading fused in: each shard streamed a batch at a time and scored
+    in the same task.
 
-    The image bytes never pass through the object store, and a lone operator gets every CPU
-    (beside a separate read, Ray Data's reservations ran one scoring task at a time on 2 CPUs).
-    `columns` set: this is the last stage, so it writes the parts and yields summaries. `scorers`:
-    the CPU scorers to run; without them (a partial re-score) their columns the later stages read
-    come back from the scores on disk."""
+    The image bytes never pass through the object store unless a later stage reads them, and a lone
+    operator gets every CPU (beside a separate read, Ray Data's reservations ran one scoring task at a
+    time on 2 CPUs). `scorers`: the CPU scorers to run; without them (a partial re-score) their columns
+    the later stages read come back from the scores on disk."""
     kept = [] if {"image", "caption"} <= scorers else KEPT_INPUTS
     for raw in read_raw(batch, run, cfg.score.batch_size, kept):
-        table = score_cpu(raw, cfg, model_side, keep_image, scorers)
-        yield write_parts(table, run, columns) if columns is not None else table
+        yield score_cpu(raw, cfg, model_side, keep_image, scorers)
 
 
 def score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None, keep_image: bool = False,
@@ -174,6 +177,8 @@ def _score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None
     table = build(cols)
     table = table.append_column("_shard_error", pa.array(batch["_shard_error"].tolist(), type=pa.string()))
     if model_side:
+        from ray.data.extensions import ArrowTensorArray  # here, not at the top: the CPU-only tasks skip Ray Data
+
         column = np.empty(len(views), dtype=object)  # ragged: one array per image, empty when none
         column[:] = [v if v is not None else np.zeros((0, 0, 3), dtype=np.uint8) for v in views]
         table = table.append_column("_view", ArrowTensorArray.from_numpy(column))
@@ -183,6 +188,8 @@ def _score_cpu(batch: dict[str, np.ndarray], cfg: Config, model_side: int | None
 def _with_scores(batch: pa.Table, scores: dict[str, np.ndarray], consumed: str | None) -> pa.Table:
     """The batch less its `consumed` input column (None: a later stage still reads it), plus the score
     columns (typed by the schema); the columns already there pass through untouched (pHash stays uint64)."""
+    from ray.data.extensions import ArrowTensorArray
+
     batch = batch.drop_columns([consumed]) if consumed else batch
     for name, values in scores.items():
         column = ArrowTensorArray.from_numpy(values) if name == "image_embedding" else \
@@ -311,7 +318,15 @@ def finish_shard(run: RunDir, shard: str, expected: int, work: Work, wanted: dic
     if table is not None and table.num_rows:
         first = pc.not_equal(table.column("key").slice(1), table.column("key").slice(0, table.num_rows - 1))
         table = table.filter(pa.concat_arrays([pa.array([True]), first.combine_chunks()]))
-    if table is not None and table.num_rows != expected:   # a re-executed batch can write overlapping parts
+    return store_shard(run, shard, table, expected, work, wanted)
+
+
+def store_shard(run: RunDir, shard: str, table: pa.Table | None, expected: int, work: Work,
+                wanted: dict[str, Producer]) -> str | None:
+    """Write a shard's score columns (sorted by key) as scores/{shard}.parquet (+ embeddings), drop any
+    parts, then the marker; None when done, else why not (a re-executed batch can write overlapping parts)."""
+    storage = run.storage
+    if table is not None and table.num_rows != expected:
         return f"scoring returned {table.num_rows} of {expected} rows"
     if table is not None and "image_embedding" in table.column_names:
         column = table.column("image_embedding").combine_chunks()
@@ -323,9 +338,33 @@ def finish_shard(run: RunDir, shard: str, expected: int, work: Work, wanted: dic
     if work.partial:
         table = _join_kept(run, shard, table, work)
     storage.write_parquet(conform(_ordered(table)), run.scores(shard))
-    storage.delete_dir(folder)   # before the marker: a kill in between leaves the shard unscored, never parts behind
+    storage.delete_dir(run.score_parts(shard))   # before the marker: a kill in between leaves the shard unscored
     run.mark("score", shard, work.marker(table.num_rows, wanted))
     return None
+
+
+def score_cpu_shard(run: RunDir, cfg: Config, shard: str, expected: int, work: Work, wanted: dict[str, Producer],
+                    columns: list[str]) -> Iterator[dict]:
+    """A plain Ray task (a streaming generator) that scores one shard whose last stage is the CPU one.
+
+    It streams the shard a batch at a time (read_raw), keeps only the score columns (small: no image
+    survives its batch), then writes scores/{shard}.parquet and the marker itself: no Ray Data
+    operator, no part files, no merge task. Yields {"rows"} per batch (the driver's progress) and
+    last {"rows", "error", "done"}: error None when the shard is done, else why it failed.
+    """
+    scorers = frozenset(n for n in work.run if BY_NAME[n].stage == "cpu")
+    kept = [] if {"image", "caption"} <= scorers else KEPT_INPUTS
+    tables: list[pa.Table] = []
+    for raw in read_raw({"shard": np.array([shard], dtype=object)}, run, cfg.score.batch_size, kept):
+        table = score_cpu(raw, cfg, None, False, scorers)
+        error = table.column("_shard_error")[0].as_py() if table.num_rows else None
+        if error:
+            yield {"rows": 0, "error": error, "done": True}
+            return
+        tables.append(table.select([c for c in columns if c in table.column_names]))
+        yield {"rows": table.num_rows}
+    table = pa.concat_tables(tables).sort_by("key") if tables else build({c: [] for c in columns})   # no rows
+    yield {"rows": 0, "error": store_shard(run, shard, table, expected, work, wanted), "done": True}
 
 
 def _join_kept(run: RunDir, shard: str, new: pa.Table | None, work: Work) -> pa.Table:
@@ -402,8 +441,6 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> tuple[list[dict], 
     before it is re-scored, so a killed attempt leaves it unscored (re-scored in full), never
     half-updated under an old marker.
     """
-    import ray
-
     wanted = provenance.producers(cfg)
     works = provenance.plan(run, cfg, shards, wanted)
     if not works:
@@ -419,22 +456,14 @@ def run_score(cfg: Config, run: RunDir, shards: list[str]) -> tuple[list[dict], 
     for shard in todo:
         w = works[shard]
         groups.setdefault(Work(w.run, w.drop, w.partial, ""), []).append(shard)
-    context = ray.data.DataContext.get_current()
-    limits = context.execution_options.resource_limits
-    if cfg.score.object_store_mb_per_cpu:   # the stream's own budget; restored for later phases below
-        budget = cfg.score.object_store_mb_per_cpu * 2**20 * ray.cluster_resources().get("CPU", 1.0)
-        context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
     failures: list[dict] = []
-    try:
-        for kind, group in groups.items():
-            _log_work(kind, group, wanted)
-            shard_work = {s: works[s] for s in group}
-            if kind.run:
-                failures += _score_stream(cfg, run, group, expected, shard_work, wanted)
-            else:
-                failures += _drop_columns(run, shard_work, expected, wanted)
-    finally:
-        context.execution_options.resource_limits = limits
+    for kind, group in groups.items():
+        _log_work(kind, group, wanted)
+        shard_work = {s: works[s] for s in group}
+        if kind.run:
+            failures += _score_stream(cfg, run, group, expected, shard_work, wanted)
+        else:
+            failures += _drop_columns(run, shard_work, expected, wanted)
     return failures, todo
 
 
@@ -461,10 +490,56 @@ def _drop_columns(run: RunDir, works: dict[str, Work], expected: dict[str, int],
     return [{"phase": "score", "shard": s, "error": e} for s, e in sorted(done) if e]
 
 
+def _score_tasks(cfg: Config, run: RunDir, todo: list[str], expected: dict[str, int], works: dict[str, Work],
+                 wanted: dict[str, Producer], columns: list[str]) -> list[dict]:
+    """The CPU stage alone (no model scorer to run): one plain Ray task per shard (score_cpu_shard),
+    at most two per CPU in flight. Measured against the Ray Data stream it replaces here, this has
+    no executor in the driver, no per-batch blocks, parts or merge tasks, and starts at once
+    (bench/README.md, score stage breakdown)."""
+    import ray
+
+    task = ray.remote(num_cpus=cfg.score.num_cpus, max_retries=3, num_returns="streaming")(score_cpu_shard)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    waiting = iter(todo)
+    running: dict = {}
+    failures: dict[str, str] = {}
+    progress = Progress("score", sum(expected.values()))
+    first_seen = False
+    while True:
+        while len(running) < window and (shard := next(waiting, None)) is not None:
+            running[task.remote(run, cfg, shard, expected[shard], works[shard], wanted, columns)] = shard
+        if not running:
+            break
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for gen in ready:
+            shard = running[gen]
+            try:
+                item = ray.get(next(gen))
+            except StopIteration:   # ended without its last item: cannot happen unless the task is cut short
+                failures.setdefault(shard, "scoring ended without a result")
+                del running[gen]
+                continue
+            except Exception as exc:   # the task failed after Ray's retries
+                item = {"rows": 0, "error": f"CPU scoring failed: {error_text(exc)}", "done": True}
+            if item["rows"] and not first_seen:   # start-up made visible (bench_score_stage reads this line)
+                first_seen = True
+                log.info("score: first rows scored, %.1fs after the phase started", time.time() - progress.start)
+            progress.add(item["rows"])
+            if item.get("done"):
+                del running[gen]
+                if item["error"]:
+                    failures[shard] = item["error"]
+    seconds = progress.finish()
+    log.info("score: %d shards in %.1fs", len(todo) - len(failures), seconds)
+    return [{"phase": "score", "shard": s, "error": e} for s, e in sorted(failures.items())]
+
+
 def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str, int], works: dict[str, Work],
                   wanted: dict[str, Producer]) -> list[dict]:
-    """The score stream over shards that share one kind of work, under the object-store budget run_score set."""
+    """Score shards that share one kind of work: plain tasks when only CPU scorers run, else the model
+    stream under its own object-store budget and block size (restored for the phases after)."""
     import ray
+    import ray.data
 
     names = next(iter(works.values())).run
     models = [n for n in names if BY_NAME[n].stage == "model" and n != "embedding"]
@@ -476,6 +551,29 @@ def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str,
     gpu_decode = views_on and cfg.models.gpu_decode   # the model actors decode their own views from the bytes
     model_side = cfg.models.image_size if views_on and not gpu_decode else None
     columns = written_columns(names)
+    if not models_on:
+        return _score_tasks(cfg, run, todo, expected, works, wanted, columns)
+    context = ray.data.DataContext.get_current()
+    limits, block = context.execution_options.resource_limits, context.target_max_block_size
+    if cfg.score.object_store_mb_per_cpu:   # the stream's own budget; restored for later phases below
+        budget = cfg.score.object_store_mb_per_cpu * 2**20 * ray.cluster_resources().get("CPU", 1.0)
+        context.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    # A CPU task's batches leave it one by one: at Ray Data's default (128 MiB) a whole shard's views
+    # were one block, so the model actors waited for the shard's last batch.
+    context.target_max_block_size = STREAM_BLOCK_BYTES
+    try:
+        return _model_stream(cfg, run, todo, expected, works, wanted, names, model_side, ocr_on, views_on,
+                             gpu_decode, columns)
+    finally:
+        context.execution_options.resource_limits, context.target_max_block_size = limits, block
+
+
+def _model_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str, int], works: dict[str, Work],
+                  wanted: dict[str, Producer], names: frozenset[str], model_side: int | None, ocr_on: bool,
+                  views_on: bool, gpu_decode: bool, columns: list[str]) -> list[dict]:
+    """The Ray Data stream of the CPU stage into the model and OCR actor pools (see the module's doc)."""
+    import ray
+
     resources = ray.cluster_resources()
     low, high = actor_pool(cfg.models, resources) if views_on else (0, 0)
     check_room(cfg, views_on, ocr_on, resources.get("CPU", 0.0), high)
@@ -484,7 +582,7 @@ def _score_stream(cfg: Config, run: RunDir, todo: list[str], expected: dict[str,
     ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(read_and_score_cpu, batch_size=1, num_cpus=cfg.score.num_cpus,
                         fn_kwargs={"run": run, "cfg": cfg, "model_side": model_side,
-                                   "keep_image": ocr_on or gpu_decode, "columns": None if models_on else columns,
+                                   "keep_image": ocr_on or gpu_decode,
                                    "scorers": frozenset(n for n in names if BY_NAME[n].stage == "cpu")})
     if views_on:
         log.info("score: %s model actors (models.num_actors=%s, %g GPUs each, cluster GPUs %g)",
