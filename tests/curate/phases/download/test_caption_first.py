@@ -342,3 +342,17 @@ def test_a_loosened_screen_fetches_only_the_rows_it_admits_and_keeps_every_store
     marker = json.loads((tmp_path / "run" / "_done" / "download" / "00000.json").read_text())
     assert marker["increment"] == {"screen": "inc", "requested": 1, "stored": 2} and marker["not_requested"] == 0
     assert marker["hosts"]["127.0.0.1"]["requests"] == 5   # both downloads: their images and robots.txt each
+
+
+def test_a_changed_input_where_is_refused_saying_why_it_cannot_be_applied_in_place(tmp_path):
+    from curate.phases.download.plan import check_plan, signature
+    from curate.run.rundir import RunDir
+
+    cfg = validate({"run_dir": str(tmp_path / "run"), "input": {"paths": [str(tmp_path / "in.parquet")],
+                                                                "where": WHERE}})
+    run = RunDir(cfg.run_dir)
+    run.storage.write_json(run.plan, {"input": signature(cfg.input)})
+    check_plan(cfg.input, run)
+    cfg.input.where = "punsafe < 0.9"
+    with pytest.raises(ConfigError, match=r"input.where: planned with .*\n.*cut, from input columns they do not keep"):
+        check_plan(cfg.input, run)
