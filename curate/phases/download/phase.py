@@ -276,7 +276,8 @@ def download_shard(cfg: Config, shard: str, increment: str | None = None) -> dic
     `rescreen`): the shard was downloaded before, and only the rows that download did not request and
     the plan now admits are fetched. Every other row keeps its earlier result, and its image is copied
     from the earlier raw tar without a request. The shard's markers go first (download, score and on),
-    so until the new marker is written no phase reads it half-changed.
+    so until the new marker is written no phase reads it half-changed; the new marker adds the earlier
+    one's host counts and wait (a retried task, whose earlier marker is gone, counts its own alone).
     """
     run = RunDir(cfg.run_dir, Storage(cfg.storage))
     started = time.time()
@@ -285,7 +286,7 @@ def download_shard(cfg: Config, shard: str, increment: str | None = None) -> dic
     keys = rows.column("key").to_pylist()
     earlier: list[Row | None] = [None] * rows.num_rows
     before: dict = {}
-    if increment is not None:
+    if increment is not None and run.storage.exists(run.raw_table(shard)):
         earlier = _earlier(run, shard, rows)
         if run.storage.exists(run.marker("download", shard)):
             before = run.storage.read_json(run.marker("download", shard))
