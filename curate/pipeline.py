@@ -13,6 +13,7 @@ nothing to do leaves its entry as it was.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from curate import config as config_mod
@@ -67,14 +68,13 @@ def run_download(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
     cfg_ref = ray.put(cfg)
     progress = Progress("download", len(todo) * cfg.input.shard_rows)
     failed: list[dict] = []
-    grown = {"shards": 0, "requested": 0, "stored": 0}
+    grown: Counter = Counter()
     for shard, result in windowed(todo, lambda shard: remote.remote(
             cfg_ref, shard, increment["screen"] if shard in again else None)):
         if isinstance(result, dict):
             progress.add(result["rows"])
             if shard in again:
-                grown = {"shards": grown["shards"] + 1, "requested": grown["requested"] + result["requested"],
-                         "stored": grown["stored"] + result["stored"]}
+                grown.update(shards=1, requested=result["requested"], stored=result["stored"])
         else:
             failed.append(failures.failure("download", shard, result))
             log.error("download: shard %s failed: %s", shard, result)
@@ -90,10 +90,11 @@ def run_download(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
 def _increment_todo(run: RunDir, increment: dict, done: set[str]) -> set[str]:
     """The shards of the plan's increment whose download does not yet hold its newly admitted rows: those
     without a download marker from this increment (a shard it failed or a crash cut short, too)."""
-    listed = [s for s in increment.get("shards", []) if s in done]
+    shards = increment.get("admitted", {})
+    listed = [s for s in shards if s in done]
     current = {s for s, m in zip(listed, run.markers("download", listed))
                if (m.get("increment") or {}).get("screen") == increment["screen"]}
-    return {s for s in increment.get("shards", []) if s not in current}
+    return {s for s in shards if s not in current}
 
 
 def check_models(cfg: Config, skip_missing: bool) -> dict:

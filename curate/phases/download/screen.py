@@ -345,15 +345,14 @@ def rescreen(cfg: Config, run: RunDir) -> dict | None:
     if not found:
         return None
     shards = info["shards"]
-    pending = set((screened.get("increment") or {}).get("shards", []))   # an earlier one not finished
+    pending = set((screened.get("increment") or {}).get("admitted", {}))   # an earlier one not finished
     downloaded = run.done("download") | {s for s in pending if run.storage.exists(run.raw_table(s))}
     log.info("plan: these text settings admit rows the plan never requested; screening again:\n%s",
              _lines(found))
     now = run_screen(cfg, run, shards, info["rows"], frozenset(downloaded))
     admitted = now.pop("admitted", {})
-    now["increment"] = {"loosened": list(found),
-                        "rows": sum(admitted.values()), "shards": list(admitted), "admitted": admitted,
-                        "screen": uuid.uuid4().hex[:12]}
+    now["increment"] = {"loosened": list(found), "rows": sum(admitted.values()), "shards": len(admitted),
+                        "admitted": admitted, "screen": uuid.uuid4().hex[:12]}
     info["before_download"] = now
     run.storage.write_json(run.plan, info)
     log.info("plan: %d rows newly admitted in %d of %d shards; only those rows are requested, and only those "

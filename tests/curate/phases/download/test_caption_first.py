@@ -236,7 +236,7 @@ def test_loosening_requests_only_the_rows_it_newly_admits(laion, tmp_path):
             assert record["requested"] == sum(k.startswith(shard) for k in admitted)
             assert record["stored"] == len(old)
     plan = json.loads((root / "input_shards" / "_plan.json").read_text())["before_download"]
-    assert plan["increment"]["rows"] == len(admitted) and set(plan["increment"]["shards"]) == touched
+    assert plan["increment"]["rows"] == len(admitted) and set(plan["increment"]["admitted"]) == touched
     assert plan["text"]["min_zh_ratio"] == 0.0 and "not_chinese" not in plan["reasons"]
 
     start = len(laion.served.hits)   # once more: nothing left to do, nothing requested
