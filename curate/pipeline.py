@@ -14,6 +14,7 @@ nothing to do leaves its entry as it was.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from curate import config as config_mod
@@ -47,17 +48,20 @@ def run_download(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
     import ray
 
     from curate.phases.download.plan import cut
-    from curate.phases.download.screen import run_screen
+    from curate.phases.download.screen import rescreen, run_screen
 
     if run.storage.exists(run.plan):   # run_phases has checked it against this config
         shards = run.shard_names()
+        rescreen(cfg, run)   # a loosened text setting: the plan admits more rows, listed as its increment
     else:  # the input streams through a worker, not the driver; the plan is written once screened
         info = ray.get(ray.remote(num_cpus=0.5)(cut).remote(cfg.input, run))
         info["before_download"] = run_screen(cfg, run, info["shards"], info["rows"])
         run.storage.write_json(run.plan, info)
         shards = info["shards"]
     done = run.done("download")
-    todo = [s for s in shards if s not in done]
+    increment = (run.storage.read_json(run.plan).get("before_download") or {}).get("increment") or {}
+    again = _increment_todo(run, increment, done)
+    todo = [s for s in shards if s not in done or s in again]
     if not todo:
         log.info("download: all %d shards already downloaded, nothing to do", len(shards))
         return [], 0
@@ -65,15 +69,33 @@ def run_download(cfg: Config, run: RunDir) -> tuple[list[dict], int]:
     cfg_ref = ray.put(cfg)
     progress = Progress("download", len(todo) * cfg.input.shard_rows)
     failed: list[dict] = []
-    for shard, result in windowed(todo, lambda shard: remote.remote(cfg_ref, shard)):
+    grown: Counter = Counter()
+    for shard, result in windowed(todo, lambda shard: remote.remote(
+            cfg_ref, shard, increment["screen"] if shard in again else None)):
         if isinstance(result, dict):
             progress.add(result["rows"])
+            if shard in again:
+                grown.update(shards=1, requested=result["requested"], stored=result["stored"])
         else:
             failed.append(failures.failure("download", shard, result))
             log.error("download: shard %s failed: %s", shard, result)
     progress.total = progress.done
     progress.finish()
+    if again:
+        log.info("download: increment after %s: %d shards downloaded again, %d requests for the rows newly "
+                 "admitted, %d images kept from the raw tars without a request",
+                 ", ".join(increment["loosened"]), grown["shards"], grown["requested"], grown["stored"])
     return failed, progress.done
+
+
+def _increment_todo(run: RunDir, increment: dict, done: set[str]) -> set[str]:
+    """The shards of the plan's increment whose download does not yet hold its newly admitted rows: those
+    without a download marker from this increment (a shard it failed or a crash cut short, too)."""
+    shards = increment.get("admitted", {})
+    listed = [s for s in shards if s in done]
+    current = {s for s, m in zip(listed, run.markers("download", listed))
+               if (m.get("increment") or {}).get("screen") == increment["screen"]}
+    return {s for s in shards if s not in current}
 
 
 def check_models(cfg: Config, skip_missing: bool) -> dict:
@@ -114,13 +136,17 @@ def run_phases(cfg: Config, phases: tuple[str, ...] = PHASES, dry_run: bool = Fa
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_paths_reach_every_node(cfg)
     if dry_run:
+        if run.storage.exists(run.plan):
+            from curate.phases.download.screen import check_screen
+
+            check_screen(cfg, run, downloading=False)
         return _phases(cfg, run, phases, models, dry_run)
     with Lease(run):
         if run.storage.exists(run.plan):   # refuse a changed input before config.yaml records it
             from curate.phases.download.screen import check_screen
 
             check_plan(cfg.input, run)
-            check_screen(cfg, run)
+            check_screen(cfg, run, downloading="download" in phases)
         run.storage.write_text(run.config, config_mod.dump(cfg))
         return _phases(cfg, run, phases, models, dry_run)
 

@@ -386,6 +386,17 @@ def host_summary(queue: HostQueue, top: int = TOP_HOSTS) -> dict[str, dict]:
                     for name, h in queue.hosts.items()}, top)
 
 
+def merge_summaries(*tables: dict[str, dict], top: int = TOP_HOSTS) -> dict[str, dict]:
+    """Per-host tables of one shard's downloads (an earlier one and its increment) as one marker table."""
+    if sum(bool(t) for t in tables) < 2:
+        return next((t for t in tables if t), {})
+    hosts: dict[str, dict] = {}
+    for table in tables:
+        for name, stats in table.items():
+            _merge(hosts.setdefault(name, {}), stats)
+    return _ranked(hosts, top)
+
+
 def download_stats(markers: list[dict], top: int = STATS_TOP_HOSTS) -> dict:
     """stats.json's `download` section from the download markers: error kinds, the shards' wait,
     and the top hosts by rows with their success rate and main error kinds. A host outside a

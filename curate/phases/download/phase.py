@@ -35,12 +35,12 @@ from PIL import Image
 
 from curate.config import Config, DownloadConfig
 from curate.phases.download.fetch import Budget, Fetched, Fetcher, host_of, scheme_error
-from curate.phases.download.hosts import HostQueue, Job, host_summary
+from curate.phases.download.hosts import HostQueue, Job, host_summary, merge_summaries
 from curate.phases.download.robots import ROBOTS_MAX_BYTES
 from curate.run.rundir import RunDir
 from curate.run.runtime import log
 from curate.run.storage import Storage
-from curate.run.tario import TarWriter
+from curate.run.tario import TarWriter, TruncatedTar, members
 from filters.image import to_rgb
 from manifests.schema import conform
 
@@ -240,26 +240,71 @@ def not_requested(rows: pa.Table) -> tuple[list[Row | None], list[int]]:
     return skipped, [i for i, r in enumerate(reasons) if r is None]
 
 
-def download_shard(cfg: Config, shard: str) -> dict:
+def _earlier(run: RunDir, shard: str, rows: pa.Table) -> list[Row | None]:
+    """Each row's result in the shard's earlier download (raw/{shard}.parquet), None where it was not requested."""
+    raw = run.storage.read_parquet(run.raw_table(shard), columns=["key", *RAW_COLUMNS])
+    if not raw.column("key").equals(rows.column("key")):
+        raise RuntimeError(f"raw/{shard}.parquet does not hold the rows of input_shards/{shard}.parquet")
+    return [None if r["status"] == "not_requested" else Row(**r) for r in raw.select(RAW_COLUMNS).to_pylist()]
+
+
+def _copy_stored(run: RunDir, shard: str, names: set[str], tar: TarWriter) -> set[str]:
+    """Copy the images `names` from the shard's raw tar into `tar` (the same member bytes); the names copied.
+    A tar that ends early gives what it holds: the rest are fetched again."""
+    copied: set[str] = set()
+    if not names:
+        return copied
+    try:
+        with run.storage.open_input(run.raw_tar(shard)) as f:
+            for name, data in members(f, names):
+                tar.add(name, data)
+                copied.add(name)
+    except (FileNotFoundError, TruncatedTar) as exc:
+        log.warning("download: raw/%s.tar gives %d of its %d images (%s); the others are fetched again",
+                    shard, len(copied), len(names), exc)
+    return copied
+
+
+def download_shard(cfg: Config, shard: str, increment: str | None = None) -> dict:
     """Fetch one input shard; write raw/{shard}.tar, raw/{shard}.parquet, then the done marker.
 
     Images are collected in a scratch tar on the worker's local disk, which the task removes;
     the run directory (possibly an object store) only ever receives finished objects. The
     marker carries the shard's counts, error kinds, wait and per-host stats for stats.json.
+
+    `increment` (the plan's increment after a loosened setting, curate/phases/download/screen.py
+    `rescreen`): the shard was downloaded before, and only the rows that download did not request and
+    the plan now admits are fetched. Every other row keeps its earlier result, and its image is copied
+    from the earlier raw tar without a request. The shard's markers go first (download, score and on),
+    so until the new marker is written no phase reads it half-changed; the new marker adds the earlier
+    one's host counts and wait (a retried task, whose earlier marker is gone, counts its own alone).
     """
     run = RunDir(cfg.run_dir, Storage(cfg.storage))
     started = time.time()
     rows = run.storage.read_parquet(run.input_shard(shard))
     skipped, asked = not_requested(rows)
+    keys = rows.column("key").to_pylist()
+    earlier: list[Row | None] = [None] * rows.num_rows
+    before: dict = {}
+    if increment is not None and run.storage.exists(run.raw_table(shard)):
+        earlier = _earlier(run, shard, rows)
+        if run.storage.exists(run.marker("download", shard)):
+            before = run.storage.read_json(run.marker("download", shard))
+        run.invalidate(shard, "download")
     with tempfile.TemporaryDirectory(prefix=f"curate-download-{shard}-") as scratch:
         images = Path(scratch) / "images.tar"
         with open(images, "wb") as f:
             tar = TarWriter(f)
-            urls, keys = rows.column("url").to_pylist(), rows.column("key").to_pylist()
+            stored = _copy_stored(run, shard, {f"{keys[i]}.jpg" for i, r in enumerate(earlier)
+                                               if r is not None and r.status == "success"}, tar)
+            earlier = [None if r is not None and r.status == "success" and f"{keys[i]}.jpg" not in stored else r
+                       for i, r in enumerate(earlier)]
+            asked = [i for i in asked if earlier[i] is None]
+            urls = rows.column("url").to_pylist()
             fetched, hosts, budget = fetch_rows(cfg.download, [urls[i] for i in asked], [keys[i] for i in asked],
                                                 tar, scratch)
             tar.close()
-        results = list(skipped)
+        results = [e if e is not None else s for e, s in zip(earlier, skipped)]
         for i, row in zip(asked, fetched):
             results[i] = row
         with open(images, "rb") as src, run.storage.open_output(run.raw_tar(shard)) as dest:
@@ -269,9 +314,13 @@ def download_shard(cfg: Config, shard: str) -> dict:
     run.storage.write_parquet(table, run.raw_table(shard))
     ok = sum(r.status == "success" for r in results)
     kinds = Counter(r.error_kind for r in results if r.error_kind)
-    run.mark("download", shard, {"rows": table.num_rows, "success": ok, "tar_bytes": tar_bytes,
-                                 "not_requested": table.num_rows - len(asked),
-                                 "error_kinds": dict(kinds.most_common()), "wait_s": round(hosts.waited, 3),
-                                 "bodies": {"peak_mb": round(budget.peak / 2**20, 1), "spilled": budget.spilled},
-                                 "hosts": host_summary(hosts)})
-    return {"shard": shard, "rows": table.num_rows, "success": ok, "seconds": time.time() - started}
+    info = {"rows": table.num_rows, "success": ok, "tar_bytes": tar_bytes,
+            "not_requested": sum(r.status == "not_requested" for r in results),
+            "error_kinds": dict(kinds.most_common()), "wait_s": round(hosts.waited + before.get("wait_s", 0.0), 3),
+            "bodies": {"peak_mb": round(budget.peak / 2**20, 1), "spilled": budget.spilled},
+            "hosts": merge_summaries(before.get("hosts", {}), host_summary(hosts))}
+    if increment is not None:   # what this download did: the requests it made, the images it kept
+        info["increment"] = {"screen": increment, "requested": len(asked), "stored": len(stored)}
+    run.mark("download", shard, info)
+    return {"shard": shard, "rows": table.num_rows, "success": ok, "requested": len(asked),
+            "stored": len(stored), "seconds": time.time() - started}

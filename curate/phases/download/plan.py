@@ -309,7 +309,10 @@ def check_plan(cfg: InputConfig, run: RunDir) -> None:
             changed["url_blocklist (contents, sha256)"] = (listed["sha256"], digest)
     if changed:
         lines = "\n".join(f"  - input.{k}: planned with {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise ConfigError(f"{run.root} was planned from a different input:\n{lines}\n"
+        why = ("input.where is applied as the shards are cut, from input columns they do not keep, so a changed "
+               "one cannot be applied to them (a looser text.* setting can: its rows are downloaded then)\n"
+               if "where" in changed else "")
+        raise ConfigError(f"{run.root} was planned from a different input:\n{lines}\n{why}"
                           f"start a new run (another run_dir), or restore the original input settings")
 
 

@@ -14,6 +14,14 @@ shard names, object references and counts, never rows:
            is written again with the plan columns (manifests/schema.py PLAN) and `before_download`,
            the rule that dropped the row. The download never requests such a row.
 
+Loosening (`rescreen`): when a text setting of an existing plan would admit rows it never requested,
+the plan is screened again under the new settings. A row a shard's download already requested stays
+requested (its `before_download` is null: a rule that now drops it is decide's, a plain re-decide), so
+what changes is the rows newly admitted; the shards that have some are listed in the plan's
+`increment`, and the download fetches those rows alone (curate/phases/download/phase.py). A downloaded
+shard with none has the plan columns of its raw table brought up to date in place, keeping its tar,
+its markers and its scores.
+
 decide applies the same rules to the same columns again (they come first in the table), so a row
 dropped here has the same reason it would have had after a download, and costs no request.
 """
@@ -27,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate.config import Config, ConfigError
 from curate.phases.decide.dedupe import concat, partition_of, split
@@ -63,6 +72,7 @@ class Job:
     rules: tuple[Rule, ...]
     count: bool   # caption_common before download (input.caption_first)
     attempt: str  # names this plan's exchanges
+    downloaded: frozenset[str] = frozenset()   # a re-screen: the shards whose raw table holds a download
 
     def exchange(self, name: str) -> Exchange:
         return Exchange(self.run, self.attempt, name)
@@ -190,10 +200,35 @@ def finish_group(job: Job, index: int, state: dict) -> dict:
             urls = pa.array(urls, pa.int32(), mask=~counted)
         t = t.append_column("caption_urls", urls if urls is not None else pa.nulls(t.num_rows, pa.int32()))
         t = t.append_column("before_download", reason_names(code))
+        admitted, raw = 0, None
+        if shard in job.downloaded:
+            t, raw, admitted = _against_download(run, shard, t)
         run.storage.write_parquet(t, run.input_shard(shard))
+        if raw is not None and not admitted:   # after the input shard: a crash before the plan redoes both
+            run.storage.write_parquet(raw, run.raw_table(shard))
         names = t.column("before_download")
-        out[shard] = dict(Counter(v for v in names.to_pylist() if v is not None))
+        out[shard] = {"reasons": dict(Counter(v for v in names.to_pylist() if v is not None)), "admitted": admitted}
     return {"shards": out, "url_blocklist": state["url_blocklist"]}
+
+
+def _against_download(run: RunDir, shard: str, t: pa.Table) -> tuple[pa.Table, pa.Table | None, int]:
+    """A re-screened shard against its download: (the input shard, with every row the download requested
+    left requested; its raw table with the new plan columns when they changed, else None; rows newly
+    admitted). A row that was requested keeps its result whatever the new settings say."""
+    raw = run.storage.read_parquet(run.raw_table(shard))
+    if not raw.column("key").equals(t.column("key")):
+        raise RuntimeError(f"raw/{shard}.parquet does not hold the rows of input_shards/{shard}.parquet")
+    asked = pc.not_equal(raw.column("status"), "not_requested")
+    index = t.schema.get_field_index("before_download")
+    t = t.set_column(index, "before_download",
+                     pc.if_else(asked, pa.scalar(None, pa.string()), t.column("before_download")))
+    admitted = int(pc.sum(pc.and_(pc.invert(asked), pc.is_null(t.column("before_download")))).as_py() or 0)
+    if all(c in raw.column_names and raw.column(c).equals(t.column(c)) for c in SCREENED):
+        return t, None, admitted
+    for c in SCREENED:
+        raw = raw.set_column(raw.schema.get_field_index(c), c, t.column(c)) if c in raw.column_names \
+            else raw.append_column(c, t.column(c))
+    return t, raw, admitted
 
 
 def _groups(shards: list[str], shard_rows: int, rows: int, cpus: float) -> list[list[str]]:
@@ -204,15 +239,17 @@ def _groups(shards: list[str], shard_rows: int, rows: int, cpus: float) -> list[
     return [shards[i:i + per] for i in range(0, len(shards), per)]
 
 
-def run_screen(cfg: Config, run: RunDir, shards: list[str], rows: int) -> dict:
-    """Screen every input shard (module docstring); return what the plan records: rows dropped per reason."""
+def run_screen(cfg: Config, run: RunDir, shards: list[str], rows: int,
+               downloaded: frozenset[str] = frozenset()) -> dict:
+    """Screen every input shard (module docstring); return what the plan records: rows dropped per reason
+    (and, re-screening the `downloaded` shards, `admitted`: the rows newly admitted per shard that has some)."""
     import ray
 
     rules = input_rules(cfg)
     count = cfg.input.caption_first
     partitions = max(cfg.dedupe.partitions, math.ceil(rows / ROWS_PER_PARTITION)) if count else 1
     attempt = "plan-" + uuid.uuid4().hex[:12]
-    job = ray.put(Job(cfg, run, partitions, rules, count, attempt))
+    job = ray.put(Job(cfg, run, partitions, rules, count, attempt, downloaded))
     groups = _groups(shards, cfg.input.shard_rows, rows, ray.cluster_resources().get("CPU", 1.0))
     bounds = np.array([shard_index(g[0]) for g in groups] + [shard_index(shards[-1]) + 1], np.int64)
     G, P = len(groups), partitions
@@ -222,12 +259,15 @@ def run_screen(cfg: Config, run: RunDir, shards: list[str], rows: int) -> dict:
         _each(shared_captions, [(job, p, G, bounds) for p in range(P)])
     finish = ray.remote(num_cpus=1)(finish_group)
     dropped: Counter = Counter()
+    admitted: dict[str, int] = {}
     lists: list = []
     for g, result in windowed(range(G), lambda g: finish.remote(job, g, mapped[g][1])):
         if not isinstance(result, dict):
             raise RuntimeError(f"plan: screening shards {groups[g][0]}..{groups[g][-1]} failed: {result}")
-        for reasons in result["shards"].values():
-            dropped.update(reasons)
+        for shard, done in result["shards"].items():
+            dropped.update(done["reasons"])
+            if done["admitted"]:
+                admitted[shard] = done["admitted"]
         lists.append(result["url_blocklist"])
     run.storage.delete_dir(Exchange.folder(run, attempt))
     ordered = {r.reason: dropped[r.reason] for r in INPUT_RULES if dropped.get(r.reason)}
@@ -235,8 +275,9 @@ def run_screen(cfg: Config, run: RunDir, shards: list[str], rows: int) -> dict:
              ", ".join(f"{r} {n:,}" for r, n in ordered.items()) or "none")
     if any(entry != lists[0] for entry in lists):   # the file changed while the tasks read it
         raise RuntimeError(f"plan: input.url_blocklist changed during the plan: {lists}")
-    return {"caption_first": count, "rows": sum(ordered.values()), "reasons": ordered,
-            "text": cfg.text.model_dump(mode="json") if count else None, "url_blocklist": lists[0]}
+    out = {"caption_first": count, "rows": sum(ordered.values()), "reasons": ordered,
+           "text": cfg.text.model_dump(mode="json") if count else None, "url_blocklist": lists[0]}
+    return {**out, "admitted": dict(sorted(admitted.items()))} if downloaded else out
 
 
 def spared(plan: dict, download: dict) -> dict | None:
@@ -253,18 +294,16 @@ def spared(plan: dict, download: dict) -> dict | None:
             "raw_bytes_estimate": None if per_row is None else round(per_row * screened["rows"])}
 
 
-def check_screen(cfg: Config, run: RunDir) -> None:
-    """Refuse text settings that would admit rows the plan never requested: a loosened caption rule (or a
-    changed normaliser) on a caption-first run. Tightening is a plain re-decide; loosening needs the rows
-    it admits downloaded, which is not built: the error says so and how to go on."""
-    screened = run.storage.read_json(run.plan).get("before_download") or {}
+def looser(cfg: Config, screened: dict) -> dict[str, tuple]:
+    """The text settings that admit rows a caption-first plan (`screened`: the plan's before_download)
+    dropped before download: key -> (planned, now); empty when none does (a tighter one is a re-decide)."""
     planned = screened.get("text")
     if not screened.get("caption_first") or not planned or not screened.get("rows"):
-        return
+        return {}
     now = cfg.text.model_dump(mode="json")
     sides = {r.threshold.removeprefix("text."): r.drops for r in INPUT_RULES
              if r.threshold and r.threshold.startswith("text.")}
-    looser = []
+    found = {}
     for key, was in planned.items():
         value = now.get(key)
         if value == was:
@@ -274,9 +313,48 @@ def check_screen(cfg: Config, run: RunDir) -> None:
         else:              # keep_bilingual_share spares more as it grows; any other key changes the columns
             admits = value > was if key == "keep_bilingual_share" else True
         if admits:
-            looser.append(f"  - text.{key}: planned with {was!r}, now {value!r}")
-    if looser:
+            found[f"text.{key}"] = (was, value)
+    return found
+
+
+def _lines(found: dict[str, tuple]) -> str:
+    return "\n".join(f"  - {key}: planned with {was!r}, now {now!r}" for key, (was, now) in found.items())
+
+
+def check_screen(cfg: Config, run: RunDir, downloading: bool) -> None:
+    """Refuse text settings that admit rows the plan never requested when the phases asked for do not
+    download (`curate decide`, `curate score`, a dry run): those rows would read as download_failed. With
+    the download, `rescreen` fetches them."""
+    screened = run.storage.read_json(run.plan).get("before_download") or {}
+    found = looser(cfg, screened)
+    if found and not downloading:
         raise ConfigError(f"{run.root}: the plan dropped {screened['rows']:,} rows before download under other text "
-                          f"settings, and these would admit rows it never requested:\n" + "\n".join(looser) +
-                          "\ndownloading only the newly admitted rows is not built yet: start a new run_dir, or "
-                          "restore the settings (a tighter setting is a plain re-decide)")
+                          f"settings, and these would admit rows it never requested:\n" + _lines(found) +
+                          "\nrun `curate run` (or `curate download`) to download only the newly admitted rows, "
+                          "or restore the settings (a tighter setting is a plain re-decide)")
+
+
+def rescreen(cfg: Config, run: RunDir) -> dict | None:
+    """Loosening, incrementally: when a text setting admits rows the plan dropped before download, screen
+    every shard again under the new settings (module docstring) and record them in the plan, with the
+    `increment` the download then makes: the shards with rows newly admitted, and how many. None (and
+    nothing done) when no setting admits more. The plan is written last, so a crash redoes it all."""
+    info = run.storage.read_json(run.plan)
+    screened = info.get("before_download") or {}
+    found = looser(cfg, screened)
+    if not found:
+        return None
+    shards = info["shards"]
+    pending = set((screened.get("increment") or {}).get("admitted", {}))   # an earlier one not finished
+    downloaded = run.done("download") | {s for s in pending if run.storage.exists(run.raw_table(s))}
+    log.info("plan: these text settings admit rows the plan never requested; screening again:\n%s",
+             _lines(found))
+    now = run_screen(cfg, run, shards, info["rows"], frozenset(downloaded))
+    admitted = now.pop("admitted", {})
+    now["increment"] = {"loosened": list(found), "rows": sum(admitted.values()), "shards": len(admitted),
+                        "admitted": admitted, "screen": uuid.uuid4().hex[:12]}
+    info["before_download"] = now
+    run.storage.write_json(run.plan, info)
+    log.info("plan: %d rows newly admitted in %d of %d shards; only those rows are requested, and only those "
+             "shards re-scored", now["increment"]["rows"], len(admitted), len(shards))
+    return now["increment"]

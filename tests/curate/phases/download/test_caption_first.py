@@ -7,7 +7,12 @@ captions is served from a loopback server that logs every request.
 """
 from __future__ import annotations
 
+import io
+import json
+import shutil
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,8 @@ import pytest
 from curate.config import ConfigError, validate
 from curate.demo.corpus import photo
 from curate.pipeline import run_phases
-from tests.servers import serve
+from curate.run.tario import members
+from tests.servers import Served, serve
 
 ZH = ["一只橘猫趴在窗台上晒太阳", "雪后的故宫角楼，清晨", "西湖边的柳树和游船", "一碗热气腾腾的兰州拉面",
       "夕阳下的长城烽火台", "桂林山水，漓江竹筏", "成都大熊猫在吃竹子", "上海外滩的夜景灯光",
@@ -89,20 +95,36 @@ def _tars(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((root / "shards").glob("*.tar"))}
 
 
-@pytest.mark.slow
-def test_caption_first_requests_only_rows_that_pass_and_writes_the_same_shards(images, tmp_path, ray_session):
+@dataclass
+class Laion:
+    """The caption-first run of the LAION-style input, its server still up (its URLs carry the port)."""
+    served: Served
+    rows: list[dict]
+    source: Path
+    root: Path
+    hits: list[str]   # the first run's requests
+
+
+@pytest.fixture(scope="module")
+def laion(images, tmp_path_factory, ray_session) -> Iterator[Laion]:
+    folder = tmp_path_factory.mktemp("laion_run")
     with serve(images) as served:
         rows = _rows(served.base)
-        source = tmp_path / "laion.parquet"
+        source = folder / "laion.parquet"
         pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]),
                        source)
-        out = run_phases(_config(tmp_path / "first", source, True))
+        out = run_phases(_config(folder / "first", source, True))
         assert out.ok, out.failures
-        first_hits = list(served.hits)
-        served.hits.clear()
-        out = run_phases(_config(tmp_path / "after", source, False))
-        assert out.ok, out.failures
-        after_hits = list(served.hits)
+        yield Laion(served, rows, source, folder / "first", list(served.hits))
+
+
+@pytest.mark.slow
+def test_caption_first_requests_only_rows_that_pass_and_writes_the_same_shards(laion, tmp_path):
+    served, rows, source, first_hits = laion.served, laion.rows, laion.source, laion.hits
+    start = len(served.hits)
+    out = run_phases(_config(tmp_path / "after", source, False))
+    assert out.ok, out.failures
+    after_hits = served.hits[start:]
 
     expected = [r["URL"].removeprefix(served.base) for r in rows if r["_requested"]]
     redirects = [p for p in expected if p.startswith("/redirect")]
@@ -111,7 +133,7 @@ def test_caption_first_requests_only_rows_that_pass_and_writes_the_same_shards(i
     # after: every URL input.where lets through, the caption rules waiting for the download
     assert len(after_hits) == sum(bool(r["URL"]) and r["_reason"] != "input_where" for r in rows) + len(redirects)
 
-    first, after = _manifest(tmp_path / "first"), _manifest(tmp_path / "after")
+    first, after = _manifest(laion.root), _manifest(tmp_path / "after")
     assert first.num_rows == len(rows) and after.num_rows == len(rows)
     want = Counter((r["URL"], r["TEXT"], r["_reason"]) for r in rows)
     for m in (first, after):   # the same reason, however it was reached
@@ -123,30 +145,103 @@ def test_caption_first_requests_only_rows_that_pass_and_writes_the_same_shards(i
     assert sum(s == "not_requested" for s in status.values()) == sum(
         not r["_requested"] and bool(r["URL"]) and r["_reason"] != "download_failed" for r in rows)
 
-    assert _tars(tmp_path / "first") == _tars(tmp_path / "after")   # byte for byte
-    raw_first = sum(p.stat().st_size for p in (tmp_path / "first" / "raw").glob("*.tar"))
+    assert _tars(laion.root) == _tars(tmp_path / "after")   # byte for byte
+    raw_first = sum(p.stat().st_size for p in (laion.root / "raw").glob("*.tar"))
     raw_after = sum(p.stat().st_size for p in (tmp_path / "after" / "raw").glob("*.tar"))
     assert raw_first < raw_after
 
-    import json
-
-    stats = json.loads((tmp_path / "first" / "stats.json").read_text())
+    stats = json.loads((laion.root / "stats.json").read_text())
     spared = stats["before_download"]
     assert spared["rows"] == sum(s == "not_requested" for s in status.values())
     assert spared["reasons"]["not_chinese"] == len(EN) + 1 and spared["reasons"]["caption_common"] == 3
     assert spared["reasons"]["input_where"] == 4 and "punsafe" not in first.column_names
     assert spared["raw_bytes_estimate"] > 0
-    card = (tmp_path / "first" / "shards" / "README.md").read_text()
+    card = (laion.root / "shards" / "README.md").read_text()
     assert f"{spared['rows']:,} of these rows were never downloaded" in card
-    assert 'id="before-download"' in (tmp_path / "first" / "report.html").read_text()
+    assert 'id="before-download"' in (laion.root / "report.html").read_text()
     after = json.loads((tmp_path / "after" / "stats.json").read_text())
     assert after["before_download"]["reasons"] == {"input_where": 4}
 
-    # a looser caption rule would admit rows never requested: refused, saying why (not built yet)
-    loose = _config(tmp_path / "first", source, True)
+
+def _members(root: Path) -> dict[str, bytes]:
+    """Every member of the output shards by name (key.jpg, key.txt, key.json)."""
+    return {name: data for tar in sorted((root / "shards").glob("*.tar"))
+            for name, data in members(io.BytesIO(tar.read_bytes()))}
+
+
+def _files(root: Path, folder: str) -> dict[str, tuple[bytes, int]]:
+    """The files of a run folder: (bytes, mtime in ns), so a rewrite with the same bytes shows too."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted((root / folder).glob("*"))}
+
+
+@pytest.mark.slow
+def test_loosening_requests_only_the_rows_it_newly_admits(laion, tmp_path):
+    """text.min_zh_ratio=0 on the finished caption-first run: the next run requests the rows the plan
+    dropped as not_chinese and nothing else, re-scores only their shards, and keeps every earlier sample."""
+    root = tmp_path / "loose"
+    shutil.copytree(laion.root, root)
+    loose = _config(root, laion.source, True)
     loose.text.min_zh_ratio = 0.0
-    with pytest.raises(ConfigError, match=r"text.min_zh_ratio: planned with 0.25, now 0.0"):
-        run_phases(loose)
+    # decide alone cannot fetch what the looser setting admits: refused, saying how to go on
+    with pytest.raises(ConfigError, match=r"text.min_zh_ratio: planned with 0.25, now 0.0(.|\n)*curate run"):
+        run_phases(loose, ("decide",))
+
+    before = _manifest(root)
+    admitted = {k for k, r in zip(before.column("key").to_pylist(), before.column("before_download").to_pylist())
+                if r == "not_chinese"}
+    touched = {k.split("_")[0] for k in admitted}
+    assert len(admitted) == len(EN) + 1 and touched and len(touched) < len(_files(root, "raw")) // 2
+    downloads, scores = _files(root, "_done/download"), _files(root, "_done/score")
+    raw_tars = {n: b for n, (b, _) in _files(root, "raw").items() if n.endswith(".tar")}
+    samples = _members(root)
+
+    start = len(laion.served.hits)
+    out = run_phases(loose)
+    assert out.ok, out.failures
+    hits = laion.served.hits[start:]
+    url = dict(zip(before.column("key").to_pylist(), before.column("url").to_pylist()))
+    assert sorted(hits) == sorted(url[k].removeprefix(laion.served.base) for k in admitted)   # those, once each
+
+    after = _manifest(root)
+    assert sorted(after.column("key").to_pylist()) == sorted(before.column("key").to_pylist())
+    reasons = dict(zip(after.column("key").to_pylist(), after.column("reason").to_pylist()))
+    was = dict(zip(before.column("key").to_pylist(), before.column("reason").to_pylist()))
+    for key, reason in reasons.items():   # every row once, with its reason: the admitted ones downloaded now
+        if key in admitted:
+            assert reason == ("download_failed" if url[key].endswith("/status/404") else None), key
+        else:
+            assert reason == was[key], key
+    status = dict(zip(after.column("key").to_pylist(), after.column("status").to_pylist()))
+    assert {k for k, s in status.items() if s == "not_requested"} == {
+        k for k, r in zip(after.column("key").to_pylist(), after.column("before_download").to_pylist()) if r}
+
+    now = _members(root)
+    assert {n: b for n, b in now.items() if n in samples} == samples   # every earlier sample, byte for byte
+    assert {n.split(".")[0] for n in set(now) - set(samples)} == {k for k in admitted if reasons[k] is None}
+
+    # shards without new rows: not downloaded again, not scored again; the others keep their images
+    after_downloads, after_scores = _files(root, "_done/download"), _files(root, "_done/score")
+    for name in downloads:
+        shard = name.removesuffix(".json")
+        same = shard not in touched
+        assert (after_downloads[name] == downloads[name]) is same, shard
+        assert (after_scores[name] == scores[name]) is same, shard
+        tar = (root / "raw" / f"{shard}.tar").read_bytes()
+        if same:
+            assert tar == raw_tars[f"{shard}.tar"]
+        else:
+            old = dict(members(io.BytesIO(raw_tars[f"{shard}.tar"])))
+            assert {n: b for n, b in members(io.BytesIO(tar)) if n in old} == old
+            record = json.loads(after_downloads[name][0])["increment"]
+            assert record["requested"] == sum(k.startswith(shard) for k in admitted)
+            assert record["stored"] == len(old)
+    plan = json.loads((root / "input_shards" / "_plan.json").read_text())["before_download"]
+    assert plan["increment"]["rows"] == len(admitted) and set(plan["increment"]["admitted"]) == touched
+    assert plan["text"]["min_zh_ratio"] == 0.0 and "not_chinese" not in plan["reasons"]
+
+    start = len(laion.served.hits)   # once more: nothing left to do, nothing requested
+    assert run_phases(loose).ok and laion.served.hits[start:] == []
+    assert _files(root, "_done/download") == after_downloads
 
 
 def test_caption_count_spans_shards_groups_and_partitions(tmp_path):
@@ -189,3 +284,75 @@ def test_the_plan_computes_the_caption_columns_the_score_phase_does():
     opts = TextOptions()
     full, plain = caption_columns(captions, opts), plain_caption_columns(captions, opts)
     assert {**plain, **segmented_columns(plain["caption_norm"], opts)} == full
+
+
+def _screen(cfg, run, shards: list[str], downloaded: frozenset[str] = frozenset()) -> dict:
+    """The plan's screening tasks in this process (one group, one partition), as run_screen runs them."""
+    from curate.phases.download.screen import Job, finish_group, input_rules, screen_group, shared_captions
+
+    job = Job(cfg, run, 1, input_rules(cfg), True, "test", downloaded)
+    state = screen_group(job, 0, shards)[1]
+    shared_captions(job, 0, 1, np.array([0, len(shards)]))
+    return finish_group(job, 0, state)["shards"]
+
+
+def test_a_loosened_screen_fetches_only_the_rows_it_admits_and_keeps_every_stored_image(images, tmp_path):
+    """The increment's two halves without Ray: the re-screen leaves requested rows requested and counts the
+    rows newly admitted; the shard's download again fetches those alone and copies the stored images."""
+    from curate.phases.download.phase import download_shard
+    from curate.phases.download.plan import cut
+    from curate.run.rundir import RunDir
+
+    with serve(images) as served:
+        captions = [ZH[0], EN[0], ZH[1], ZH[2], "hahahahahahahahahahaha", ZH[3]]
+        source = tmp_path / "in.parquet"
+        pq.write_table(pa.table({"URL": [f"{served.base}/img/p{i}.jpg" for i in range(6)], "TEXT": captions}), source)
+        cfg = validate({"run_dir": str(tmp_path / "run"),
+                        "input": {"paths": [str(source)], "url_col": "URL", "caption_col": "TEXT", "shard_rows": 3,
+                                  "shuffle": False},
+                        "download": {"allow_networks": ["127.0.0.1/32"], "thread_count": 1, "retries": 0}})
+        run = RunDir(cfg.run_dir)
+        shards = cut(cfg.input, run)["shards"]
+        assert _screen(cfg, run, shards) == {"00000": {"reasons": {"not_chinese": 1}, "admitted": 0},
+                                             "00001": {"reasons": {"not_chinese": 1}, "admitted": 0}}
+        for shard in shards:
+            download_shard(cfg, shard)
+        assert sorted(served.hits) == sorted(f"/img/p{i}.jpg" for i in (0, 2, 3, 5))
+        tars = {s: (tmp_path / "run" / "raw" / f"{s}.tar").read_bytes() for s in shards}
+        raw1 = (tmp_path / "run" / "raw" / "00001.parquet").read_bytes()
+
+        loose = cfg.model_copy(deep=True)
+        loose.text.min_zh_ratio = 0.0
+        # 00000: its English row is admitted; 00001: its row now fails caption_repetitive, still not requested
+        assert _screen(loose, run, shards, frozenset(shards)) == {
+            "00000": {"reasons": {}, "admitted": 1}, "00001": {"reasons": {"caption_repetitive": 1}, "admitted": 0}}
+        raw = pq.read_table(tmp_path / "run" / "raw" / "00001.parquet")
+        assert raw.column("before_download").to_pylist() == [None, "caption_repetitive", None]   # in place
+        assert raw.drop_columns(["before_download"]).equals(pq.read_table(io.BytesIO(raw1)).drop_columns(
+            ["before_download"]))
+        served.hits.clear()
+        result = download_shard(loose, "00000", "inc")
+        assert served.hits == ["/img/p1.jpg"] and result["requested"] == 1 and result["stored"] == 2
+    raw = pq.read_table(tmp_path / "run" / "raw" / "00000.parquet")
+    assert raw.column("status").to_pylist() == ["success"] * 3
+    assert raw.column("before_download").to_pylist() == [None] * 3
+    old, new = dict(members(io.BytesIO(tars["00000"]))), dict(members(io.BytesIO(
+        (tmp_path / "run" / "raw" / "00000.tar").read_bytes())))
+    assert set(new) == {f"00000_00000{i}.jpg" for i in range(3)} and all(new[n] == b for n, b in old.items())
+    marker = json.loads((tmp_path / "run" / "_done" / "download" / "00000.json").read_text())
+    assert marker["increment"] == {"screen": "inc", "requested": 1, "stored": 2} and marker["not_requested"] == 0
+    assert marker["hosts"]["127.0.0.1"]["requests"] == 5   # both downloads: their images and robots.txt each
+
+
+def test_a_changed_input_where_is_refused_saying_why_it_cannot_be_applied_in_place(tmp_path):
+    from curate.phases.download.plan import check_plan, signature
+    from curate.run.rundir import RunDir
+
+    cfg = validate({"run_dir": str(tmp_path / "run"), "input": {"paths": [str(tmp_path / "in.parquet")],
+                                                                "where": WHERE}})
+    run = RunDir(cfg.run_dir)
+    run.storage.write_json(run.plan, {"input": signature(cfg.input)})
+    check_plan(cfg.input, run)
+    cfg.input.where = "punsafe < 0.9"
+    with pytest.raises(ConfigError, match=r"input.where: planned with .*\n.*cut, from input columns they do not keep"):
+        check_plan(cfg.input, run)
