@@ -10,7 +10,8 @@ counts per task; the pieces go from worker to storage to worker.
 Object layout: an 8-byte slice count n, n + 1 little-endian uint64 offsets (relative to the end
 of the header), then the slices. A slice is a dict of numpy arrays (`pack`): a JSON header of
 names, dtypes and shapes, then the raw buffers. A reader fetches the header and its byte range
-only, so a slice costs two ranged reads, issued in parallel across writers.
+only (one read: the count and the offsets up to its own), so a slice costs two ranged reads,
+issued in parallel across writers.
 """
 from __future__ import annotations
 
@@ -72,11 +73,12 @@ class Exchange:
 
     def read_one(self, writer: int, reader: int) -> dict[str, np.ndarray]:
         with self.run.storage.open_random(self.uri(writer)) as f:
-            n = int.from_bytes(f.read_at(8, 0), "little")
+            head = f.read_at(8 * (reader + 3), 0)      # the count and the offsets up to this slice's end
+            n = int.from_bytes(head[:8], "little")
             if not 0 <= reader < n:
                 raise ValueError(f"{self.uri(writer)} holds {n} slices, not slice {reader}")
-            start, end = np.frombuffer(f.read_at(16, 8 + 8 * reader), "<u8")
-            return unpack(f.read_at(int(end - start), 8 + 8 * (n + 1) + int(start)))
+            start, end = (int(x) for x in np.frombuffer(head, "<u8", 2, 8 * (reader + 1)))
+            return unpack(f.read_at(end - start, 8 + 8 * (n + 1) + start))
 
     def read(self, writers: int, reader: int) -> list[dict[str, np.ndarray]]:
         """Slice `reader` of every writer's object, in writer order (ranged reads in parallel)."""

@@ -503,7 +503,8 @@ def group_candidates(job: Job, index: int, shards: list[str], clusters: int) -> 
         nodes.append(node)
     search, classes = route(nodes, d.exact, d.phash_max_distance, len(d.keep_order), job.partitions)
     return {"bytes": job.exchange("search").write(index, search) + job.exchange("classes").write(index, classes),
-            "survivors": int(sum(len(n["row"]) for n in nodes))}
+            "payload": int(sum(v.nbytes for part in (*search, *classes) for v in part.values())),
+            "pieces": len(search) + len(classes), "survivors": int(sum(len(n["row"]) for n in nodes))}
 
 
 def fit_centroids(job: Job, shards: list[str], rows: int) -> dict:
@@ -709,14 +710,19 @@ def run_decide(cfg: Config, run: RunDir, dry_run: bool = False) -> dict:
 
 def dedupe_report(shuffled: dict[str, list[dict]], comp: dict, survivors: int) -> dict:
     """_decided.json's `dedupe` section: the groups (sizes histogram: rows per group, the
-    representative included), what the components task held, and the bytes each shuffle moved."""
+    representative included), what the components task held, and the bytes each shuffle moved
+    (the candidates shuffle's records apart from its framing)."""
     return {"groups": {"count": comp["groups"], "rows": comp["rows_in_groups"], "largest": comp["largest"],
                        "size_histogram": comp["size_histogram"]},
             "components": {"rows": comp["rows"], "pairs": comp["pairs"], "same_edges": comp["same_edges"],
                            "bytes": comp["bytes_in"]},
             "survivors": survivors,
             "split_buckets": sum(s["split_buckets"] for s in shuffled["pairs"]),
-            "shuffle_bytes": {name: sum(s["bytes"] for s in stats) for name, stats in shuffled.items()}}
+            "shuffle_bytes": {name: sum(s["bytes"] for s in stats) for name, stats in shuffled.items()},
+            # the candidates shuffle apart: the records themselves (they grow with the survivors) and
+            # the slices' framing (headers and offsets: they grow with groups x partitions)
+            "candidates_payload_bytes": sum(s["payload"] for s in shuffled["candidates"]),
+            "candidates_pieces": sum(s["pieces"] for s in shuffled["candidates"])}
 
 
 def _each(f, calls: list[tuple]) -> list:
