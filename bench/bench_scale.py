@@ -1,11 +1,11 @@
 """bench_scale: decide and write on synthetic scored runs of growing size (the data plane's proof).
 
 Each size is a synthetic scored run (bench/scale_run.py: realistic columns, tiny real JPEGs,
-failed downloads, exact and near copies across shards, shared captions, 13 view hashes and
+failed downloads, exact and near copies across shards, shared captions, 12 view hashes and
 768-d embeddings clustered in families of look-alike images) on local disk; a fresh process runs
 the real `decide` and `write` phases on it through an embedded Ray with the machine's cores. The
 decide phase is the whole of it: reading every shard, the per-row rules (the zh_web thresholds),
-exact, near (13-view pHash) and semantic dedup, the style rebalance and writing the decisions;
+exact, near (12-view pHash) and semantic dedup, the style rebalance and writing the decisions;
 its own seconds per row are reported beside the total. We sample the PSS of the driver process
 and of every Ray process under it.
 

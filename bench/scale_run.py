@@ -7,7 +7,7 @@ The mix is meant to exercise every decide step at its real share: about 8% faile
 a spread of sizes, aspect ratios, texture and scores, 3% captions shared by many images, 2%
 exact copies (same sha256), 3% near copies (every view hash 1-3 bits away, embedding 0.995
 cosine) and 1% semantic copies (own hashes, embedding 0.995 cosine) of rows in other shards; the
-13 view hashes and the embeddings cluster in families of look-alike images, as photos do, rather
+12 view hashes and the embeddings cluster in families of look-alike images, as photos do, rather
 than spreading uniformly (the search's easy case).
 
 `BILLION` is the shape of a 1B-row run scaled down (bench_scale's `scale1b` regime): more copies,
@@ -97,7 +97,7 @@ def view_hashes(content: np.ndarray, rows: int) -> np.ndarray:
     out[:, 0] = whole
     out[:, 1] = whole ^ _bits(content, 2, 1)
     for v in range(2, len(VIEWS)):
-        out[:, v] = whole if VIEWS[v].untrimmed else whole ^ _bits(content, 10 + v, 3)   # no borders here
+        out[:, v] = whole ^ _bits(content, 10 + v, 3)
     return out
 
 
