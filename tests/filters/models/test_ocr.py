@@ -16,7 +16,7 @@ import pytest
 
 from curate.config import Config, ConfigError, FiltersConfig, ScoreConfig
 from curate.phases.score.phase import check_room
-from curate.phases.write.phase import captions
+from curate.phases.write.phase import originals
 from filters.models import ModelOptions, weights
 from filters.models.ocr import Ocr, reading_order
 from tests.text_images import corpus
@@ -116,8 +116,8 @@ def test_a_shipped_file_with_another_checksum_is_refused(monkeypatch):
 
 def test_ocr_text_goes_into_the_caption_only_when_a_template_asks():
     kept = pa.table({"caption_norm": ["一只猫", "海边", None], "ocr_text": ["SALE", None, "OPEN"]})
-    assert captions(kept, None) == ["一只猫", "海边", ""]
-    assert captions(kept, "{caption} 图中文字：{ocr_text}") == ["一只猫 图中文字：SALE", "海边", " 图中文字：OPEN"]
+    assert originals(kept, None) == ["一只猫", "海边", ""]
+    assert originals(kept, "{caption} 图中文字：{ocr_text}") == ["一只猫 图中文字：SALE", "海边", " 图中文字：OPEN"]
 
 
 def test_actor_pools_that_leave_no_cpu_for_scoring_are_refused():
